@@ -1,0 +1,115 @@
+"""One settings object for every command: defaults < TOML file < environment (TOUCHPOINT_*)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SCHEMAS_DIR = PROJECT_ROOT / "schemas"
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:19092"
+    topic: str = "touchpoints"
+    dead_letter_topic: str = "touchpoints.deadletter"
+    partitions: int = Field(4, ge=1, description="Partitions created by `touchpoint init` for the topic.")
+    replication_factor: int = 1
+    consumer_group: str = "touchpoint-pipeline"
+
+
+class RegistrySettings(BaseModel):
+    # file:// for the local stack (a manifest in schemas/), http(s):// for a Confluent-compatible registry.
+    url: str = f"file://{SCHEMAS_DIR / 'registry.json'}"
+    subject: str = "touchpoints-value"
+
+
+class ClickHouseSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 19000
+    http_port: int = 18123
+    database: str = "touchpoint"
+    user: str = "default"
+    password: str = ""
+
+
+class WindowSettings(BaseModel):
+    size_s: int = Field(60, ge=1, description="Tumbling window length in event time.")
+    allowed_lateness_s: int = Field(10, ge=0, description="Watermark = max event time seen - this.")
+    max_future_s: int = Field(300, ge=0, description="Events further in the future than this are dead-lettered.")
+    idle_close_s: float = Field(
+        30.0, ge=0, description="Wall-clock seconds after which an idle partition's open windows are closed."
+    )
+
+
+class BatchSettings(BaseModel):
+    max_events: int = Field(20_000, ge=1, description="Flush to ClickHouse once this many events are buffered.")
+    max_wait_s: float = Field(1.0, gt=0, description="...or once the oldest buffered event waited this long.")
+
+
+class AlertRuleSettings(BaseModel):
+    name: str
+    indicator: str
+    comparison: str = Field(pattern="^(above|below)$")
+    threshold: float
+    min_denominator: float = Field(20, description="Ignore windows with fewer observations than this.")
+    severity: str = "warning"
+
+
+def default_alert_rules() -> list[AlertRuleSettings]:
+    return [
+        AlertRuleSettings(name="ux_error_rate_high", indicator="error_rate", comparison="above", threshold=0.15),
+        AlertRuleSettings(
+            name="cx_csat_low", indicator="csat", comparison="below", threshold=0.6, min_denominator=10
+        ),
+    ]
+
+
+class StackSettings(BaseModel):
+    state_dir: Path = PROJECT_ROOT / ".touchpoint"
+    tansu_sha256: str = "38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TOUCHPOINT_", env_nested_delimiter="__", extra="ignore", toml_file=None
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    registry: RegistrySettings = RegistrySettings()
+    clickhouse: ClickHouseSettings = ClickHouseSettings()
+    window: WindowSettings = WindowSettings()
+    batch: BatchSettings = BatchSettings()
+    alert_rules: list[AlertRuleSettings] = Field(default_factory=default_alert_rules)
+    stack: StackSettings = StackSettings()
+    metrics_port: int = Field(9108, description="Prometheus /metrics port of a worker; 0 disables it.")
+    log_level: str = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = Path(os.environ.get("TOUCHPOINT_CONFIG", "touchpoint.toml"))
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
