@@ -1,6 +1,9 @@
-"""`touchpoint` command line: the local stack, schema and table setup, publishing, the worker, the benchmark."""
+"""`touchpoint` command line: local stack, setup, publishing, the worker, live view and the benchmark."""
 
 from __future__ import annotations
+
+import time
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -25,7 +28,7 @@ def _print_services(statuses: list) -> None:
 
 
 @stack_app.command("up")
-def stack_up(timeout: float = typer.Option(90.0, help="Seconds to wait for each server to be ready.")) -> None:
+def stack_up(timeout: float = typer.Option(90.0, help="Seconds to wait for each server.")) -> None:
     """Start the broker and ClickHouse (idempotent) and wait until both answer."""
     from pipeline.stack import local
 
@@ -49,6 +52,107 @@ def stack_status() -> None:
     _print_services(statuses)
     if not all(s.running for s in statuses):
         raise typer.Exit(1)
+
+
+@app.command()
+def init() -> None:
+    """Create the Kafka topics, register the Avro schemas and apply ClickHouse migrations (idempotent)."""
+    from pipeline.bootstrap import initialise
+
+    settings = get_settings()
+    report = initialise(settings)
+    console.print(f"kafka: topics created {report.topics_created or 'none (all there)'}")
+    console.print(f"registry: subject {settings.registry.subject} holds schema ids {report.schema_ids}")
+    console.print(f"clickhouse: database {settings.clickhouse.database}, migrations applied "
+                  f"{report.migrations_applied or 'none (up to date)'}")
+
+
+@app.command()
+def worker() -> None:
+    """Run a stream worker: consume touchpoints, compute indicator windows and alerts, write to ClickHouse."""
+    from pipeline.adapters.worker import run_worker
+
+    run_worker(get_settings())
+
+
+@app.command()
+def publish(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSON Lines, one touchpoint per line."),
+    schema_version: int = typer.Option(0, help="Schema id to write with; 0 = the subject's latest."),
+) -> None:
+    """Validate every line against the contract, report bad lines by number and reason, publish the rest."""
+    from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher, read_jsonl
+    from pipeline.contract.registry import open_registry
+
+    settings = get_settings()
+    encoder = TouchpointEncoder(open_registry(settings.registry.url), settings.registry.subject,
+                                schema_version or None)
+    good, bad = read_jsonl(file, encoder, int(time.time() * 1000), settings.window.max_future_s * 1000)
+    for line in bad:
+        console.print(f"[red]line {line.line_number}[/]: {line.reason}")
+    publisher = TouchpointPublisher(settings.kafka.bootstrap_servers, settings.kafka.topic, encoder)
+    publisher.publish_many(good)
+    publisher.close()
+    console.print(f"published {len(good)} touchpoints to {settings.kafka.topic}; {len(bad)} bad lines skipped")
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command()
+def generate(
+    scenario: str = typer.Option("mixed", help="banking_app, hospital_booking or mixed."),
+    rate: float = typer.Option(200.0, help="Events per second (event time and, when publishing, wall time)."),
+    count: int = typer.Option(0, help="Events to make; 0 = run for --duration seconds."),
+    duration: float = typer.Option(60.0, help="Seconds to run when --count is 0."),
+    seed: int = typer.Option(0),
+    schema_version: int = typer.Option(1, help="1 or 2: which contract version to write."),
+    out: Path | None = typer.Option(None, help="Write JSON Lines here instead of publishing."),
+) -> None:
+    """Make realistic multi-channel traffic, paced in real time, and publish it (or write it to a file)."""
+    from pipeline.generate.scenarios import SCENARIOS
+
+    if scenario not in SCENARIOS:
+        raise typer.BadParameter(f"unknown scenario {scenario!r}; choose from {', '.join(SCENARIOS)}")
+    total = count or int(rate * duration)
+    settings = get_settings()
+    if out is not None:
+        import json
+
+        from pipeline.generate.scenarios import generate as make
+
+        with out.open("w") as handle:
+            for event in make(scenario, total, seed=seed, start_ms=int(time.time() * 1000), events_per_s=rate,
+                              schema_version=schema_version):
+                handle.write(json.dumps(event) + "\n")
+        console.print(f"wrote {total} touchpoints to {out}")
+        return
+    from pipeline.live import publish_paced
+
+    sent = publish_paced(settings, scenario, total, rate=rate, seed=seed, schema_version=schema_version)
+    console.print(f"published {sent} touchpoints of scenario {scenario} at {rate:g}/s")
+
+
+@app.command()
+def watch(
+    refresh: float = typer.Option(2.0, help="Seconds between refreshes."),
+    minutes: int = typer.Option(10, help="How many minutes of windows to show."),
+    once: bool = typer.Option(False, help="Print one snapshot and exit."),
+) -> None:
+    """Live CX and UX indicators and alerts, read from ClickHouse."""
+    from pipeline.live import watch as live_watch
+
+    live_watch(get_settings(), console, refresh_s=refresh, minutes=minutes, once=once)
+
+
+@app.command()
+def demo(
+    duration: float = typer.Option(150.0, help="Seconds of generated traffic."),
+    rate: float = typer.Option(300.0, help="Events per second."),
+) -> None:
+    """Bring up the local stack and run the whole pipeline on generated traffic, showing live results."""
+    from pipeline.live import run_demo
+
+    run_demo(get_settings(), console, duration_s=duration, rate=rate)
 
 
 if __name__ == "__main__":

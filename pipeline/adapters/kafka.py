@@ -1,0 +1,139 @@
+"""Kafka adapters on kafka-python: topic setup and the publisher channel systems use.
+
+kafka-python's group consumer never gets an assignment on the local Tansu broker, so reading is left to
+aiokafka (Faust) and to manually assigned consumers."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fastavro
+from kafka import KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from pipeline.contract.registry import SchemaRegistry, parse_for_decoding
+from pipeline.contract.wire import frame
+from pipeline.core.enrich import person_and_role
+from pipeline.core.validate import violation
+
+
+def ensure_topics(bootstrap_servers: str, topics: dict[str, int], replication_factor: int = 1) -> list[str]:
+    """Create the missing topics (name -> partitions); returns the ones created."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="touchpoint-admin")
+    try:
+        existing = set(admin.list_topics())
+        wanted = [NewTopic(name, partitions, replication_factor)
+                  for name, partitions in topics.items() if name not in existing]
+        if wanted:
+            try:
+                admin.create_topics(wanted)
+            except TopicAlreadyExistsError:
+                pass  # another init won the race; the topic is there, which is all we need
+        return [t.name for t in wanted]
+    finally:
+        admin.close()
+
+
+def partition_key(event: dict[str, Any]) -> bytes:
+    """One person's events share a key, so they land in one partition and keep their order."""
+    person_id, _ = person_and_role(event["identifiers"])
+    return person_id.encode()
+
+
+class TouchpointEncoder:
+    """Avro + Confluent framing with one writer schema from the registry."""
+
+    def __init__(self, registry: SchemaRegistry, subject: str, schema_id: int | None = None) -> None:
+        if schema_id is None:
+            schema_id, schema = registry.latest(subject)
+        else:
+            found = registry.schema(schema_id)
+            if found is None:
+                raise ValueError(f"schema id {schema_id} is not in the registry")
+            schema = found
+        self.schema_id = schema_id
+        self.schema = fastavro.parse_schema(schema)
+        self.decoding_schema = parse_for_decoding(schema)
+
+    def encode(self, event: dict[str, Any]) -> bytes:
+        buffer = io.BytesIO()
+        fastavro.schemaless_writer(buffer, self.schema, event)
+        return frame(self.schema_id, buffer.getvalue())
+
+
+class TouchpointPublisher:
+    """What a channel system uses to publish touchpoints."""
+
+    def __init__(self, bootstrap_servers: str, topic: str, encoder: TouchpointEncoder, **producer_config: Any) -> None:
+        self.topic = topic
+        self.encoder = encoder
+        config: dict[str, Any] = {"linger_ms": 20, "batch_size": 512 * 1024, "acks": 1,
+                                  "max_request_size": 4 * 1024 * 1024}
+        config.update(producer_config)
+        self.producer = KafkaProducer(bootstrap_servers=bootstrap_servers, client_id="touchpoint-publisher",
+                                      **config)
+
+    def publish(self, event: dict[str, Any]) -> None:
+        self.producer.send(self.topic, key=partition_key(event), value=self.encoder.encode(event))
+
+    def publish_raw(self, value: bytes, key: bytes | None = None) -> None:
+        """Send bytes as they are (tests and tooling: replays, deliberately broken records)."""
+        self.producer.send(self.topic, key=key, value=value)
+
+    def publish_many(self, events: Iterable[dict[str, Any]]) -> int:
+        count = 0
+        for event in events:
+            self.publish(event)
+            count += 1
+        return count
+
+    def flush(self) -> None:
+        self.producer.flush()
+
+    def close(self) -> None:
+        self.producer.flush()
+        self.producer.close()
+
+
+@dataclass(frozen=True, slots=True)
+class BadLine:
+    line_number: int
+    reason: str
+
+
+def read_jsonl(path: Path, encoder: TouchpointEncoder, now_ms: int, max_future_ms: int
+               ) -> tuple[list[dict[str, Any]], list[BadLine]]:
+    """Parse and check every line of a JSON Lines file against the contract before anything is published."""
+    good: list[dict[str, Any]] = []
+    bad: list[BadLine] = []
+    with path.open() as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError as exc:
+                bad.append(BadLine(number, f"not JSON: {exc.msg} at column {exc.colno}"))
+                continue
+            if not isinstance(event, dict):
+                bad.append(BadLine(number, "not a JSON object"))
+                continue
+            try:
+                fastavro.validation.validate(event, encoder.schema, raise_errors=True)
+            except fastavro.validation.ValidationError as exc:
+                bad.append(BadLine(number, f"does not match the Avro schema: {exc}"))
+                continue
+            # Fill the optional fields the line left out, exactly as Avro readers will see them.
+            event = fastavro.schemaless_reader(io.BytesIO(encoder.encode(event)[5:]), encoder.decoding_schema, None)
+            problem = violation(event, now_ms, max_future_ms)
+            if problem is not None:
+                bad.append(BadLine(number, f"{problem[0]}: {problem[1]}"))
+                continue
+            good.append(event)
+    return good, bad

@@ -1,0 +1,36 @@
+"""Prometheus metrics of a worker. Labels are bounded sets (channel, reason, table, partition, rule):
+person ids never become labels."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+EVENTS_IN = Counter("touchpoint_events_in", "Valid touchpoints read, by channel.", ["channel"])
+EVENTS_OUT = Counter("touchpoint_events_out", "Touchpoints written to ClickHouse, by channel.", ["channel"])
+DEAD_LETTERED = Counter("touchpoint_events_dead_lettered",
+                        "Records sent to the dead-letter topic, by channel ('unknown' if undecodable) and reason.",
+                        ["channel", "reason"])
+LATE = Counter("touchpoint_events_late",
+               "Touchpoints whose window had already closed: kept in the raw table, not in indicators.",
+               ["channel"])
+DUPLICATES = Counter("touchpoint_events_duplicate", "Touchpoints whose event_id was already counted.", ["channel"])
+BATCH_SIZE = Histogram("touchpoint_batch_size_events", "Records per flush to ClickHouse.",
+                       buckets=(10, 100, 500, 1_000, 2_500, 5_000, 10_000, 20_000, 50_000, 100_000))
+INSERT_SECONDS = Histogram("touchpoint_clickhouse_insert_duration_seconds",
+                           "Time of one ClickHouse insert, by table.", ["table"],
+                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+CONSUMER_LAG = Gauge("touchpoint_consumer_lag_events", "Records not yet read (high watermark - position).",
+                     ["topic", "partition"])
+WATERMARK_LAG = Gauge("touchpoint_watermark_lag_seconds", "Wall clock minus the partition's event-time watermark.",
+                      ["partition"])
+ALERTS_FIRED = Counter("touchpoint_alerts_fired", "Alerts raised, by rule and severity.", ["rule", "severity"])
+
+
+def observe_insert(table: str, seconds: float, rows: int) -> None:
+    INSERT_SECONDS.labels(table).observe(seconds)
+
+
+def serve(port: int) -> None:
+    """Expose /metrics on this port (0 disables it)."""
+    if port:
+        start_http_server(port)

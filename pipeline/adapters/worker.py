@@ -1,0 +1,242 @@
+"""The stream processor: a Faust app whose consumer hands whole fetches of the touchpoint topic to the core.
+
+Why not a Faust agent: Faust's fetcher (`Consumer._drain_messages`) awaits
+`wait_first(callback(message), suspend_flow.wait())` for every record, which schedules two tasks and a
+wait per message, and then every record becomes a Message, an Event and a trip through a stream queue. That
+per-record hand-off, not fetching, caps an agent at a few thousand records a second. Here the consumer
+subclass takes each fetch (`_wait_next_records`: a {partition: [records]} map straight from aiokafka) and
+gives the touchpoint topic's records to the core a partition-batch at a time. Faust still runs everything
+else: group membership and rebalances, flow control, offset commits, tables and changelogs, the worker's
+lifecycle and signals. Records of any other topic (table changelogs, future agents) take Faust's usual path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import faust
+from faust.transport.drivers import aiokafka as aiokafka_driver
+from faust.types import TP
+from mode import Service
+
+from pipeline.adapters import metrics
+from pipeline.adapters.clickhouse import ClickHouseSink
+from pipeline.contract.registry import open_registry, parse_for_decoding
+from pipeline.core.aggregate import NEVER
+from pipeline.core.evaluate import AlertRule
+from pipeline.core.processor import Output, TouchpointProcessor, WindowConfig
+from pipeline.settings import Settings
+
+log = logging.getLogger("touchpoint.worker")
+
+
+class TouchpointHandler:
+    """Owns the core processor for this worker and the I/O around it: flush to ClickHouse, dead letters,
+    offset commits, metrics."""
+
+    def __init__(self, app: faust.App, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.topic = settings.kafka.topic
+        registry = open_registry(settings.registry.url)
+        self._parsed: dict[int, Any] = {}
+        self._registry = registry
+        window = settings.window
+        self.processor = TouchpointProcessor(
+            WindowConfig(window.size_s * 1000, window.allowed_lateness_s * 1000, window.max_future_s * 1000,
+                         int(window.idle_close_s * 1000)),
+            [AlertRule(**rule.model_dump()) for rule in settings.alert_rules],
+            self.schema_for,
+        )
+        self.sink = ClickHouseSink(settings.clickhouse, settings.kafka.consumer_group, self.topic,
+                                   observe=metrics.observe_insert)
+        self._first_buffered_at: float | None = None
+        self.flushes = 0
+
+    def schema_for(self, schema_id: int) -> Any:
+        """Parsed writer schema by id, fetched from the registry once and cached."""
+        if schema_id not in self._parsed:
+            schema = self._registry.schema(schema_id)
+            self._parsed[schema_id] = None if schema is None else parse_for_decoding(schema)
+        return self._parsed[schema_id]
+
+    async def on_records(self, consumer: BatchConsumer, batches: Mapping[TP, Sequence[Any]]) -> None:
+        now_ms = int(time.time() * 1000)
+        for tp, records in batches.items():
+            if not self.processor.owns(tp.partition):
+                self.processor.assign(tp.partition, await self._restore(consumer, tp))
+            self.processor.process(tp.partition, records, now_ms)
+        if self._first_buffered_at is None:
+            self._first_buffered_at = time.monotonic()
+        if len(self.processor.output) >= self.settings.batch.max_events:
+            await self.flush(consumer)
+
+    async def _restore(self, consumer: BatchConsumer, tp: TP) -> Any:
+        checkpoint = await asyncio.get_running_loop().run_in_executor(None, self.sink.load_checkpoint, tp.partition)
+        if checkpoint is None:
+            return None
+        highwater = consumer.highwater(tp)
+        if highwater is not None and checkpoint.read_offset > highwater:
+            # The topic is younger than the checkpoint (recreated, or a memory-only broker restarted).
+            log.warning("Ignoring checkpoint of %s: it read up to offset %d but the partition ends at %d",
+                        tp, checkpoint.read_offset, highwater)
+            return None
+        log.info("Resuming %s from checkpoint: windows before %d are final", tp, checkpoint.closed_before_ms)
+        return checkpoint
+
+    async def on_idle(self, consumer: BatchConsumer) -> None:
+        self.processor.tick(int(time.time() * 1000))
+        output = self.processor.output
+        due = (self._first_buffered_at is not None
+               and time.monotonic() - self._first_buffered_at >= self.settings.batch.max_wait_s)
+        if due or output.window_cells or (output.checkpoints and self._first_buffered_at is None):
+            await self.flush(consumer)
+
+    async def flush(self, consumer: BatchConsumer) -> None:
+        output = self.processor.take_output()
+        self._first_buffered_at = None
+        if not (output.records or output.window_cells or output.checkpoints):
+            return
+        producer = self.app.producer
+        for dead in output.dead_letters:
+            record = dead.record
+            headers = [("reason", dead.reason.encode()), ("detail", dead.detail.encode()),
+                       ("channel", dead.channel.encode()), ("source.topic", self.topic.encode()),
+                       ("source.partition", str(record.partition).encode()),
+                       ("source.offset", str(record.offset).encode())]
+            await producer.send(self.settings.kafka.dead_letter_topic, record.key, record.value, None, None,
+                                headers)
+        # The blocking driver runs in a thread so the event loop (and Faust's services) keep going.
+        await asyncio.get_running_loop().run_in_executor(None, self.sink.write, output)
+        offsets = {TP(self.topic, p): cp.commit_offset for p, cp in output.checkpoints.items()
+                   if cp.commit_offset > 0}
+        if offsets:
+            # Flushes the producer (dead letters) first, then commits: nothing is committed before it is stored.
+            await consumer._commit_offsets(offsets)
+        self.flushes += 1
+        self._observe(consumer, output)
+
+    def _observe(self, consumer: BatchConsumer, output: Output) -> None:
+        metrics.BATCH_SIZE.observe(output.records)
+        for channel, n in output.events_in.items():
+            metrics.EVENTS_IN.labels(channel).inc(n)
+        out_by_channel: dict[str, int] = {}
+        for row in output.touchpoints:
+            out_by_channel[row[3]] = out_by_channel.get(row[3], 0) + 1
+        for channel, n in out_by_channel.items():
+            metrics.EVENTS_OUT.labels(channel).inc(n)
+        for dead in output.dead_letters:
+            metrics.DEAD_LETTERED.labels(dead.channel, dead.reason).inc()
+        for channel, n in output.late.items():
+            metrics.LATE.labels(channel).inc(n)
+        for channel, n in output.duplicates.items():
+            metrics.DUPLICATES.labels(channel).inc(n)
+        for alert in output.alerts:
+            metrics.ALERTS_FIRED.labels(alert.rule, alert.severity).inc()
+            log.warning("ALERT %s: %s", alert.rule, alert.message)
+        now = time.time()
+        for partition, windows in self.processor.partitions.items():
+            tp = TP(self.topic, partition)
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                metrics.CONSUMER_LAG.labels(self.topic, str(partition)).set(max(0, highwater - windows.next_offset))
+            if windows.watermark_ms != NEVER:
+                metrics.WATERMARK_LAG.labels(str(partition)).set(now - windows.watermark_ms / 1000)
+
+    def revoke(self, partitions: set[TP]) -> None:
+        for tp in partitions:
+            if tp.topic == self.topic:
+                self.processor.revoke(tp.partition)
+
+
+class BatchConsumer(aiokafka_driver.Consumer):
+    """Faust's aiokafka consumer, with a fetch loop that hands the touchpoint topic over in batches."""
+
+    handler: ClassVar[TouchpointHandler | None] = None
+
+    async def _drain_messages(self, fetcher: Service) -> None:
+        handler = type(self).handler
+        if handler is None:
+            await super()._drain_messages(fetcher)
+            return
+        stopped = self._stopped.is_set  # type: ignore[attr-defined]
+        fetcher_stopped = fetcher._stopped.is_set  # type: ignore[attr-defined]
+        try:
+            while not (stopped() or fetcher_stopped()):
+                generation = self.app.consumer_generation_id
+                records, _active = await self._wait_next_records(timeout=0.2)
+                if records and not self.should_stop and generation == self.app.consumer_generation_id:
+                    await self._dispatch(handler, records)
+                await handler.on_idle(self)
+                await self.sleep(0)
+        finally:
+            try:
+                await handler.flush(self)
+            except Exception:  # shutting down: whatever was not flushed is replayed from the committed offset
+                log.exception("Final flush failed; the next start replays from the last committed offset")
+
+    async def _dispatch(self, handler: TouchpointHandler, records: Mapping[TP, Sequence[Any]]) -> None:
+        assignment = self.assignment()
+        ours = {}
+        for tp, batch in records.items():
+            if not batch or tp not in assignment:
+                continue
+            self._read_offset[tp] = batch[-1].offset
+            if tp.topic == handler.topic:
+                ours[tp] = batch
+            else:
+                for record in batch:  # Faust's own path for other topics (tables' changelogs, agents)
+                    await self.callback(self._to_message(tp, record))
+        if ours:
+            await handler.on_records(self, ours)
+
+
+class BatchTransport(aiokafka_driver.Transport):
+    Consumer = BatchConsumer
+
+
+class TouchpointApp(faust.App):
+    def _new_transport(self) -> Any:
+        return BatchTransport(self.conf.broker_consumer, self)
+
+
+def create_app(settings: Settings) -> TouchpointApp:
+    brokers = [f"kafka://{server.strip()}" for server in settings.kafka.bootstrap_servers.split(",")]
+    app = TouchpointApp(
+        settings.kafka.consumer_group,
+        broker=brokers,
+        web_enabled=False,
+        topic_partitions=settings.kafka.partitions,
+        topic_replication_factor=settings.kafka.replication_factor,
+        consumer_auto_offset_reset="earliest",
+        broker_max_poll_records=settings.batch.max_events,
+        broker_commit_every=None,
+        datadir=str(settings.stack.state_dir / "faust"),
+        store="memory://",
+    )
+    app.topics.add(app.topic(settings.kafka.topic, value_serializer="raw", key_serializer="raw"))
+    handler = TouchpointHandler(app, settings)
+    BatchConsumer.handler = handler
+    app.touchpoint_handler = handler  # type: ignore[attr-defined]
+
+    @app.on_partitions_revoked.connect
+    async def _on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
+        try:
+            await handler.flush(app.consumer)  # type: ignore[arg-type]
+        except Exception:
+            log.exception("Flush on rebalance failed; the partitions' next owner replays them")
+        handler.revoke(revoked)
+
+    return app
+
+
+def run_worker(settings: Settings) -> None:
+    from faust.worker import Worker
+
+    metrics.serve(settings.metrics_port)
+    app = create_app(settings)
+    Worker(app, loglevel=settings.log_level.upper(), quiet=True).execute_from_commandline()

@@ -1,0 +1,27 @@
+"""`touchpoint init`: everything a deployment needs before workers start, idempotent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.adapters.clickhouse import apply_migrations
+from pipeline.adapters.kafka import ensure_topics
+from pipeline.contract.registry import contract_schemas, open_registry
+from pipeline.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class InitReport:
+    topics_created: list[str]
+    schema_ids: list[int]
+    migrations_applied: list[str]
+
+
+def initialise(settings: Settings) -> InitReport:
+    kafka = settings.kafka
+    created = ensure_topics(kafka.bootstrap_servers, {kafka.topic: kafka.partitions, kafka.dead_letter_topic: 1},
+                            kafka.replication_factor)
+    registry = open_registry(settings.registry.url)
+    ids = [registry.register(settings.registry.subject, schema) for schema in contract_schemas()]
+    applied = apply_migrations(settings.clickhouse)
+    return InitReport(created, ids, [f"{m.version:04d}_{m.name}" for m in applied])

@@ -1,0 +1,26 @@
+"""Step 3, enrich: who the touchpoint belongs to. This first identity step infers the person and their role
+from the identifiers the event carries; the cross-channel identity graph builds on it."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pipeline.core.validate import has_identifier
+
+
+class Role(StrEnum):
+    VISITOR = "visitor"  # only an anonymous or device id: not known to use or have bought anything
+    USER = "user"  # signed in to the product or service, free or paid
+    CUSTOMER = "customer"  # known to billing/CRM: has bought from us
+
+
+def person_and_role(identifiers: dict[str, Any]) -> tuple[str, Role]:
+    """The most stable identifier present names the person; the strongest one implies the role."""
+    customer_id = identifiers["customer_id"]
+    if has_identifier(customer_id):
+        return f"customer:{customer_id}", Role.CUSTOMER
+    user_id = identifiers["user_id"]
+    if has_identifier(user_id):
+        return f"user:{user_id}", Role.USER
+    return f"anonymous:{identifiers['anonymous_id']}", Role.VISITOR

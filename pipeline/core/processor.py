@@ -1,0 +1,199 @@
+"""The whole core flow for a batch of records: decode -> validate -> enrich -> aggregate -> evaluate.
+
+Plain Python with no I/O: adapters feed it records and write what it returns. Output accumulates across
+batches until the adapter flushes it (to ClickHouse) and commits the checkpoints' offsets (to Kafka).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pipeline.core.aggregate import DUPLICATE, LATE, Checkpoint, PartitionWindows, WindowCell
+from pipeline.core.decode import Rejection, SchemaLookup, decode_batch
+from pipeline.core.enrich import person_and_role
+from pipeline.core.evaluate import Alert, AlertEvaluator, AlertRule
+from pipeline.core.validate import violation
+
+UNKNOWN_CHANNEL = "unknown"
+
+
+class SourceRecord(Protocol):
+    """What the core needs of a Kafka record (aiokafka's ConsumerRecord fits)."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    record: Any  # the original SourceRecord: its bytes go to the dead-letter topic untouched
+    channel: str
+    reason: str
+    detail: str
+
+
+# Order of the values in a touchpoint row; the ClickHouse adapter inserts them under these column names.
+TOUCHPOINT_COLUMNS: tuple[str, ...] = (
+    "event_id", "event_time_ms", "tenant", "channel", "event_type", "person_id", "role",
+    "anonymous_id", "user_id", "customer_id", "session_id", "journey_id", "flow", "device_class",
+    "outcome", "error_code", "duration_ms",
+    "survey_kind", "survey_score", "survey_scale_min", "survey_scale_max", "survey_about_channel",
+    "queue_ms", "handle_ms", "first_response_ms", "resolved", "escalated", "agent_id",
+    "lcp_ms", "inp_ms", "cls", "amount_minor", "currency", "sentiment", "app_version", "rage_clicks",
+    "attribute_keys", "attribute_values", "schema_id", "source_partition", "source_offset", "counted",
+)
+
+
+def touchpoint_row(event: dict[str, Any], schema_id: int, partition: int, offset: int,
+                   counted: bool) -> tuple[Any, ...]:
+    ids = event["identifiers"]
+    person_id, role = person_and_role(ids)
+    survey = event.get("survey") or _EMPTY
+    contact = event.get("contact") or _EMPTY
+    vitals = event.get("web_vitals") or _EMPTY
+    amount = event.get("amount") or _EMPTY
+    attributes = event.get("attributes") or _EMPTY
+    resolved, escalated = contact.get("resolved"), contact.get("escalated")
+    return (
+        event["event_id"], event["event_time"], event["tenant"], event["channel"], event["event_type"],
+        person_id, role.value,
+        ids["anonymous_id"], ids["user_id"], ids["customer_id"], event.get("session_id"),
+        event.get("journey_id"), event.get("flow"), event.get("device_class"),
+        event.get("outcome"), event.get("error_code"), event.get("duration_ms"),
+        survey.get("kind"), survey.get("score"), survey.get("scale_min"), survey.get("scale_max"),
+        survey.get("about_channel"),
+        contact.get("queue_ms"), contact.get("handle_ms"), contact.get("first_response_ms"),
+        None if resolved is None else int(resolved), None if escalated is None else int(escalated),
+        contact.get("agent_id"),
+        vitals.get("lcp_ms"), vitals.get("inp_ms"), vitals.get("cls"),
+        amount.get("minor_units"), amount.get("currency"),
+        event.get("sentiment"), event.get("app_version"), event.get("rage_clicks"),
+        list(attributes.keys()), list(attributes.values()),
+        schema_id, partition, offset, int(counted),
+    )
+
+
+_EMPTY: dict[str, Any] = {}
+
+
+@dataclass(slots=True)
+class Output:
+    """Everything produced since the last flush."""
+
+    touchpoints: list[tuple[Any, ...]] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    window_cells: list[WindowCell] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+    checkpoints: dict[int, Checkpoint] = field(default_factory=dict)
+    events_in: Counter[str] = field(default_factory=Counter)  # by channel
+    late: Counter[str] = field(default_factory=Counter)
+    duplicates: Counter[str] = field(default_factory=Counter)
+    records: int = 0
+
+    def __len__(self) -> int:
+        return self.records
+
+
+@dataclass(frozen=True, slots=True)
+class WindowConfig:
+    window_ms: int
+    lateness_ms: int
+    max_future_ms: int
+    idle_close_ms: int
+
+
+class TouchpointProcessor:
+    def __init__(self, config: WindowConfig, rules: Iterable[AlertRule], schema_for: SchemaLookup) -> None:
+        self.config = config
+        self.schema_for = schema_for
+        self.evaluator = AlertEvaluator(rules)
+        self.partitions: dict[int, PartitionWindows] = {}
+        self._activity: dict[int, tuple[int, int]] = {}  # partition -> (wall ms, watermark) at last record
+        self.output = Output()
+
+    def owns(self, partition: int) -> bool:
+        return partition in self.partitions
+
+    def assign(self, partition: int, checkpoint: Checkpoint | None) -> None:
+        """Start (or resume from a checkpoint) a partition this worker now reads."""
+        self.partitions[partition] = PartitionWindows(
+            partition, self.config.window_ms, self.config.lateness_ms, checkpoint=checkpoint)
+
+    def revoke(self, partition: int) -> None:
+        """Drop a partition's open windows: its next owner rebuilds them from the committed offset."""
+        self.partitions.pop(partition, None)
+        self._activity.pop(partition, None)
+        self.output.checkpoints.pop(partition, None)
+
+    def process(self, partition: int, records: Sequence[SourceRecord], now_ms: int) -> None:
+        """Run one partition's records (in offset order) through the core flow."""
+        out = self.output
+        windows = self.partitions[partition]
+        out.records += len(records)
+        decoded = decode_batch([r.value for r in records], self.schema_for)
+        for rejection in decoded.rejections:
+            out.dead_letters.append(_dead_letter(records[rejection.index], UNKNOWN_CHANNEL, rejection))
+
+        events: list[dict[str, Any]] = []
+        offsets: list[int] = []
+        schema_ids: list[int] = []
+        max_future_ms = self.config.max_future_ms
+        for index, event, schema_id in zip(decoded.indexes, decoded.events, decoded.schema_ids, strict=True):
+            problem = violation(event, now_ms, max_future_ms)
+            if problem is not None:
+                out.dead_letters.append(DeadLetter(records[index], event["channel"], *problem))
+                continue
+            events.append(event)
+            offsets.append(records[index].offset)
+            schema_ids.append(schema_id)
+
+        fates = windows.add(events, offsets)
+        if records:
+            # Offsets of dead letters advance the partition too, so they are committed like the others.
+            windows.next_offset = max(windows.next_offset, records[-1].offset + 1)
+        rows = out.touchpoints
+        events_in, late, duplicates = out.events_in, out.late, out.duplicates
+        for event, offset, schema_id, fate in zip(events, offsets, schema_ids, fates, strict=True):
+            channel = event["channel"]
+            events_in[channel] += 1
+            if fate == DUPLICATE:
+                duplicates[channel] += 1  # its first copy is already written; nothing to add
+                continue
+            if fate == LATE:
+                late[channel] += 1
+            rows.append(touchpoint_row(event, schema_id, partition, offset, counted=fate != LATE))
+        self._activity[partition] = (now_ms, windows.watermark_ms)
+        self._collect(partition)
+
+    def tick(self, now_ms: int) -> None:
+        """Let event time flow on idle partitions, so the last windows of a quiet stream still close."""
+        for partition, (seen_ms, watermark_ms) in self._activity.items():
+            idle_ms = now_ms - seen_ms
+            if idle_ms >= self.config.idle_close_ms:
+                self.partitions[partition].advance_idle(watermark_ms + idle_ms)
+                self._collect(partition)
+
+    def _collect(self, partition: int) -> None:
+        windows = self.partitions[partition]
+        closed = windows.drain_closed()
+        if closed:
+            self.output.window_cells.extend(closed)
+            self.evaluator.add(closed)
+            active = [w for w in self.partitions.values() if w.partition in self._activity]
+            horizon = min(w.closed_before_ms for w in active)
+            self.output.alerts.extend(self.evaluator.evaluate(horizon))
+        self.output.checkpoints[partition] = windows.checkpoint()
+
+    def take_output(self) -> Output:
+        out, self.output = self.output, Output()
+        return out
+
+
+def _dead_letter(record: SourceRecord, channel: str, rejection: Rejection) -> DeadLetter:
+    return DeadLetter(record, channel, rejection.reason, rejection.detail)

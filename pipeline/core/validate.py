@@ -1,0 +1,56 @@
+"""Step 2, validate: the rules of the contract that Avro types alone cannot express."""
+
+from __future__ import annotations
+
+from typing import Any
+
+CONTRACT_VIOLATION = "contract_violation"
+FUTURE_EVENT_TIME = "future_event_time"
+
+# Values channel systems send when they have no identifier; they must never identify anyone.
+BLANK_IDENTIFIERS = frozenset({"", "null", "none", "undefined", "0", "-1", "anonymous", "unknown"})
+
+_NON_NEGATIVE = ("duration_ms",)
+_CONTACT_NON_NEGATIVE = ("queue_ms", "handle_ms", "first_response_ms")
+
+
+def has_identifier(value: str | None) -> bool:
+    return value is not None and value.strip().lower() not in BLANK_IDENTIFIERS
+
+
+def violation(event: dict[str, Any], now_ms: int, max_future_ms: int) -> tuple[str, str] | None:
+    """(reason, detail) when the event breaks the contract, None when it is fine."""
+    if not event["event_id"].strip():
+        return CONTRACT_VIOLATION, "event_id is empty"
+    if not event["tenant"].strip():
+        return CONTRACT_VIOLATION, "tenant is empty"
+    if not event["event_type"].strip():
+        return CONTRACT_VIOLATION, "event_type is empty"
+    event_time = event["event_time"]
+    if event_time <= 0:
+        return CONTRACT_VIOLATION, f"event_time {event_time} is not after the Unix epoch"
+    if event_time > now_ms + max_future_ms:
+        return FUTURE_EVENT_TIME, (f"event_time is {(event_time - now_ms) / 1000:.0f} s in the future "
+                                   f"(limit {max_future_ms / 1000:.0f} s)")
+    ids = event["identifiers"]
+    if not (has_identifier(ids["anonymous_id"]) or has_identifier(ids["user_id"])
+            or has_identifier(ids["customer_id"])):
+        return CONTRACT_VIOLATION, "no identifier: anonymous_id, user_id and customer_id are all blank"
+    for field in _NON_NEGATIVE:
+        value = event.get(field)
+        if value is not None and value < 0:
+            return CONTRACT_VIOLATION, f"{field} is negative ({value})"
+    survey = event.get("survey")
+    if survey is not None:
+        low, high, score = survey["scale_min"], survey["scale_max"], survey["score"]
+        if low >= high:
+            return CONTRACT_VIOLATION, f"survey scale {low}-{high} is empty"
+        if not low <= score <= high:
+            return CONTRACT_VIOLATION, f"survey score {score} is outside its scale {low}-{high}"
+    contact = event.get("contact")
+    if contact is not None:
+        for field in _CONTACT_NON_NEGATIVE:
+            value = contact.get(field)
+            if value is not None and value < 0:
+                return CONTRACT_VIOLATION, f"contact.{field} is negative ({value})"
+    return None

@@ -1,0 +1,149 @@
+"""The terminal side of the product: paced publishing of generated traffic, the live view, and the demo."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from pipeline.settings import Settings
+
+
+def publish_paced(settings: Settings, scenario: str, count: int, *, rate: float, seed: int = 0,
+                  schema_version: int = 1, stop: threading.Event | None = None) -> int:
+    """Publish generated events in real time: each is sent when the wall clock reaches its event time."""
+    from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher
+    from pipeline.contract.registry import open_registry
+    from pipeline.generate.scenarios import generate
+
+    encoder = TouchpointEncoder(open_registry(settings.registry.url), settings.registry.subject, schema_version)
+    publisher = TouchpointPublisher(settings.kafka.bootstrap_servers, settings.kafka.topic, encoder)
+    sent = 0
+    try:
+        for event in generate(scenario, count, seed=seed, start_ms=int(time.time() * 1000), events_per_s=rate,
+                              schema_version=schema_version):
+            if stop is not None and stop.is_set():
+                break
+            wait_s = event["event_time"] / 1000 - time.time()
+            if wait_s > 0.05:
+                publisher.flush()
+                time.sleep(wait_s)
+            publisher.publish(event)
+            sent += 1
+    finally:
+        publisher.close()
+    return sent
+
+
+INDICATOR_QUERY = """
+SELECT tenant, channel, indicator, sum(numerator) AS num, sum(denominator) AS den, max(window_start) AS last
+FROM indicator_values
+WHERE window_start >= now() - %(seconds)s
+GROUP BY tenant, channel, indicator
+ORDER BY tenant, channel
+"""
+ALERT_QUERY = """
+SELECT window_start, severity, rule, tenant, channel, message
+FROM alerts FINAL
+WHERE window_start >= now() - %(seconds)s
+ORDER BY window_start DESC, rule
+LIMIT 12
+"""
+VOLUME_QUERY = "SELECT count(), uniqExact(person_id) FROM touchpoints WHERE event_time >= now() - %(seconds)s"
+
+
+def _percent(num: float | None, den: float | None) -> str:
+    return "-" if not den else f"{num / den:.0%} [dim]({den:.0f})[/]"
+
+
+def snapshot(settings: Settings, minutes: int) -> Group:
+    """One rendering of the live view from ClickHouse."""
+    from pipeline.adapters.clickhouse import connect
+
+    client = connect(settings.clickhouse)
+    params = {"seconds": minutes * 60}
+    cells: dict[tuple[str, str], dict[str, tuple[float, float]]] = {}
+    for tenant, channel, indicator, num, den, _last in client.execute(INDICATOR_QUERY, params):
+        cells.setdefault((tenant, channel), {})[indicator] = (num, den)
+    volume, persons = client.execute(VOLUME_QUERY, params)[0]
+    table = Table(title=f"CX and UX indicators, closed 1-minute windows of the last {minutes} min "
+                        f"({volume} touchpoints from {persons} persons)")
+    for column in ("tenant", "channel", "CX: CSAT", "UX: task success", "UX: error rate"):
+        table.add_column(column)
+    for (tenant, channel), values in sorted(cells.items()):
+        table.add_row(tenant, channel, _percent(*values.get("csat", (None, None))),
+                      _percent(*values.get("task_success_rate", (None, None))),
+                      _percent(*values.get("error_rate", (None, None))))
+    alerts = Table(title="Latest alerts")
+    for column in ("window (UTC)", "severity", "rule", "tenant", "channel", "message"):
+        alerts.add_column(column)
+    for window_start, severity, rule, tenant, channel, message in client.execute(ALERT_QUERY, params):
+        alerts.add_row(window_start.strftime("%H:%M"), severity, rule, tenant, channel, message)
+    client.disconnect()
+    stamp = datetime.now(UTC).strftime("%H:%M:%S UTC")
+    return Group(table, alerts, f"[dim]{stamp} - indicators appear when a window closes (its end + lateness)[/]")
+
+
+def watch(settings: Settings, console: Console, *, refresh_s: float, minutes: int, once: bool) -> None:
+    if once:
+        console.print(snapshot(settings, minutes))
+        return
+    with Live(snapshot(settings, minutes), console=console, refresh_per_second=1) as live:
+        while True:
+            time.sleep(refresh_s)
+            live.update(snapshot(settings, minutes))
+
+
+def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: float) -> None:
+    """Stack up, init, a worker, generated traffic of every scenario, and the live view until it is done."""
+    from pipeline.bootstrap import initialise
+    from pipeline.stack import local
+
+    console.print("[bold]1/4[/] starting the local stack (Tansu broker, ClickHouse server)")
+    local.up(settings)
+    console.print("[bold]2/4[/] creating topics, registering schemas, applying migrations")
+    initialise(settings)
+    console.print("[bold]3/4[/] starting a worker (logs: .touchpoint/demo-worker.log)")
+    log_path = settings.stack.state_dir / "demo-worker.log"
+    # A short idle close lets the last windows close soon after the traffic stops.
+    env = {**os.environ, "TOUCHPOINT_WINDOW__IDLE_CLOSE_S": "5", "TOUCHPOINT_METRICS_PORT": "9108"}
+    with log_path.open("w") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], stdout=log,
+                                  stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    console.print(f"[bold]4/4[/] publishing {duration_s:.0f} s of traffic at {rate:g}/s: banking app with "
+                  "intermittent failures, hospital booking then a bad visit, and ordinary traffic; "
+                  "metrics at http://127.0.0.1:9108/metrics")
+    stop = threading.Event()
+    shares = {"banking_app": 0.3, "hospital_booking": 0.3, "mixed": 0.4}
+    threads = [threading.Thread(target=publish_paced, daemon=True,
+                                args=(settings, name, int(rate * share * duration_s)),
+                                kwargs={"rate": rate * share, "seed": n, "stop": stop})
+               for n, (name, share) in enumerate(shares.items())]
+    for thread in threads:
+        thread.start()
+    # Until traffic stops, plus one window, the lateness and the idle close, so the last minute closes too.
+    deadline = time.time() + duration_s + settings.window.size_s + settings.window.allowed_lateness_s + 10
+    try:
+        with Live(snapshot(settings, 10), console=console, refresh_per_second=1) as live:
+            while time.time() < deadline:
+                time.sleep(2)
+                if worker.poll() is not None:
+                    raise RuntimeError(f"the worker exited with code {worker.returncode}; see {log_path}")
+                live.update(snapshot(settings, 10))
+    finally:
+        stop.set()
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    console.print("done: query ClickHouse for more, e.g. clickhouse-client --port "
+                  f"{settings.clickhouse.port} -d {settings.clickhouse.database} -q 'SELECT * FROM alerts FINAL'")

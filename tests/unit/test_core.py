@@ -1,0 +1,204 @@
+"""The core flow without servers: validate, enrich, aggregate, evaluate, and the processor around them."""
+
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.core.aggregate import DUPLICATE, LATE, ON_TIME, PartitionWindows
+from pipeline.core.enrich import Role, person_and_role
+from pipeline.core.evaluate import AlertEvaluator, AlertRule
+from pipeline.core.indicators import BY_ID
+from pipeline.core.processor import TOUCHPOINT_COLUMNS, TouchpointProcessor, WindowConfig
+from pipeline.core.validate import CONTRACT_VIOLATION, FUTURE_EVENT_TIME, violation
+from tests.factories import BASE_MS, csat, encode, schema_for, task, touchpoint
+
+MINUTE = 60_000
+
+
+def test_violation_names_the_broken_rule():
+    now = BASE_MS
+    assert violation(touchpoint(), now, 300_000) is None
+    assert violation(touchpoint(event_time=now + 301_000), now, 300_000)[0] == FUTURE_EVENT_TIME
+    assert violation(touchpoint(anonymous_id="null"), now, 300_000) == (
+        CONTRACT_VIOLATION, "no identifier: anonymous_id, user_id and customer_id are all blank")
+    assert "outside its scale" in violation(csat(9), now, 300_000)[1]
+    assert "negative" in violation(touchpoint(duration_ms=-5), now, 300_000)[1]
+    assert violation(touchpoint(event_id=" "), now, 300_000) == (CONTRACT_VIOLATION, "event_id is empty")
+
+
+def test_role_follows_the_strongest_identifier():
+    assert person_and_role({"anonymous_id": "a", "user_id": None, "customer_id": None}) == ("anonymous:a",
+                                                                                             Role.VISITOR)
+    assert person_and_role({"anonymous_id": "a", "user_id": "u", "customer_id": "0"}) == ("user:u", Role.USER)
+    assert person_and_role({"anonymous_id": "a", "user_id": "u", "customer_id": "c"})[1] == Role.CUSTOMER
+
+
+def test_indicators_observe_what_their_definition_says():
+    assert BY_ID["csat"].observe(csat(4, about="STORE")) == ("STORE", 1.0, 1.0)
+    assert BY_ID["csat"].observe(csat(3)) == ("SURVEY", 0.0, 1.0)
+    assert BY_ID["task_success_rate"].observe(task("ABANDONED")) == ("WEB", 0.0, 1.0)
+    assert BY_ID["error_rate"].observe(task("FAILURE")) == ("WEB", 1.0, 1.0)
+    assert BY_ID["error_rate"].observe(touchpoint(event_type="app_crash", channel="MOBILE_APP")) == (
+        "MOBILE_APP", 1.0, 1.0)
+    assert BY_ID["error_rate"].observe(csat(5)) is None
+
+
+def _cells(windows_cells):
+    return {(c.window_start_ms, c.tenant, c.channel, c.indicator): (c.numerator, c.denominator)
+            for c in windows_cells}
+
+
+def test_window_closes_when_watermark_passes_and_late_events_are_not_counted():
+    windows = PartitionWindows(0, MINUTE, lateness_ms=5_000)
+    events = [task("SUCCESS", event_id="1", event_time=BASE_MS + 1_000),
+              task("FAILURE", event_id="2", event_time=BASE_MS + 30_000),
+              task("SUCCESS", event_id="1", event_time=BASE_MS + 1_000),  # duplicate
+              task("SUCCESS", event_id="3", event_time=BASE_MS + MINUTE + 5_000),  # watermark = end: closes
+              task("SUCCESS", event_id="4", event_time=BASE_MS + 59_000)]  # late
+    fates = windows.add(events, list(range(5)))
+    assert fates == [ON_TIME, ON_TIME, DUPLICATE, ON_TIME, LATE]
+    cells = _cells(windows.drain_closed())
+    assert cells[(BASE_MS, "bank", "WEB", "task_success_rate")] == (1.0, 2.0)
+    assert cells[(BASE_MS, "bank", "WEB", "error_rate")] == (1.0, 2.0)
+    checkpoint = windows.checkpoint()
+    assert checkpoint.commit_offset == 3 and checkpoint.read_offset == 5
+    assert checkpoint.closed_before_ms == BASE_MS + MINUTE
+
+
+Stream = list[tuple[int, int]]  # (event id number, seconds after BASE)
+
+
+@st.composite
+def streams(draw) -> Stream:
+    """Mostly increasing event times with out-of-order, late and duplicate events."""
+    n = draw(st.integers(1, 120))
+    out, clock = [], 0
+    for i in range(n):
+        clock += draw(st.integers(0, 20))
+        jitter = draw(st.integers(-90, 5))
+        event_id = draw(st.sampled_from([i, i, i, max(0, i - draw(st.integers(1, 5)))]))  # some duplicates
+        out.append((event_id, max(0, clock + jitter)))
+    return out
+
+
+def _events(stream: Stream):
+    return [task("FAILURE" if eid % 3 == 0 else "SUCCESS", event_id=str(eid), event_time=BASE_MS + s * 1000,
+                 tenant="t", channel="WEB") for eid, s in stream]
+
+
+def _run(stream: Stream, cuts: list[int]):
+    """Run in batches split at cuts, then close everything; emitted cells by key."""
+    windows = PartitionWindows(0, MINUTE, 10_000)
+    events, offsets = _events(stream), list(range(len(stream)))
+    bounds = [0, *sorted(c % (len(stream) + 1) for c in cuts), len(stream)]
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        windows.add(events[a:b], offsets[a:b])
+    windows.advance_idle(BASE_MS + 10**9)
+    return _cells(windows.drain_closed())
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams(), st.lists(st.integers(0, 10_000), max_size=6))
+def test_results_do_not_depend_on_how_the_stream_is_batched(stream, cuts):
+    assert _run(stream, cuts) == _run(stream, [])
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams(), st.integers(0, 10_000), st.integers(0, 10_000))
+def test_crash_and_replay_from_checkpoint_emits_what_an_uninterrupted_run_emits(stream, crash_at, flush_at):
+    """A worker flushes (writes closed windows + checkpoint) at flush_at, processes on to crash_at, dies;
+    a new one restores the checkpoint and replays from its commit offset. Rows are keyed like the
+    ReplacingMergeTree table, so a rewritten row replaces its earlier copy."""
+    expected = _run(stream, [])
+    events, offsets = _events(stream), list(range(len(stream)))
+    flush_at = flush_at % (len(stream) + 1)
+    crash_at = max(flush_at, crash_at % (len(stream) + 1))
+    first = PartitionWindows(0, MINUTE, 10_000)
+    first.add(events[:flush_at], offsets[:flush_at])
+    table = _cells(first.drain_closed())
+    checkpoint = first.checkpoint()
+    first.add(events[flush_at:crash_at], offsets[flush_at:crash_at])
+    table.update(_cells(first.drain_closed()))  # rows written after the checkpoint, then the crash
+
+    second = PartitionWindows(0, MINUTE, 10_000, checkpoint=checkpoint)
+    start = checkpoint.commit_offset
+    second.add(events[start:], offsets[start:])
+    second.advance_idle(BASE_MS + 10**9)
+    table.update(_cells(second.drain_closed()))
+    assert table == expected
+
+
+def test_alert_fires_once_per_window_when_the_rule_breaks():
+    rule = AlertRule("ux_error_rate_high", "error_rate", "above", 0.2, min_denominator=4, severity="warning")
+    evaluator = AlertEvaluator([rule])
+    windows = PartitionWindows(0, MINUTE, 0)
+    events = [task("FAILURE" if i < 3 else "SUCCESS", event_id=str(i), event_time=BASE_MS + i) for i in range(10)]
+    windows.add(events + [touchpoint(event_id="x", event_time=BASE_MS + MINUTE)], list(range(11)))
+    evaluator.add(windows.drain_closed())
+    assert evaluator.evaluate(BASE_MS) == []  # the window is not closed everywhere yet
+    alerts = evaluator.evaluate(BASE_MS + MINUTE)
+    assert [(a.alert_id, a.value, a.family) for a in alerts] == [
+        (f"ux_error_rate_high/bank/WEB/{BASE_MS}", 0.3, "UX")]
+    assert "30.0% is above 20.0% on WEB for bank" in alerts[0].message
+    assert evaluator.evaluate(BASE_MS + 2 * MINUTE) == []
+
+
+def test_alert_rule_rejects_unknown_indicator():
+    with pytest.raises(ValueError, match="unknown indicator"):
+        AlertRule("x", "nps", "below", 0.1, 1, "warning")
+
+
+@dataclass
+class Record:
+    partition: int
+    offset: int
+    value: bytes | None
+    key: bytes | None = None
+    headers: tuple = ()
+
+
+def _processor(idle_ms: int = 1_000):
+    rules = [AlertRule("cx_csat_low", "csat", "below", 0.6, 3, "critical"),
+             AlertRule("ux_error_rate_high", "error_rate", "above", 0.15, 3, "warning")]
+    return TouchpointProcessor(WindowConfig(MINUTE, 0, 300_000, idle_ms), rules, schema_for)
+
+
+def test_processor_tells_bad_ux_good_cx_from_good_ux_bad_cx():
+    """The seeds' cases: a bank app that fails but a kind agent who solves it; a hospital site that works
+    but a chaotic visit."""
+    events = []
+    for i in range(10):
+        t = BASE_MS + i * 1000
+        events.append(task("FAILURE" if i % 3 == 0 else "SUCCESS", event_id=f"b{i}", event_time=t,
+                           tenant="bank", channel="MOBILE_APP", user_id=f"u{i}"))
+        events.append(csat(5, event_id=f"bs{i}", event_time=t, tenant="bank", channel="CONTACT_CENTRE",
+                           about="CONTACT_CENTRE", customer_id=f"c{i}"))
+        events.append(task("SUCCESS", event_id=f"h{i}", event_time=t, tenant="hospital", user_id=f"p{i}"))
+        events.append(csat(2, event_id=f"hs{i}", event_time=t, tenant="hospital", about="STORE",
+                           user_id=f"p{i}"))
+    processor = _processor()
+    records = [Record(0, n, encode(e)) for n, e in enumerate(events)]
+    processor.assign(0, None)
+    processor.process(0, records, now_ms=BASE_MS + 20_000)
+    processor.tick(now_ms=BASE_MS + 20_000 + 2 * MINUTE)  # idle: the window closes
+    out = processor.take_output()
+    fired = {(a.rule, a.tenant, a.channel) for a in out.alerts}
+    assert fired == {("ux_error_rate_high", "bank", "MOBILE_APP"), ("cx_csat_low", "hospital", "STORE")}
+    assert len(out.touchpoints) == 40 and len(out.touchpoints[0]) == len(TOUCHPOINT_COLUMNS)
+    assert out.checkpoints[0].commit_offset == 40
+
+
+def test_processor_dead_letters_bad_records_and_goes_on():
+    processor = _processor()
+    processor.assign(3, None)
+    future = touchpoint("f", event_time=BASE_MS + 3_600_000)
+    records = [Record(3, 10, b"garbage!"), Record(3, 11, encode(future)), Record(3, 12, encode(touchpoint())),
+               Record(3, 13, encode(csat(0, event_id="z")))]
+    processor.process(3, records, now_ms=BASE_MS)
+    out = processor.take_output()
+    assert [(d.record.offset, d.reason) for d in out.dead_letters] == [
+        (10, "undecodable"), (11, "future_event_time"), (13, "contract_violation")]
+    assert [row[0] for row in out.touchpoints] == ["e-1"]
+    assert out.checkpoints[3].read_offset == 14
