@@ -145,6 +145,34 @@ def watch(
 
 
 @app.command()
+def bench(
+    events: int = typer.Option(200_000, help="Generated events to publish and process."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object only."),
+) -> None:
+    """Measure end-to-end, raw consume and decode-only rates of the same events in one run."""
+    import json
+
+    from pipeline.bench import run_bench
+    from pipeline.stack import local
+
+    settings = get_settings()
+    local.up(settings)
+    result = run_bench(settings, events)
+    if as_json:
+        print(json.dumps(result.as_dict()))
+        return
+    table = Table("measure", "events/s", "vs end to end")
+    for name, rate in (("end to end (published -> rows in ClickHouse)", result.e2e_events_per_s),
+                       ("raw aiokafka consume", result.raw_consume_events_per_s),
+                       ("fastavro decode only", result.decode_events_per_s),
+                       ("kafka-python publish", result.publish_events_per_s)):
+        table.add_row(name, f"{rate:,.0f}", f"{rate / result.e2e_events_per_s:.1f}x")
+    console.print(table)
+    console.print(f"{result.events:,} events, {result.partitions} partitions, one worker, "
+                  f"{result.e2e_seconds:.1f} s end to end")
+
+
+@app.command()
 def demo(
     duration: float = typer.Option(150.0, help="Seconds of generated traffic."),
     rate: float = typer.Option(300.0, help="Events per second."),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +26,7 @@ class KafkaSettings(BaseModel):
     partitions: int = Field(4, ge=1, description="Partitions created by `touchpoint init` for the topic.")
     replication_factor: int = 1
     consumer_group: str = "touchpoint-pipeline"
+    session_timeout_s: float = Field(10.0, gt=0, description="A worker silent this long leaves the group.")
 
 
 class RegistrySettings(BaseModel):
@@ -108,6 +110,20 @@ class Settings(BaseSettings):
         if config_file.is_file():
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
         return tuple(sources)
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """The environment variables that reproduce these settings in a child process (a worker)."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                env[f"TOUCHPOINT_{name.upper()}__{key.upper()}"] = str(inner)
+        elif isinstance(value, list):
+            env[f"TOUCHPOINT_{name.upper()}"] = json.dumps(value)
+        else:
+            env[f"TOUCHPOINT_{name.upper()}"] = str(value)
+    return env
 
 
 @lru_cache(maxsize=1)

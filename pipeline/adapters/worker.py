@@ -64,12 +64,21 @@ class TouchpointHandler:
             self._parsed[schema_id] = None if schema is None else parse_for_decoding(schema)
         return self._parsed[schema_id]
 
+    async def sync_assignment(self, consumer: BatchConsumer) -> None:
+        """Follow Faust's assignment: resume new partitions from their checkpoints, drop revoked ones."""
+        assigned = {tp.partition for tp in consumer.assignment() if tp.topic == self.topic}
+        for partition in set(self.processor.partitions) - assigned:
+            self.processor.revoke(partition)
+        for partition in sorted(assigned - set(self.processor.partitions)):
+            tp = TP(self.topic, partition)
+            self.processor.assign(partition, await self._restore(consumer, tp), int(time.time() * 1000))
+
     async def on_records(self, consumer: BatchConsumer, batches: Mapping[TP, Sequence[Any]]) -> None:
+        await self.sync_assignment(consumer)
         now_ms = int(time.time() * 1000)
         for tp, records in batches.items():
-            if not self.processor.owns(tp.partition):
-                self.processor.assign(tp.partition, await self._restore(consumer, tp))
-            self.processor.process(tp.partition, records, now_ms)
+            if self.processor.owns(tp.partition):
+                self.processor.process(tp.partition, records, now_ms)
         if self._first_buffered_at is None:
             self._first_buffered_at = time.monotonic()
         if len(self.processor.output) >= self.settings.batch.max_events:
@@ -79,7 +88,7 @@ class TouchpointHandler:
         checkpoint = await asyncio.get_running_loop().run_in_executor(None, self.sink.load_checkpoint, tp.partition)
         if checkpoint is None:
             return None
-        highwater = consumer.highwater(tp)
+        highwater = (await consumer.highwaters(tp)).get(tp)
         if highwater is not None and checkpoint.read_offset > highwater:
             # The topic is younger than the checkpoint (recreated, or a memory-only broker restarted).
             log.warning("Ignoring checkpoint of %s: it read up to offset %d but the partition ends at %d",
@@ -89,6 +98,7 @@ class TouchpointHandler:
         return checkpoint
 
     async def on_idle(self, consumer: BatchConsumer) -> None:
+        await self.sync_assignment(consumer)
         self.processor.tick(int(time.time() * 1000))
         output = self.processor.output
         due = (self._first_buffered_at is not None
@@ -147,11 +157,6 @@ class TouchpointHandler:
             if windows.watermark_ms != NEVER:
                 metrics.WATERMARK_LAG.labels(str(partition)).set(now - windows.watermark_ms / 1000)
 
-    def revoke(self, partitions: set[TP]) -> None:
-        for tp in partitions:
-            if tp.topic == self.topic:
-                self.processor.revoke(tp.partition)
-
 
 class BatchConsumer(aiokafka_driver.Consumer):
     """Faust's aiokafka consumer, with a fetch loop that hands the touchpoint topic over in batches."""
@@ -205,6 +210,7 @@ class TouchpointApp(faust.App):
 
 
 def create_app(settings: Settings) -> TouchpointApp:
+    settings.stack.state_dir.mkdir(parents=True, exist_ok=True)
     brokers = [f"kafka://{server.strip()}" for server in settings.kafka.bootstrap_servers.split(",")]
     app = TouchpointApp(
         settings.kafka.consumer_group,
@@ -215,6 +221,8 @@ def create_app(settings: Settings) -> TouchpointApp:
         consumer_auto_offset_reset="earliest",
         broker_max_poll_records=settings.batch.max_events,
         broker_commit_every=None,
+        broker_session_timeout=settings.kafka.session_timeout_s,
+        broker_heartbeat_interval=max(1.0, settings.kafka.session_timeout_s / 4),
         datadir=str(settings.stack.state_dir / "faust"),
         store="memory://",
     )
@@ -229,7 +237,9 @@ def create_app(settings: Settings) -> TouchpointApp:
             await handler.flush(app.consumer)  # type: ignore[arg-type]
         except Exception:
             log.exception("Flush on rebalance failed; the partitions' next owner replays them")
-        handler.revoke(revoked)
+        for tp in revoked:
+            if tp.topic == handler.topic:
+                handler.processor.revoke(tp.partition)
 
     return app
 

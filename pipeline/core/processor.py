@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pipeline.core.aggregate import DUPLICATE, LATE, Checkpoint, PartitionWindows, WindowCell
+from pipeline.core.aggregate import DUPLICATE, LATE, NEVER, Checkpoint, PartitionWindows, WindowCell
 from pipeline.core.decode import Rejection, SchemaLookup, decode_batch
 from pipeline.core.enrich import person_and_role
 from pipeline.core.evaluate import Alert, AlertEvaluator, AlertRule
@@ -120,10 +120,11 @@ class TouchpointProcessor:
     def owns(self, partition: int) -> bool:
         return partition in self.partitions
 
-    def assign(self, partition: int, checkpoint: Checkpoint | None) -> None:
+    def assign(self, partition: int, checkpoint: Checkpoint | None, now_ms: int) -> None:
         """Start (or resume from a checkpoint) a partition this worker now reads."""
-        self.partitions[partition] = PartitionWindows(
-            partition, self.config.window_ms, self.config.lateness_ms, checkpoint=checkpoint)
+        windows = PartitionWindows(partition, self.config.window_ms, self.config.lateness_ms, checkpoint=checkpoint)
+        self.partitions[partition] = windows
+        self._activity[partition] = (now_ms, windows.watermark_ms)
 
     def revoke(self, partition: int) -> None:
         """Drop a partition's open windows: its next owner rebuilds them from the committed offset."""
@@ -169,26 +170,35 @@ class TouchpointProcessor:
                 late[channel] += 1
             rows.append(touchpoint_row(event, schema_id, partition, offset, counted=fate != LATE))
         self._activity[partition] = (now_ms, windows.watermark_ms)
-        self._collect(partition)
+        self._collect(partition, now_ms)
 
     def tick(self, now_ms: int) -> None:
         """Let event time flow on idle partitions, so the last windows of a quiet stream still close."""
         for partition, (seen_ms, watermark_ms) in self._activity.items():
             idle_ms = now_ms - seen_ms
-            if idle_ms >= self.config.idle_close_ms:
+            if idle_ms >= self.config.idle_close_ms and watermark_ms != NEVER:
                 self.partitions[partition].advance_idle(watermark_ms + idle_ms)
-                self._collect(partition)
+                self._collect(partition, now_ms)
+        self._evaluate(now_ms)
 
-    def _collect(self, partition: int) -> None:
+    def _collect(self, partition: int, now_ms: int) -> None:
         windows = self.partitions[partition]
         closed = windows.drain_closed()
         if closed:
             self.output.window_cells.extend(closed)
             self.evaluator.add(closed)
-            active = [w for w in self.partitions.values() if w.partition in self._activity]
-            horizon = min(w.closed_before_ms for w in active)
-            self.output.alerts.extend(self.evaluator.evaluate(horizon))
+            self._evaluate(now_ms)
         self.output.checkpoints[partition] = windows.checkpoint()
+
+    def _evaluate(self, now_ms: int) -> None:
+        """Judge windows closed on every partition of this worker; a partition that never had an event and has
+        stayed empty past the idle time does not hold the others back."""
+        horizons = [
+            windows.closed_before_ms for p, windows in self.partitions.items()
+            if windows.watermark_ms != NEVER or now_ms - self._activity[p][0] < self.config.idle_close_ms
+        ]
+        if horizons:
+            self.output.alerts.extend(self.evaluator.evaluate(min(horizons)))
 
     def take_output(self) -> Output:
         out, self.output = self.output, Output()

@@ -20,16 +20,29 @@ PARTITION BY toYYYYMM(window_start)
 ORDER BY (indicator, tenant, channel, window_start, source_partition);
 
 -- One row per window, tenant, channel and indicator, with its value: what dashboards and BI read.
+-- (Inner names differ from the columns: ClickHouse 18.16 reads `sum(x) AS x` as an aggregate inside itself.)
 CREATE VIEW IF NOT EXISTS indicator_values AS
 SELECT
     window_start,
-    any(window_end) AS window_end,
+    window_end,
     tenant,
     channel,
     indicator,
-    any(family) AS family,
-    sum(numerator) AS numerator,
-    sum(denominator) AS denominator,
-    if(sum(denominator) > 0, sum(numerator) / sum(denominator), NULL) AS value
-FROM indicator_windows FINAL
-GROUP BY window_start, tenant, channel, indicator;
+    family,
+    num AS numerator,
+    den AS denominator,
+    if(den > 0, num / den, NULL) AS value
+FROM
+(
+    SELECT
+        window_start,
+        any(window_end) AS window_end,
+        tenant,
+        channel,
+        indicator,
+        any(family) AS family,
+        sum(numerator) AS num,
+        sum(denominator) AS den
+    FROM indicator_windows FINAL
+    GROUP BY window_start, tenant, channel, indicator
+);

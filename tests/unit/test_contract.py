@@ -2,6 +2,7 @@ import io
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import ClassVar
 
 import fastavro
 import pytest
@@ -76,7 +77,7 @@ def test_decode_batch_separates_good_from_bad_without_stopping():
 class _ConfluentApi(BaseHTTPRequestHandler):
     """Just the endpoints of the Confluent REST API the client calls, answering as the docs describe."""
 
-    schemas: dict[int, str] = {}
+    schemas: ClassVar[dict[int, str]] = {}
 
     def _reply(self, code: int, body: dict) -> None:
         self.send_response(code)

@@ -1,5 +1,6 @@
 """The core flow without servers: validate, enrich, aggregate, evaluate, and the processor around them."""
 
+import itertools
 from dataclasses import dataclass
 
 import pytest
@@ -93,7 +94,7 @@ def _run(stream: Stream, cuts: list[int]):
     windows = PartitionWindows(0, MINUTE, 10_000)
     events, offsets = _events(stream), list(range(len(stream)))
     bounds = [0, *sorted(c % (len(stream) + 1) for c in cuts), len(stream)]
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in itertools.pairwise(bounds):
         windows.add(events[a:b], offsets[a:b])
     windows.advance_idle(BASE_MS + 10**9)
     return _cells(windows.drain_closed())
@@ -135,7 +136,7 @@ def test_alert_fires_once_per_window_when_the_rule_breaks():
     evaluator = AlertEvaluator([rule])
     windows = PartitionWindows(0, MINUTE, 0)
     events = [task("FAILURE" if i < 3 else "SUCCESS", event_id=str(i), event_time=BASE_MS + i) for i in range(10)]
-    windows.add(events + [touchpoint(event_id="x", event_time=BASE_MS + MINUTE)], list(range(11)))
+    windows.add([*events, touchpoint(event_id="x", event_time=BASE_MS + MINUTE)], list(range(11)))
     evaluator.add(windows.drain_closed())
     assert evaluator.evaluate(BASE_MS) == []  # the window is not closed everywhere yet
     alerts = evaluator.evaluate(BASE_MS + MINUTE)
@@ -180,7 +181,7 @@ def test_processor_tells_bad_ux_good_cx_from_good_ux_bad_cx():
                            user_id=f"p{i}"))
     processor = _processor()
     records = [Record(0, n, encode(e)) for n, e in enumerate(events)]
-    processor.assign(0, None)
+    processor.assign(0, None, now_ms=BASE_MS)
     processor.process(0, records, now_ms=BASE_MS + 20_000)
     processor.tick(now_ms=BASE_MS + 20_000 + 2 * MINUTE)  # idle: the window closes
     out = processor.take_output()
@@ -192,7 +193,7 @@ def test_processor_tells_bad_ux_good_cx_from_good_ux_bad_cx():
 
 def test_processor_dead_letters_bad_records_and_goes_on():
     processor = _processor()
-    processor.assign(3, None)
+    processor.assign(3, None, now_ms=BASE_MS)
     future = touchpoint("f", event_time=BASE_MS + 3_600_000)
     records = [Record(3, 10, b"garbage!"), Record(3, 11, encode(future)), Record(3, 12, encode(touchpoint())),
                Record(3, 13, encode(csat(0, event_id="z")))]
@@ -202,3 +203,16 @@ def test_processor_dead_letters_bad_records_and_goes_on():
         (10, "undecodable"), (11, "future_event_time"), (13, "contract_violation")]
     assert [row[0] for row in out.touchpoints] == ["e-1"]
     assert out.checkpoints[3].read_offset == 14
+
+
+def test_alerts_wait_for_every_partition_of_the_worker_to_close_the_window():
+    processor = _processor(idle_ms=30_000)
+    processor.assign(0, None, now_ms=BASE_MS)
+    processor.assign(1, None, now_ms=BASE_MS)
+    failing = [task("FAILURE", event_id=f"f{i}", event_time=BASE_MS + i) for i in range(5)]
+    ok = [task("SUCCESS", event_id=f"s{i}", event_time=BASE_MS + i) for i in range(20)]
+    closing = touchpoint("next", event_time=BASE_MS + 2 * MINUTE)
+    processor.process(0, [Record(0, n, encode(e)) for n, e in enumerate([*failing, closing])], BASE_MS + 1)
+    assert processor.output.alerts == []  # partition 0 alone is 100% failures; partition 1 has not spoken
+    processor.process(1, [Record(1, n, encode(e)) for n, e in enumerate([*ok, closing])], BASE_MS + 2)
+    assert processor.output.alerts[0].value == 0.2 and processor.output.alerts[0].denominator == 25
