@@ -1,0 +1,187 @@
+"""Publish -> worker -> ClickHouse on the real local stack (Tansu broker, ClickHouse 18.16 server)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import fastavro
+import pytest
+
+from pipeline.contract.registry import contract_schemas
+from pipeline.contract.wire import frame
+from pipeline.core.evaluate import AlertRule
+from pipeline.settings import to_env
+from tests import reference
+from tests.factories import csat, task, touchpoint
+from tests.integration.conftest import read_topic, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def traffic(count: int, *, start_ms: int, seed: int = 1, prefix: str = "e") -> list[dict]:
+    """Bank app tasks that fail often, kind contact-centre answers, and a hospital visit that goes badly."""
+    rng = random.Random(seed)
+    events = []
+    for i in range(count):
+        t = start_ms + i * 10  # 100 events per second of event time
+        kind = rng.random()
+        if kind < 0.5:
+            events.append(task("FAILURE" if rng.random() < 0.3 else "SUCCESS", event_id=f"{prefix}{i}",
+                               event_time=t, channel="MOBILE_APP", user_id=f"u{rng.randrange(300)}"))
+        elif kind < 0.7:
+            events.append(csat(rng.choice([4, 5, 5, 3]), event_id=f"{prefix}{i}", event_time=t,
+                               channel="CONTACT_CENTRE", about="CONTACT_CENTRE", customer_id=f"c{rng.randrange(200)}"))
+        elif kind < 0.85:
+            events.append(csat(rng.choice([1, 2, 3, 4]), event_id=f"{prefix}{i}", event_time=t, tenant="hospital",
+                               channel="EMAIL", about="STORE", user_id=f"p{rng.randrange(200)}"))
+        else:
+            events.append(touchpoint(f"{prefix}{i}", t, tenant="hospital", anonymous_id=f"a{rng.randrange(500)}",
+                                     web_vitals={"lcp_ms": 1400.0, "inp_ms": 90.0, "cls": 0.02}))
+    return events
+
+
+def stored_values(ch) -> dict:
+    rows = ch.execute("SELECT toUInt32(window_start), tenant, toString(channel), indicator, numerator, denominator "
+                      "FROM indicator_values")
+    return {(start, tenant, channel, indicator): (num, den) for start, tenant, channel, indicator, num, den in rows}
+
+
+def stored_alerts(ch) -> set:
+    rows = ch.execute("SELECT rule, tenant, toString(channel), toUInt32(window_start) FROM alerts FINAL")
+    return set(rows)
+
+
+def rules(settings) -> list[AlertRule]:
+    return [AlertRule(**rule.model_dump()) for rule in settings.alert_rules]
+
+
+def all_windows_closed(ch, settings, last_event_ms: int) -> bool:
+    window_ms = settings.window.size_s * 1000
+    last_window_start = last_event_ms - last_event_ms % window_ms
+    rows = ch.execute("SELECT partition, max(closed_before_ms) FROM pipeline_checkpoints GROUP BY partition")
+    return len(rows) == settings.kafka.partitions and all(c > last_window_start for _, c in rows)
+
+
+def test_publish_to_clickhouse_exact_counts_indicators_and_alerts(isolated, publisher, start_worker, ch):
+    start_ms = int(time.time() * 1000) - 120_000
+    events = traffic(6_000, start_ms=start_ms)
+    worker = start_worker()
+    publisher.publish_many(events)
+    publisher.publish_many(events[:500])  # a producer retry storm: the same events again
+    publisher.flush()
+    wait_until(lambda: all_windows_closed(ch, isolated, events[-1]["event_time"]), 90, "all windows closed", worker)
+
+    assert ch.execute("SELECT count(), uniqExact(event_id) FROM touchpoints FINAL")[0] == (6_000, 6_000)
+    expected = reference.indicator_values(events, isolated.window.size_s * 1000)
+    assert stored_values(ch) == expected
+    expected_alerts = reference.alerts(expected, rules(isolated))
+    assert ("ux_error_rate_high", "bank", "MOBILE_APP") in {a[:3] for a in expected_alerts}
+    assert ("cx_csat_low", "hospital", "STORE") in {a[:3] for a in expected_alerts}
+    assert stored_alerts(ch) == expected_alerts
+    # Bad UX but good CX for the bank; good UX but bad CX for the hospital's visit.
+    csat_by = dict(ch.execute("SELECT concat(tenant, '/', toString(channel)), sum(numerator) / sum(denominator) "
+                              "FROM indicator_values WHERE indicator = 'csat' GROUP BY tenant, channel"))
+    assert csat_by["bank/CONTACT_CENTRE"] > 0.6 > csat_by["hospital/STORE"]
+    roles = dict(ch.execute("SELECT toString(role), count() FROM touchpoints FINAL GROUP BY role"))
+    assert set(roles) == {"visitor", "user", "customer"}
+
+
+def _raw(schema: dict, event: dict, schema_id: int) -> bytes:
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, fastavro.parse_schema(schema), event)
+    return frame(schema_id, buffer.getvalue())
+
+
+def test_bad_input_is_dead_lettered_with_reason_and_the_worker_goes_on(isolated, publisher, start_worker, ch):
+    now = int(time.time() * 1000)
+    v1 = contract_schemas()[0]
+    bad = {
+        "undecodable": b"{\"not\": \"avro\"}",
+        "unknown_schema": _raw(v1, touchpoint("u1", now), 999),
+        "contract_violation": _raw(v1, touchpoint("c1", now, anonymous_id="null"), 1),
+        "future_event_time": _raw(v1, touchpoint("f1", now + 86_400_000), 1),
+    }
+    worker = start_worker()
+    publisher.publish(touchpoint("good-1", now - 1_000))
+    for value in bad.values():
+        publisher.publish_raw(value, key=b"anonymous:a-1")
+    publisher.publish(touchpoint("good-2", now))
+    publisher.flush()
+    wait_until(lambda: ch.execute("SELECT count() FROM touchpoints")[0][0] == 2, 60, "the two good rows", worker)
+    dead = read_topic(isolated, isolated.kafka.dead_letter_topic, 1, expected=4)
+    by_reason = {dict(r.headers)["reason"].decode(): r for r in dead}
+    assert set(by_reason) == set(bad)
+    for reason, record in by_reason.items():
+        headers = dict(record.headers)
+        assert record.value == bad[reason]  # the original bytes, untouched
+        assert headers["source.topic"].decode() == isolated.kafka.topic and headers["detail"]
+    assert "all blank" in dict(by_reason["contract_violation"].headers)["detail"].decode()
+
+
+def test_schema_v1_and_v2_are_read_side_by_side(isolated, start_worker, ch):
+    from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher
+    from pipeline.contract.registry import open_registry
+
+    registry = open_registry(isolated.registry.url)
+    publishers = [TouchpointPublisher(isolated.kafka.bootstrap_servers, isolated.kafka.topic,
+                                      TouchpointEncoder(registry, isolated.registry.subject, version))
+                  for version in (1, 2)]
+    now = int(time.time() * 1000) - 30_000
+    worker = start_worker()
+    for i in range(200):
+        event = touchpoint(f"v-{i}", now + i, channel="MOBILE_APP")
+        if i % 2:
+            publishers[1].publish({**event, "sentiment": -0.5, "app_version": "2.1.0", "rage_clicks": 4})
+        else:
+            publishers[0].publish(event)
+    for p in publishers:
+        p.close()
+    wait_until(lambda: ch.execute("SELECT count() FROM touchpoints")[0][0] == 200, 60, "200 rows", worker)
+    by_schema = dict(ch.execute("SELECT schema_id, countIf(ifNull(sentiment, 0) = -0.5 AND ifNull(app_version, '') = '2.1.0') "
+                                "FROM touchpoints GROUP BY schema_id"))
+    assert by_schema == {1: 0, 2: 100}
+
+
+def test_sigkill_mid_stream_loses_and_doubles_nothing(isolated, publisher, start_worker, ch):
+    start_ms = int(time.time() * 1000) - 300_000
+    events = traffic(40_000, start_ms=start_ms, seed=5, prefix="k")
+    publisher.publish_many(events)
+    publisher.flush()
+    first = start_worker()
+    wait_until(lambda: ch.execute("SELECT count() FROM indicator_windows")[0][0] > 0
+               and ch.execute("SELECT count() FROM touchpoints")[0][0] > 8_000, 90, "the first flushes", first)
+    first.kill()  # SIGKILL: no flush, no commit, no goodbye to the group
+    done_before_kill = ch.execute("SELECT count() FROM touchpoints")[0][0]
+    assert done_before_kill < len(events), "the worker finished before it could be killed; publish more events"
+    publisher.publish_many(events[10_000:12_000])  # and duplicates while it is down
+    publisher.flush()
+    second = start_worker()
+    wait_until(lambda: all_windows_closed(ch, isolated, events[-1]["event_time"]), 120, "all windows closed", second)
+
+    assert ch.execute("SELECT count(), uniqExact(event_id) FROM touchpoints FINAL")[0] == (40_000, 40_000)
+    expected = reference.indicator_values(events, isolated.window.size_s * 1000)
+    assert stored_values(ch) == expected
+    assert stored_alerts(ch) == reference.alerts(expected, rules(isolated))
+
+
+def test_publish_command_reports_bad_lines_and_publishes_the_rest(isolated, tmp_path):
+    now = int(time.time() * 1000)
+    lines = [json.dumps(touchpoint("p1", now)), "{not json", json.dumps({"event_id": "p2"}),
+             json.dumps(csat(9, event_id="p3", event_time=now)), json.dumps(task("SUCCESS", event_id="p4",
+                                                                                  event_time=now))]
+    path = tmp_path / "touchpoints.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "publish", str(path)], capture_output=True,
+                            text=True, env={**os.environ, **to_env(isolated), "COLUMNS": "200"}, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "line 2" in result.stdout and "not JSON" in result.stdout
+    assert "line 3" in result.stdout and "line 4" in result.stdout and "outside its scale" in result.stdout
+    assert "published 2 touchpoints" in result.stdout
+    records = read_topic(isolated, isolated.kafka.topic, isolated.kafka.partitions, expected=2)
+    assert len(records) == 2
