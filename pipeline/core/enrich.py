@@ -6,7 +6,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from pipeline.core.validate import has_identifier
+from pipeline.core.validate import BLANK_IDENTIFIERS
 
 
 class Role(StrEnum):
@@ -15,12 +15,16 @@ class Role(StrEnum):
     CUSTOMER = "customer"  # known to billing/CRM: has bought from us
 
 
+def _present(value: str | None) -> bool:
+    return value is not None and value.strip().lower() not in BLANK_IDENTIFIERS
+
+
 def person_and_role(identifiers: dict[str, Any]) -> tuple[str, Role]:
     """The most stable identifier present names the person; the strongest one implies the role."""
     customer_id = identifiers["customer_id"]
-    if has_identifier(customer_id):
-        return f"customer:{customer_id}", Role.CUSTOMER
+    if customer_id is not None and _present(customer_id):
+        return "customer:" + customer_id, Role.CUSTOMER
     user_id = identifiers["user_id"]
-    if has_identifier(user_id):
-        return f"user:{user_id}", Role.USER
-    return f"anonymous:{identifiers['anonymous_id']}", Role.VISITOR
+    if user_id is not None and _present(user_id):
+        return "user:" + user_id, Role.USER
+    return "anonymous:" + identifiers["anonymous_id"], Role.VISITOR

@@ -143,8 +143,9 @@ def test_schema_v1_and_v2_are_read_side_by_side(isolated, start_worker, ch):
     for p in publishers:
         p.close()
     wait_until(lambda: ch.execute("SELECT count() FROM touchpoints")[0][0] == 200, 60, "200 rows", worker)
-    by_schema = dict(ch.execute("SELECT schema_id, countIf(ifNull(sentiment, 0) = -0.5 AND ifNull(app_version, '') = '2.1.0') "
-                                "FROM touchpoints GROUP BY schema_id"))
+    by_schema = dict(ch.execute(
+        "SELECT schema_id, countIf(ifNull(sentiment, 0) = -0.5 AND ifNull(app_version, '') = '2.1.0') "
+        "FROM touchpoints GROUP BY schema_id"))
     assert by_schema == {1: 0, 2: 100}
 
 
