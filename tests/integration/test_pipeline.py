@@ -6,12 +6,15 @@ import io
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import fastavro
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.contract.registry import contract_schemas
 from pipeline.contract.wire import frame
@@ -90,6 +93,10 @@ def test_publish_to_clickhouse_exact_counts_indicators_and_alerts(isolated, publ
     assert csat_by["bank/CONTACT_CENTRE"] > 0.6 > csat_by["hospital/STORE"]
     roles = dict(ch.execute("SELECT toString(role), count() FROM touchpoints FINAL GROUP BY role"))
     assert set(roles) == {"visitor", "user", "customer"}
+    view = subprocess.run([sys.executable, "-m", "pipeline.cli", "watch", "--once"], capture_output=True, text=True,
+                          env={**os.environ, **to_env(isolated), "COLUMNS": "250"}, timeout=60)
+    assert view.returncode == 0, view.stderr
+    assert "ux_error_rate_high" in view.stdout and "cx_csat_low" in view.stdout and "MOBILE_APP" in view.stdout
 
 
 def _raw(schema: dict, event: dict, schema_id: int) -> bytes:
@@ -98,8 +105,23 @@ def _raw(schema: dict, event: dict, schema_id: int) -> bytes:
     return frame(schema_id, buffer.getvalue())
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
 def test_bad_input_is_dead_lettered_with_reason_and_the_worker_goes_on(isolated, publisher, start_worker, ch):
     now = int(time.time() * 1000)
+    isolated.metrics_port = _free_port()
     v1 = contract_schemas()[0]
     bad = {
         "undecodable": b"{\"not\": \"avro\"}",
@@ -122,6 +144,12 @@ def test_bad_input_is_dead_lettered_with_reason_and_the_worker_goes_on(isolated,
         assert record.value == bad[reason]  # the original bytes, untouched
         assert headers["source.topic"].decode() == isolated.kafka.topic and headers["detail"]
     assert "all blank" in dict(by_reason["contract_violation"].headers)["detail"].decode()
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{isolated.metrics_port}/metrics", timeout=5).read().decode()
+    assert _metric(metrics, "touchpoint_events_in_total", channel="WEB") == 2
+    assert _metric(metrics, "touchpoint_events_out_total", channel="WEB") == 2
+    assert _metric(metrics, "touchpoint_events_dead_lettered_total", channel="unknown", reason="undecodable") == 1
+    assert _metric(metrics, "touchpoint_events_dead_lettered_total", channel="WEB", reason="future_event_time") == 1
+    assert _metric(metrics, "touchpoint_clickhouse_insert_duration_seconds_count", table="touchpoints") >= 1
 
 
 def test_schema_v1_and_v2_are_read_side_by_side(isolated, start_worker, ch):
