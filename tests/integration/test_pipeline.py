@@ -214,3 +214,21 @@ def test_publish_command_reports_bad_lines_and_publishes_the_rest(isolated, tmp_
     assert "published 2 touchpoints" in result.stdout
     records = read_topic(isolated, isolated.kafka.topic, isolated.kafka.partitions, expected=2)
     assert len(records) == 2
+
+
+def test_two_workers_share_the_partitions_and_count_each_event_once(isolated, publisher, start_worker, ch):
+    start_ms = int(time.time() * 1000) - 240_000
+    events = traffic(20_000, start_ms=start_ms, seed=9, prefix="w")
+    first = start_worker()
+    publisher.publish_many(events[:5_000])
+    publisher.flush()
+    wait_until(lambda: ch.execute("SELECT count() FROM touchpoints")[0][0] > 0, 60, "first rows", first)
+    second = start_worker()  # joins mid-stream: the group rebalances and partitions move
+    publisher.publish_many(events[5_000:])
+    publisher.flush()
+    wait_until(lambda: all_windows_closed(ch, isolated, events[-1]["event_time"]), 120, "all windows closed", second)
+    assert first.process.poll() is None and second.process.poll() is None
+    writers = ch.execute("SELECT count(DISTINCT source_partition) FROM touchpoints")[0][0]
+    assert writers == isolated.kafka.partitions
+    assert ch.execute("SELECT count(), uniqExact(event_id) FROM touchpoints FINAL")[0] == (20_000, 20_000)
+    assert stored_values(ch) == reference.indicator_values(events, isolated.window.size_s * 1000)
