@@ -64,6 +64,17 @@ def _percent(num: float | None, den: float | None) -> str:
     return "-" if not den else f"{num / den:.0%} [dim]({den:.0f})[/]"
 
 
+def _pooled(cells: dict[tuple[str, str], dict[str, tuple[float, float]]], tenant: str, indicator: str) -> float | None:
+    num = sum(v[indicator][0] for (t, _), v in cells.items() if t == tenant and indicator in v)
+    den = sum(v[indicator][1] for (t, _), v in cells.items() if t == tenant and indicator in v)
+    return num / den if den else None
+
+
+def _threshold(settings: Settings, indicator: str, default: float) -> float:
+    """The first alert rule's threshold for the indicator, so the verdicts agree with the alerts."""
+    return next((rule.threshold for rule in settings.alert_rules if rule.indicator == indicator), default)
+
+
 def snapshot(settings: Settings, minutes: int) -> Group:
     """One rendering of the live view from ClickHouse."""
     from pipeline.adapters.clickhouse import connect
@@ -82,6 +93,19 @@ def snapshot(settings: Settings, minutes: int) -> Group:
         table.add_row(tenant, channel, _percent(*values.get("csat", (None, None))),
                       _percent(*values.get("task_success_rate", (None, None))),
                       _percent(*values.get("error_rate", (None, None))))
+    verdicts = Table(title="Per tenant: UX (the product) against CX (the journey)")
+    for column in ("tenant", "UX", "CX"):
+        verdicts.add_column(column)
+    for tenant in sorted({t for t, _ in cells}):
+        ux = _pooled(cells, tenant, "error_rate")
+        cx = _pooled(cells, tenant, "csat")
+        ux_text = "-" if ux is None else f"{ux:.0%} of product interactions failed"
+        cx_text = "-" if cx is None else f"CSAT {cx:.0%}"
+        if ux is not None:
+            ux_text = ("[red]bad[/] " if ux > _threshold(settings, "error_rate", 0.15) else "[green]good[/] ") + ux_text
+        if cx is not None:
+            cx_text = ("[red]bad[/] " if cx < _threshold(settings, "csat", 0.6) else "[green]good[/] ") + cx_text
+        verdicts.add_row(tenant, ux_text, cx_text)
     alerts = Table(title="Latest alerts")
     for column in ("window (UTC)", "severity", "rule", "tenant", "channel", "message"):
         alerts.add_column(column)
@@ -89,7 +113,8 @@ def snapshot(settings: Settings, minutes: int) -> Group:
         alerts.add_row(window_start.strftime("%H:%M"), severity, rule, tenant, channel, message)
     client.disconnect()
     stamp = datetime.now(UTC).strftime("%H:%M:%S UTC")
-    return Group(table, alerts, f"[dim]{stamp} - indicators appear when a window closes (its end + lateness)[/]")
+    note = f"[dim]{stamp} - indicators appear when a window closes (its end + lateness)[/]"
+    return Group(table, verdicts, alerts, note)
 
 
 def watch(settings: Settings, console: Console, *, refresh_s: float, minutes: int, once: bool) -> None:
@@ -145,5 +170,6 @@ def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: f
             worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker.kill()
-    console.print("done: query ClickHouse for more, e.g. clickhouse-client --port "
+    console.print("\ndone; the stack stays up (`touchpoint stack down` stops it). Query ClickHouse for more, "
+                  "e.g. clickhouse-client --port "
                   f"{settings.clickhouse.port} -d {settings.clickhouse.database} -q 'SELECT * FROM alerts FINAL'")
