@@ -19,6 +19,8 @@ BATCH_SIZE = Histogram("touchpoint_batch_size_events", "Records per flush to Cli
 INSERT_SECONDS = Histogram("touchpoint_clickhouse_insert_duration_seconds",
                            "Time of one ClickHouse insert, by table.", ["table"],
                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+INSERT_FAILURES = Counter("touchpoint_clickhouse_insert_failures",
+                          "Failed ClickHouse writes (retried with backoff; nothing is committed meanwhile).")
 CONSUMER_LAG = Gauge("touchpoint_consumer_lag_events", "Records not yet read (high watermark - position).",
                      ["topic", "partition"])
 WATERMARK_LAG = Gauge("touchpoint_watermark_lag_seconds", "Wall clock minus the partition's event-time watermark.",

@@ -55,6 +55,7 @@ class TouchpointHandler:
         self.sink = ClickHouseSink(settings.clickhouse, settings.kafka.consumer_group, self.topic,
                                    observe=metrics.observe_insert)
         self._first_buffered_at: float | None = None
+        self._inflight: asyncio.Future[None] | None = None
         self.flushes = 0
 
     def schema_for(self, schema_id: int) -> Any:
@@ -103,25 +104,51 @@ class TouchpointHandler:
         output = self.processor.output
         due = (self._first_buffered_at is not None
                and time.monotonic() - self._first_buffered_at >= self.settings.batch.max_wait_s)
-        if due or output.window_cells or (output.checkpoints and self._first_buffered_at is None):
+        if due or output.window_cells:  # closed windows go out at once: alerts should not wait for a batch
             await self.flush(consumer)
 
-    async def flush(self, consumer: BatchConsumer) -> None:
+    async def flush(self, consumer: BatchConsumer, *, wait: bool = False) -> None:
+        """Hand what the core produced to storage. The write runs in the background while the next fetch is
+        processed; writes stay one at a time, so offsets are committed in order and only after their rows."""
         output = self.processor.take_output()
         self._first_buffered_at = None
-        if not (output.records or output.window_cells or output.checkpoints):
-            return
-        producer = self.app.producer
-        for dead in output.dead_letters:
-            record = dead.record
-            headers = [("reason", dead.reason.encode()), ("detail", dead.detail.encode()),
-                       ("channel", dead.channel.encode()), ("source.topic", self.topic.encode()),
-                       ("source.partition", str(record.partition).encode()),
-                       ("source.offset", str(record.offset).encode())]
-            await producer.send(self.settings.kafka.dead_letter_topic, record.key, record.value, None, None,
-                                headers)
-        # The blocking driver runs in a thread so the event loop (and Faust's services) keep going.
-        await asyncio.get_running_loop().run_in_executor(None, self.sink.write, output)
+        if output.records or output.window_cells or output.checkpoints:
+            await self.drain(consumer)
+            producer = self.app.producer
+            for dead in output.dead_letters:
+                record = dead.record
+                headers = [("reason", dead.reason.encode()), ("detail", dead.detail.encode()),
+                           ("channel", dead.channel.encode()), ("source.topic", self.topic.encode()),
+                           ("source.partition", str(record.partition).encode()),
+                           ("source.offset", str(record.offset).encode())]
+                await producer.send(self.settings.kafka.dead_letter_topic, record.key, record.value, None, None,
+                                    headers)
+            self._inflight = asyncio.ensure_future(self._store(consumer, output))
+        if wait:
+            await self.drain(consumer)
+
+    async def drain(self, consumer: BatchConsumer) -> None:
+        """Wait for the write in flight, if any."""
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            await inflight
+
+    async def _store(self, consumer: BatchConsumer, output: Output) -> None:
+        delay_s = 0.5
+        while True:
+            try:
+                # The blocking driver runs in a thread so the event loop (and Faust's services) keep going.
+                await asyncio.get_running_loop().run_in_executor(None, self.sink.write, output)
+                break
+            except Exception as exc:  # any failure: rows are idempotent, so writing the same batch again is safe
+                metrics.INSERT_FAILURES.inc()
+                if consumer.should_stop:
+                    raise
+                log.error("ClickHouse write of %d touchpoints failed (%s: %s); retrying in %.1f s. Nothing is "
+                          "committed until it succeeds, so consumption waits here.",
+                          len(output.touchpoints), type(exc).__name__, exc, delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 30.0)
         offsets = {TP(self.topic, p): cp.commit_offset for p, cp in output.checkpoints.items()
                    if cp.commit_offset > 0}
         if offsets:
@@ -180,7 +207,7 @@ class BatchConsumer(aiokafka_driver.Consumer):
                 await self.sleep(0)
         finally:
             try:
-                await handler.flush(self)
+                await handler.flush(self, wait=True)
             except Exception:  # shutting down: whatever was not flushed is replayed from the committed offset
                 log.exception("Final flush failed; the next start replays from the last committed offset")
 
@@ -234,7 +261,7 @@ def create_app(settings: Settings) -> TouchpointApp:
     @app.on_partitions_revoked.connect
     async def _on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
         try:
-            await handler.flush(app.consumer)  # type: ignore[arg-type]
+            await handler.flush(app.consumer, wait=True)  # type: ignore[arg-type]
         except Exception:
             log.exception("Flush on rebalance failed; the partitions' next owner replays them")
         for tp in revoked:
