@@ -106,7 +106,7 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
     warmup, generated = generated[0], generated[1:]
     keys = [partition_key(e) for e in generated]
     values = [encoder.encode(e) for e in generated]
-    decoding = parse_for_decoding(registry.schema(1))  # type: ignore[arg-type]
+    decoding = parse_for_decoding(registry.schema(encoder.schema_id))  # type: ignore[arg-type]
     decode_rate = _decode_rate(values, lambda _schema_id: decoding)
 
     bench.metrics_port = 0

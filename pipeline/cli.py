@@ -78,7 +78,7 @@ def worker() -> None:
 @app.command()
 def publish(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSON Lines, one touchpoint per line."),
-    schema_version: int = typer.Option(0, help="Schema id to write with; 0 = the subject's latest."),
+    schema_version: int = typer.Option(0, help="Subject version to write with; 0 = the newest."),
 ) -> None:
     """Validate every line against the contract, report bad lines by number and reason, publish the rest."""
     from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher, read_jsonl

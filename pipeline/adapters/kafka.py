@@ -49,14 +49,12 @@ def partition_key(event: dict[str, Any]) -> bytes:
 class TouchpointEncoder:
     """Avro + Confluent framing with one writer schema from the registry."""
 
-    def __init__(self, registry: SchemaRegistry, subject: str, schema_id: int | None = None) -> None:
-        if schema_id is None:
+    def __init__(self, registry: SchemaRegistry, subject: str, version: int | None = None) -> None:
+        """Write with one version of the subject (its newest when None); the id comes from the registry."""
+        if version is None:
             schema_id, schema = registry.latest(subject)
         else:
-            found = registry.schema(schema_id)
-            if found is None:
-                raise ValueError(f"schema id {schema_id} is not in the registry")
-            schema = found
+            schema_id, schema = registry.version(subject, version)
         self.schema_id = schema_id
         self.schema = fastavro.parse_schema(schema)
         self.decoding_schema = parse_for_decoding(schema)

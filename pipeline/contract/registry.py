@@ -31,6 +31,9 @@ class SchemaRegistry(Protocol):
     def latest(self, subject: str) -> tuple[int, Schema]:
         """The newest (id, schema) registered under the subject."""
 
+    def version(self, subject: str, version: int) -> tuple[int, Schema]:
+        """(id, schema) of one version of the subject; ids are the registry's, versions the subject's."""
+
 
 def load_schema_file(path: Path) -> Schema:
     return json.loads(path.read_text())
@@ -79,6 +82,12 @@ class FileSchemaRegistry:
         newest = max(entries, key=lambda e: int(e["version"]))
         return int(newest["id"]), self._schemas[int(newest["id"])]
 
+    def version(self, subject: str, version: int) -> tuple[int, Schema]:
+        for entry in self._entries:
+            if entry["subject"] == subject and int(entry["version"]) == version:
+                return int(entry["id"]), self._schemas[int(entry["id"])]
+        raise RegistryError(f"subject {subject!r} has no version {version} in {self.manifest}")
+
 
 class HttpSchemaRegistry:
     """Client for the Confluent Schema Registry REST API (also served by Karapace, Redpanda, Apicurio)."""
@@ -125,9 +134,15 @@ class HttpSchemaRegistry:
         return schema_id
 
     def latest(self, subject: str) -> tuple[int, Schema]:
-        answer = self._call("GET", f"/subjects/{urllib.parse.quote(subject, safe='')}/versions/latest")
+        return self._subject_version(subject, "latest")
+
+    def version(self, subject: str, version: int) -> tuple[int, Schema]:
+        return self._subject_version(subject, str(version))
+
+    def _subject_version(self, subject: str, version: str) -> tuple[int, Schema]:
+        answer = self._call("GET", f"/subjects/{urllib.parse.quote(subject, safe='')}/versions/{version}")
         if answer is None:
-            raise RegistryError(f"no schema registered under subject {subject!r} at {self.url}")
+            raise RegistryError(f"subject {subject!r} has no version {version} at {self.url}")
         schema = json.loads(answer["schema"])
         self._by_id[int(answer["id"])] = schema
         return int(answer["id"]), schema

@@ -57,6 +57,7 @@ def test_file_registry_ids_match_the_manifest():
     assert registry.register("touchpoints-value", v1) == 1
     assert registry.register("touchpoints-value", v2) == 2
     assert registry.latest("touchpoints-value")[0] == 2
+    assert registry.version("touchpoints-value", 1) == (1, v1)
     assert registry.schema(99) is None
     with pytest.raises(RegistryError):
         registry.register("touchpoints-value", {**v1, "doc": "changed", "fields": v1["fields"][:3]})
@@ -100,9 +101,13 @@ class _ConfluentApi(BaseHTTPRequestHandler):
             if schema_id in self.schemas:
                 return self._reply(200, {"schema": self.schemas[schema_id]})
             return self._reply(404, {"error_code": 40403, "message": "Schema not found"})
-        if self.path.endswith("/versions/latest") and self.schemas:
-            newest = max(self.schemas)
-            return self._reply(200, {"id": newest, "version": len(self.schemas), "schema": self.schemas[newest]})
+        if "/versions/" in self.path and self.schemas:
+            ids = sorted(self.schemas)
+            wanted = self.path.rsplit("/", 1)[1]
+            chosen = ids[-1] if wanted == "latest" else ids[int(wanted) - 1] if int(wanted) <= len(ids) else None
+            if chosen is not None:
+                return self._reply(200, {"id": chosen, "version": ids.index(chosen) + 1,
+                                         "schema": self.schemas[chosen]})
         return self._reply(404, {"error_code": 40401, "message": "Subject not found"})
 
     def log_message(self, *args):
@@ -123,5 +128,8 @@ def test_http_registry_client_speaks_the_confluent_api():
         assert fresh.schema(second)["fields"][-1]["name"] == "rage_clicks"
         assert fresh.schema(12345) is None
         assert fresh.latest("touchpoints-value")[0] == second
+        assert fresh.version("touchpoints-value", 1) == (first, v1)
+        with pytest.raises(RegistryError):
+            fresh.version("touchpoints-value", 7)
     finally:
         server.shutdown()
