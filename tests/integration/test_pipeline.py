@@ -150,6 +150,7 @@ def test_bad_input_is_dead_lettered_with_reason_and_the_worker_goes_on(isolated,
     assert _metric(metrics, "touchpoint_events_dead_lettered_total", channel="unknown", reason="undecodable") == 1
     assert _metric(metrics, "touchpoint_events_dead_lettered_total", channel="WEB", reason="future_event_time") == 1
     assert _metric(metrics, "touchpoint_clickhouse_insert_duration_seconds_count", table="touchpoints") >= 1
+    assert "touchpoint_consumer_lag_events" in metrics and "touchpoint_batch_size_events_bucket" in metrics
 
 
 def test_schema_v1_and_v2_are_read_side_by_side(isolated, start_worker, ch):
