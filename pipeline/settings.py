@@ -16,7 +16,10 @@ from pydantic_settings import (
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# A checkout reads schemas/ at the top; an installed package carries the same files as pipeline/schemas.
 SCHEMAS_DIR = PROJECT_ROOT / "schemas"
+if not (SCHEMAS_DIR / "registry.json").exists():
+    SCHEMAS_DIR = Path(__file__).resolve().parent / "schemas"
 
 
 class KafkaSettings(BaseModel):

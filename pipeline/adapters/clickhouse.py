@@ -48,6 +48,8 @@ def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
         if not match:
             raise ValueError(f"migration file {path.name} must be named NNNN_name.sql")
         migrations.append(Migration(int(match[1]), match[2], tuple(split_statements(path.read_text()))))
+    if not migrations:
+        raise FileNotFoundError(f"no migrations in {directory}: the schemas are missing from this install")
     versions = [m.version for m in migrations]
     if len(set(versions)) != len(versions):
         raise ValueError(f"two migrations share a version in {directory}")

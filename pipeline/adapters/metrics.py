@@ -32,6 +32,15 @@ def observe_insert(table: str, seconds: float, rows: int) -> None:
     INSERT_SECONDS.labels(table).observe(seconds)
 
 
+def forget_partition(topic: str, partition: int) -> None:
+    """A partition this worker no longer reads: drop its gauges so they do not report a stale value."""
+    for gauge, labels in ((CONSUMER_LAG, (topic, str(partition))), (WATERMARK_LAG, (str(partition),))):
+        try:
+            gauge.remove(*labels)
+        except KeyError:
+            pass
+
+
 def serve(port: int) -> None:
     """Expose /metrics on this port (0 disables it)."""
     if port:

@@ -70,6 +70,7 @@ class TouchpointHandler:
         assigned = {tp.partition for tp in consumer.assignment() if tp.topic == self.topic}
         for partition in set(self.processor.partitions) - assigned:
             self.processor.revoke(partition)
+            metrics.forget_partition(self.topic, partition)
         for partition in sorted(assigned - set(self.processor.partitions)):
             tp = TP(self.topic, partition)
             self.processor.assign(partition, await self._restore(consumer, tp), int(time.time() * 1000))
@@ -267,6 +268,7 @@ def create_app(settings: Settings) -> TouchpointApp:
         for tp in revoked:
             if tp.topic == handler.topic:
                 handler.processor.revoke(tp.partition)
+                metrics.forget_partition(handler.topic, tp.partition)
 
     return app
 

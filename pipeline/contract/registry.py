@@ -172,4 +172,7 @@ def open_registry(url: str) -> SchemaRegistry:
 
 def contract_schemas() -> list[Schema]:
     """The touchpoint schemas this release ships, oldest first, as `touchpoint init` registers them."""
-    return [load_schema_file(p) for p in sorted(SCHEMAS_DIR.glob("touchpoint.v*.avsc"))]
+    files = sorted(SCHEMAS_DIR.glob("touchpoint.v*.avsc"))
+    if not files:
+        raise RegistryError(f"no touchpoint.v*.avsc in {SCHEMAS_DIR}: the schemas are missing from this install")
+    return [load_schema_file(p) for p in files]
