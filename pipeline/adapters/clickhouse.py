@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from clickhouse_driver import Client
 
 from pipeline.core.aggregate import Checkpoint
+from pipeline.core.evaluate import Alert, AlertRule, WindowTotal, judge
 from pipeline.core.indicators import BY_ID
 from pipeline.core.processor import TOUCHPOINT_COLUMNS, Output
 from pipeline.settings import SCHEMAS_DIR, ClickHouseSettings
@@ -109,7 +110,9 @@ class ClickHouseSink:
         if self.observe is not None:
             self.observe(table, time.perf_counter() - started, rows)
 
-    def write(self, output: Output) -> None:
+    def write(self, output: Output, rules: Sequence[AlertRule]) -> list[Alert]:
+        """Rows and windows, then the alerts of windows now closed everywhere (judged from the stored rows, so
+        partials written before a crash count), then the checkpoints. Returns the alerts raised."""
         now_ms = int(time.time() * 1000)
         if output.touchpoints:
             columns = [list(column) for column in zip(*output.touchpoints, strict=True)]
@@ -122,8 +125,11 @@ class ClickHouseSink:
                 [BY_ID[c.indicator].family.value for c in cells], [c.partition for c in cells],
                 [c.numerator for c in cells], [c.denominator for c in cells], [now_ms] * len(cells),
             ])
-        if output.alerts:
-            alerts = output.alerts
+        alerts: list[Alert] = []
+        if output.judge_before_ms is not None and output.judge_partitions and rules:
+            totals = self.window_totals(output.judge_from_ms or 0, output.judge_before_ms, output.judge_partitions,
+                                        {rule.indicator for rule in rules})
+            alerts = judge(rules, totals)
             self._insert("alerts", _ALERT_COLUMNS, [
                 [a.alert_id for a in alerts], [a.rule for a in alerts], [a.indicator for a in alerts],
                 [a.family for a in alerts], [a.severity for a in alerts], [a.tenant for a in alerts],
@@ -139,6 +145,22 @@ class ClickHouseSink:
                 [c.commit_offset for c in cps], [c.read_offset for c in cps], [c.watermark_ms for c in cps],
                 [c.closed_before_ms for c in cps], [now_ms] * len(cps),
             ])
+        return alerts
+
+    def window_totals(self, from_ms: int, before_ms: int, partitions: Sequence[int],
+                      indicators: set[str]) -> list[WindowTotal]:
+        """Indicator totals of the windows starting in [from, before), over the given source partitions."""
+        rows = self.client.execute(
+            "SELECT toUInt32(window_start), toUInt32(any(window_end)), tenant, toString(channel), indicator, "
+            "sum(numerator), sum(denominator) FROM indicator_windows FINAL "
+            "WHERE window_start >= toDateTime(%(start)s) AND window_start < toDateTime(%(end)s) "
+            "AND source_partition IN %(partitions)s AND indicator IN %(indicators)s "
+            "GROUP BY window_start, tenant, channel, indicator",
+            {"start": max(0, from_ms // 1000), "end": max(0, before_ms // 1000), "partitions": tuple(partitions),
+             "indicators": tuple(sorted(indicators))},
+        )
+        return [WindowTotal(start * 1000, end * 1000, tenant, channel, indicator, num, den)
+                for start, end, tenant, channel, indicator, num, den in rows]
 
     def load_checkpoint(self, partition: int) -> Checkpoint | None:
         """The furthest-along checkpoint of a partition: any checkpoint is true of its stream prefix."""

@@ -27,7 +27,7 @@ from pipeline.adapters import metrics
 from pipeline.adapters.clickhouse import ClickHouseSink
 from pipeline.contract.registry import open_registry, parse_for_decoding
 from pipeline.core.aggregate import NEVER
-from pipeline.core.evaluate import AlertRule
+from pipeline.core.evaluate import Alert, AlertRule
 from pipeline.core.processor import Output, TouchpointProcessor, WindowConfig
 from pipeline.settings import Settings
 
@@ -49,13 +49,16 @@ class TouchpointHandler:
         self.processor = TouchpointProcessor(
             WindowConfig(window.size_s * 1000, window.allowed_lateness_s * 1000, window.max_future_s * 1000,
                          int(window.idle_close_s * 1000)),
-            [AlertRule(**rule.model_dump()) for rule in settings.alert_rules],
             self.schema_for,
         )
+        self.rules = [AlertRule(**rule.model_dump()) for rule in settings.alert_rules]
         self.sink = ClickHouseSink(settings.clickhouse, settings.kafka.consumer_group, self.topic,
                                    observe=metrics.observe_insert)
         self._first_buffered_at: float | None = None
         self._inflight: asyncio.Future[None] | None = None
+        # One ClickHouse connection, used from executor threads: flushes (from the fetch loop and from the
+        # rebalance signal) and checkpoint loads take turns under this lock.
+        self._storage_lock = asyncio.Lock()
         self.flushes = 0
 
     def schema_for(self, schema_id: int) -> Any:
@@ -71,9 +74,14 @@ class TouchpointHandler:
         for partition in set(self.processor.partitions) - assigned:
             self.processor.revoke(partition)
             metrics.forget_partition(self.topic, partition)
-        for partition in sorted(assigned - set(self.processor.partitions)):
-            tp = TP(self.topic, partition)
-            self.processor.assign(partition, await self._restore(consumer, tp), int(time.time() * 1000))
+        new = sorted(assigned - set(self.processor.partitions))
+        if not new:
+            return
+        async with self._storage_lock:
+            await self.drain(consumer)
+            for partition in new:
+                tp = TP(self.topic, partition)
+                self.processor.assign(partition, await self._restore(consumer, tp), int(time.time() * 1000))
 
     async def on_records(self, consumer: BatchConsumer, batches: Mapping[TP, Sequence[Any]]) -> None:
         await self.sync_assignment(consumer)
@@ -90,30 +98,51 @@ class TouchpointHandler:
         checkpoint = await asyncio.get_running_loop().run_in_executor(None, self.sink.load_checkpoint, tp.partition)
         if checkpoint is None:
             return None
-        highwater = (await consumer.highwaters(tp)).get(tp)
-        if highwater is not None and checkpoint.read_offset > highwater:
-            # The topic is younger than the checkpoint (recreated, or a memory-only broker restarted).
-            log.warning("Ignoring checkpoint of %s: it read up to offset %d but the partition ends at %d",
-                        tp, checkpoint.read_offset, highwater)
+        if consumer._committed_offset.get(tp) is None:
+            # No offset committed for the group: the topic is new (recreated, or a memory-only broker restarted),
+            # or the worker died before its first commit. Either way it is read from the start, which rebuilds
+            # every window whole, so the checkpoint must not mark any as final.
+            log.warning("Ignoring the checkpoint of %s: the group has no committed offset there", tp)
             return None
         log.info("Resuming %s from checkpoint: windows before %d are final", tp, checkpoint.closed_before_ms)
         return checkpoint
 
     async def on_idle(self, consumer: BatchConsumer) -> None:
         await self.sync_assignment(consumer)
-        self.processor.tick(int(time.time() * 1000))
+        self.processor.tick(int(time.time() * 1000), self._caught_up(consumer))
         output = self.processor.output
         due = (self._first_buffered_at is not None
                and time.monotonic() - self._first_buffered_at >= self.settings.batch.max_wait_s)
-        if due or output.window_cells:  # closed windows go out at once: alerts should not wait for a batch
+        # Closed windows (and windows to judge) go out at once: alerts should not wait for a full batch.
+        if due or output.window_cells or output.judge_before_ms is not None:
             await self.flush(consumer)
+
+    def _caught_up(self, consumer: BatchConsumer) -> set[int]:
+        """Partitions whose every record has been read (position at the high watermark)."""
+        caught_up = set()
+        assignment = consumer.assignment()
+        for partition in self.processor.partitions:
+            tp = TP(self.topic, partition)
+            if tp not in assignment:
+                continue  # revoked a moment ago; the revoke handler drops it
+            highwater = consumer.highwater(tp)
+            last_read = consumer._read_offset.get(tp)
+            # Nothing read yet: caught up only if the partition holds nothing past the committed offset.
+            position = last_read + 1 if last_read is not None else (consumer._committed_offset.get(tp) or 0)
+            if highwater is not None and position >= highwater:
+                caught_up.add(partition)
+        return caught_up
 
     async def flush(self, consumer: BatchConsumer, *, wait: bool = False) -> None:
         """Hand what the core produced to storage. The write runs in the background while the next fetch is
         processed; writes stay one at a time, so offsets are committed in order and only after their rows."""
+        async with self._storage_lock:
+            await self._flush_locked(consumer, wait)
+
+    async def _flush_locked(self, consumer: BatchConsumer, wait: bool) -> None:
         output = self.processor.take_output()
         self._first_buffered_at = None
-        if output.records or output.window_cells or output.checkpoints:
+        if output.records or output.window_cells or output.checkpoints or output.judge_before_ms is not None:
             await self.drain(consumer)
             producer = self.app.producer
             for dead in output.dead_letters:
@@ -139,7 +168,7 @@ class TouchpointHandler:
         while True:
             try:
                 # The blocking driver runs in a thread so the event loop (and Faust's services) keep going.
-                await asyncio.get_running_loop().run_in_executor(None, self.sink.write, output)
+                alerts = await asyncio.get_running_loop().run_in_executor(None, self.sink.write, output, self.rules)
                 break
             except Exception as exc:  # any failure: rows are idempotent, so writing the same batch again is safe
                 metrics.INSERT_FAILURES.inc()
@@ -154,11 +183,15 @@ class TouchpointHandler:
                    if cp.commit_offset > 0}
         if offsets:
             # Flushes the producer (dead letters) first, then commits: nothing is committed before it is stored.
-            await consumer._commit_offsets(offsets)
+            try:
+                await consumer._commit_offsets(offsets)
+            except Exception as exc:  # e.g. a rebalance under way: the data is stored, a later commit covers it
+                log.warning("Offset commit failed (%s: %s); the rows are stored and a later commit or a replay "
+                            "covers them", type(exc).__name__, exc)
         self.flushes += 1
-        self._observe(consumer, output)
+        self._observe(consumer, output, alerts)
 
-    def _observe(self, consumer: BatchConsumer, output: Output) -> None:
+    def _observe(self, consumer: BatchConsumer, output: Output, alerts: list[Alert]) -> None:
         metrics.BATCH_SIZE.observe(output.records)
         for channel, n in output.events_in.items():
             metrics.EVENTS_IN.labels(channel).inc(n)
@@ -173,7 +206,7 @@ class TouchpointHandler:
             metrics.LATE.labels(channel).inc(n)
         for channel, n in output.duplicates.items():
             metrics.DUPLICATES.labels(channel).inc(n)
-        for alert in output.alerts:
+        for alert in alerts:
             metrics.ALERTS_FIRED.labels(alert.rule, alert.severity).inc()
             log.warning("ALERT %s: %s", alert.rule, alert.message)
         now = time.time()
@@ -261,10 +294,9 @@ def create_app(settings: Settings) -> TouchpointApp:
 
     @app.on_partitions_revoked.connect
     async def _on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
-        try:
-            await handler.flush(app.consumer, wait=True)  # type: ignore[arg-type]
-        except Exception:
-            log.exception("Flush on rebalance failed; the partitions' next owner replays them")
+        # No flush here: this runs inside the consumer's rebalance callback, where a commit would wait on the
+        # very thread that waits for us. Dropping the state is safe: the next owner replays from the last
+        # committed offset, and every write is idempotent.
         for tp in revoked:
             if tp.topic == handler.topic:
                 handler.processor.revoke(tp.partition)

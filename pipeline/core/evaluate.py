@@ -1,5 +1,5 @@
 """Step 5, evaluate: alert rules over closed windows. A window is judged once it is closed on every partition
-this worker reads, so its value covers all of the worker's traffic for that minute."""
+this worker reads, from the totals of all of those partitions' rows (so a restart judges it whole too)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from pipeline.core.aggregate import WindowCell
 from pipeline.core.indicators import BY_ID
 
 
@@ -29,6 +28,19 @@ class AlertRule:
 
     def fires(self, value: float) -> bool:
         return value > self.threshold if self.comparison == "above" else value < self.threshold
+
+
+@dataclass(frozen=True, slots=True)
+class WindowTotal:
+    """One indicator of one window, summed over the partitions that judge it."""
+
+    window_start_ms: int
+    window_end_ms: int
+    tenant: str
+    channel: str
+    indicator: str
+    numerator: float
+    denominator: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,45 +66,41 @@ def _clock(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M")
 
 
-class AlertEvaluator:
-    def __init__(self, rules: Iterable[AlertRule]) -> None:
-        self.rules = list(rules)
-        self._by_indicator: dict[str, list[AlertRule]] = {}
-        for rule in self.rules:
-            self._by_indicator.setdefault(rule.indicator, []).append(rule)
-        # window start -> (tenant, channel, indicator) -> [numerator, denominator, window end]
-        self._pending: dict[int, dict[tuple[str, str, str], list[float]]] = {}
-
-    def add(self, cells: Iterable[WindowCell]) -> None:
-        for cell in cells:
-            if cell.indicator not in self._by_indicator:
+def judge(rules: Iterable[AlertRule], totals: Iterable[WindowTotal]) -> list[Alert]:
+    """The alerts that closed windows raise."""
+    by_indicator: dict[str, list[AlertRule]] = {}
+    for rule in rules:
+        by_indicator.setdefault(rule.indicator, []).append(rule)
+    alerts: list[Alert] = []
+    for total in sorted(totals, key=lambda t: (t.window_start_ms, t.tenant, t.channel, t.indicator)):
+        num, den = total.numerator, total.denominator
+        for rule in by_indicator.get(total.indicator, ()):
+            if den <= 0 or den < rule.min_denominator:
                 continue
-            window = self._pending.setdefault(cell.window_start_ms, {})
-            acc = window.setdefault((cell.tenant, cell.channel, cell.indicator),
-                                    [0.0, 0.0, float(cell.window_end_ms)])
-            acc[0] += cell.numerator
-            acc[1] += cell.denominator
+            value = num / den
+            if not rule.fires(value):
+                continue
+            indicator = BY_ID[total.indicator]
+            start, end = total.window_start_ms, total.window_end_ms
+            alerts.append(Alert(
+                alert_id=f"{rule.name}/{total.tenant}/{total.channel}/{start}",
+                rule=rule.name, indicator=total.indicator, family=indicator.family.value, severity=rule.severity,
+                tenant=total.tenant, channel=total.channel, window_start_ms=start, window_end_ms=end,
+                value=value, threshold=rule.threshold, comparison=rule.comparison, numerator=num,
+                denominator=den,
+                message=(f"{indicator.family.value} {indicator.name} {value:.1%} is {rule.comparison} "
+                         f"{rule.threshold:.1%} on {total.channel} for {total.tenant} in "
+                         f"{_clock(start)}-{_clock(end)[-5:]} UTC ({num:.0f} of {den:.0f})"),
+            ))
+    return alerts
 
-    def evaluate(self, closed_before_ms: int) -> list[Alert]:
-        """Judge every pending window that starts before the horizon closed on all partitions."""
-        alerts: list[Alert] = []
-        for start in sorted(s for s in self._pending if s < closed_before_ms):
-            for (tenant, channel, indicator_id), (num, den, end) in self._pending.pop(start).items():
-                for rule in self._by_indicator[indicator_id]:
-                    if den < rule.min_denominator or den <= 0:
-                        continue
-                    value = num / den
-                    if not rule.fires(value):
-                        continue
-                    indicator = BY_ID[indicator_id]
-                    alerts.append(Alert(
-                        alert_id=f"{rule.name}/{tenant}/{channel}/{start}",
-                        rule=rule.name, indicator=indicator_id, family=indicator.family.value,
-                        severity=rule.severity, tenant=tenant, channel=channel, window_start_ms=start,
-                        window_end_ms=int(end), value=value, threshold=rule.threshold,
-                        comparison=rule.comparison, numerator=num, denominator=den,
-                        message=(f"{indicator.family.value} {indicator.name} {value:.1%} is "
-                                 f"{rule.comparison} {rule.threshold:.1%} on {channel} for {tenant} in "
-                                 f"{_clock(start)}-{_clock(int(end))[-5:]} UTC ({num:.0f} of {den:.0f})"),
-                    ))
-        return alerts
+
+def totals_of(cells: Iterable[object]) -> list[WindowTotal]:
+    """Sum per-partition window cells (anything with the WindowCell fields) into window totals."""
+    sums: dict[tuple[int, int, str, str, str], list[float]] = {}
+    for c in cells:
+        key = (c.window_start_ms, c.window_end_ms, c.tenant, c.channel, c.indicator)  # type: ignore[attr-defined]
+        acc = sums.setdefault(key, [0.0, 0.0])
+        acc[0] += c.numerator  # type: ignore[attr-defined]
+        acc[1] += c.denominator  # type: ignore[attr-defined]
+    return [WindowTotal(*key, num, den) for key, (num, den) in sums.items()]

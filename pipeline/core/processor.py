@@ -7,14 +7,13 @@ batches until the adapter flushes it (to ClickHouse) and commits the checkpoints
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pipeline.core.aggregate import DUPLICATE, LATE, NEVER, Checkpoint, PartitionWindows, WindowCell
 from pipeline.core.decode import Rejection, SchemaLookup, decode_batch
 from pipeline.core.enrich import person_and_role
-from pipeline.core.evaluate import Alert, AlertEvaluator, AlertRule
 from pipeline.core.validate import violation
 
 UNKNOWN_CHANNEL = "unknown"
@@ -89,7 +88,11 @@ class Output:
     touchpoints: list[tuple[Any, ...]] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     window_cells: list[WindowCell] = field(default_factory=list)
-    alerts: list[Alert] = field(default_factory=list)
+    # Windows starting in [judge_from_ms, judge_before_ms) are now closed on every partition of this worker
+    # (judge_partitions) and are to be judged from those partitions' stored rows.
+    judge_from_ms: int | None = None
+    judge_before_ms: int | None = None
+    judge_partitions: tuple[int, ...] = ()
     checkpoints: dict[int, Checkpoint] = field(default_factory=dict)
     events_in: Counter[str] = field(default_factory=Counter)  # by channel
     late: Counter[str] = field(default_factory=Counter)
@@ -109,10 +112,11 @@ class WindowConfig:
 
 
 class TouchpointProcessor:
-    def __init__(self, config: WindowConfig, rules: Iterable[AlertRule], schema_for: SchemaLookup) -> None:
+    def __init__(self, config: WindowConfig, schema_for: SchemaLookup) -> None:
         self.config = config
         self.schema_for = schema_for
-        self.evaluator = AlertEvaluator(rules)
+        self._judged_before: int | None = None  # windows starting before this have been judged
+        self._caught_up: frozenset[int] = frozenset()  # partitions with nothing left to read, as of the last tick
         self.partitions: dict[int, PartitionWindows] = {}
         self._activity: dict[int, tuple[int, int]] = {}  # partition -> (wall ms, watermark) at last record
         self.output = Output()
@@ -125,6 +129,9 @@ class TouchpointProcessor:
         windows = PartitionWindows(partition, self.config.window_ms, self.config.lateness_ms, checkpoint=checkpoint)
         self.partitions[partition] = windows
         self._activity[partition] = (now_ms, windows.watermark_ms)
+        # A restored partition's final windows were judged before; a new one's have all to be judged.
+        restored = windows.closed_before_ms
+        self._judged_before = restored if self._judged_before is None else min(self._judged_before, restored)
 
     def revoke(self, partition: int) -> None:
         """Drop a partition's open windows: its next owner rebuilds them from the committed offset."""
@@ -172,11 +179,14 @@ class TouchpointProcessor:
         self._activity[partition] = (now_ms, windows.watermark_ms)
         self._collect(partition, now_ms)
 
-    def tick(self, now_ms: int) -> None:
-        """Let event time flow on idle partitions, so the last windows of a quiet stream still close."""
+    def tick(self, now_ms: int, caught_up: Collection[int]) -> None:
+        """Let event time flow on idle partitions, so the last windows of a quiet stream still close. Idle means
+        caught up (nothing left to read) for the idle time: a partition that merely waits, during a rebalance
+        or behind a backlog, keeps its windows open."""
+        self._caught_up = frozenset(caught_up)
         for partition, (seen_ms, watermark_ms) in self._activity.items():
             idle_ms = now_ms - seen_ms
-            if idle_ms >= self.config.idle_close_ms and watermark_ms != NEVER:
+            if idle_ms >= self.config.idle_close_ms and watermark_ms != NEVER and partition in caught_up:
                 self.partitions[partition].advance_idle(watermark_ms + idle_ms)
                 self._collect(partition, now_ms)
         self._evaluate(now_ms)
@@ -186,19 +196,26 @@ class TouchpointProcessor:
         closed = windows.drain_closed()
         if closed:
             self.output.window_cells.extend(closed)
-            self.evaluator.add(closed)
             self._evaluate(now_ms)
         self.output.checkpoints[partition] = windows.checkpoint()
 
     def _evaluate(self, now_ms: int) -> None:
-        """Judge windows closed on every partition of this worker; a partition that never had an event and has
-        stayed empty past the idle time does not hold the others back."""
+        """Judge windows closed on every partition of this worker; an empty partition (no event yet and nothing
+        to read) does not hold the others back."""
         horizons = [
             windows.closed_before_ms for p, windows in self.partitions.items()
-            if windows.watermark_ms != NEVER or now_ms - self._activity[p][0] < self.config.idle_close_ms
+            if windows.watermark_ms != NEVER or p not in self._caught_up
         ]
-        if horizons:
-            self.output.alerts.extend(self.evaluator.evaluate(min(horizons)))
+        if not horizons or self._judged_before is None:
+            return
+        horizon = min(horizons)
+        if horizon > self._judged_before:
+            out = self.output
+            if out.judge_from_ms is None:
+                out.judge_from_ms = self._judged_before
+            out.judge_before_ms = horizon
+            out.judge_partitions = tuple(sorted(self.partitions))
+            self._judged_before = horizon
 
     def take_output(self) -> Output:
         out, self.output = self.output, Output()

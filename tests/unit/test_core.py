@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.core.aggregate import DUPLICATE, LATE, ON_TIME, PartitionWindows
+from pipeline.core.aggregate import DUPLICATE, LATE, NEVER, ON_TIME, Checkpoint, PartitionWindows
 from pipeline.core.enrich import Role, person_and_role
-from pipeline.core.evaluate import AlertEvaluator, AlertRule
+from pipeline.core.evaluate import AlertRule, judge, totals_of
 from pipeline.core.indicators import BY_ID
 from pipeline.core.processor import TOUCHPOINT_COLUMNS, TouchpointProcessor, WindowConfig
 from pipeline.core.validate import CONTRACT_VIOLATION, FUTURE_EVENT_TIME, violation
@@ -131,19 +131,17 @@ def test_crash_and_replay_from_checkpoint_emits_what_an_uninterrupted_run_emits(
     assert table == expected
 
 
-def test_alert_fires_once_per_window_when_the_rule_breaks():
+def test_alert_fires_when_a_closed_window_breaks_the_rule():
     rule = AlertRule("ux_error_rate_high", "error_rate", "above", 0.2, min_denominator=4, severity="warning")
-    evaluator = AlertEvaluator([rule])
     windows = PartitionWindows(0, MINUTE, 0)
     events = [task("FAILURE" if i < 3 else "SUCCESS", event_id=str(i), event_time=BASE_MS + i) for i in range(10)]
     windows.add([*events, touchpoint(event_id="x", event_time=BASE_MS + MINUTE)], list(range(11)))
-    evaluator.add(windows.drain_closed())
-    assert evaluator.evaluate(BASE_MS) == []  # the window is not closed everywhere yet
-    alerts = evaluator.evaluate(BASE_MS + MINUTE)
+    alerts = judge([rule], totals_of(windows.drain_closed()))
     assert [(a.alert_id, a.value, a.family) for a in alerts] == [
         (f"ux_error_rate_high/bank/WEB/{BASE_MS}", 0.3, "UX")]
     assert "30.0% is above 20.0% on WEB for bank" in alerts[0].message
-    assert evaluator.evaluate(BASE_MS + 2 * MINUTE) == []
+    quiet = AlertRule("q", "error_rate", "above", 0.2, min_denominator=11, severity="warning")
+    assert judge([quiet], totals_of(windows.drain_closed())) == []  # too few observations
 
 
 def test_alert_rule_rejects_unknown_indicator():
@@ -160,10 +158,12 @@ class Record:
     headers: tuple = ()
 
 
+RULES = [AlertRule("cx_csat_low", "csat", "below", 0.6, 3, "critical"),
+         AlertRule("ux_error_rate_high", "error_rate", "above", 0.15, 3, "warning")]
+
+
 def _processor(idle_ms: int = 1_000):
-    rules = [AlertRule("cx_csat_low", "csat", "below", 0.6, 3, "critical"),
-             AlertRule("ux_error_rate_high", "error_rate", "above", 0.15, 3, "warning")]
-    return TouchpointProcessor(WindowConfig(MINUTE, 0, 300_000, idle_ms), rules, schema_for)
+    return TouchpointProcessor(WindowConfig(MINUTE, 0, 300_000, idle_ms), schema_for)
 
 
 def test_processor_tells_bad_ux_good_cx_from_good_ux_bad_cx():
@@ -183,9 +183,12 @@ def test_processor_tells_bad_ux_good_cx_from_good_ux_bad_cx():
     records = [Record(0, n, encode(e)) for n, e in enumerate(events)]
     processor.assign(0, None, now_ms=BASE_MS)
     processor.process(0, records, now_ms=BASE_MS + 20_000)
-    processor.tick(now_ms=BASE_MS + 20_000 + 2 * MINUTE)  # idle: the window closes
+    processor.tick(now_ms=BASE_MS + 20_000 + 2 * MINUTE, caught_up=set())
+    assert processor.output.window_cells == []  # records may still be unread: a quiet partition is not idle
+    processor.tick(now_ms=BASE_MS + 20_000 + 2 * MINUTE, caught_up={0})  # caught up and quiet: idle
     out = processor.take_output()
-    fired = {(a.rule, a.tenant, a.channel) for a in out.alerts}
+    assert out.judge_before_ms == BASE_MS + 2 * MINUTE and out.judge_partitions == (0,)  # idle for 2 min
+    fired = {(a.rule, a.tenant, a.channel) for a in judge(RULES, totals_of(out.window_cells))}
     assert fired == {("ux_error_rate_high", "bank", "MOBILE_APP"), ("cx_csat_low", "hospital", "STORE")}
     assert len(out.touchpoints) == 40 and len(out.touchpoints[0]) == len(TOUCHPOINT_COLUMNS)
     assert out.checkpoints[0].commit_offset == 40
@@ -213,6 +216,22 @@ def test_alerts_wait_for_every_partition_of_the_worker_to_close_the_window():
     ok = [task("SUCCESS", event_id=f"s{i}", event_time=BASE_MS + i) for i in range(20)]
     closing = touchpoint("next", event_time=BASE_MS + 2 * MINUTE)
     processor.process(0, [Record(0, n, encode(e)) for n, e in enumerate([*failing, closing])], BASE_MS + 1)
-    assert processor.output.alerts == []  # partition 0 alone is 100% failures; partition 1 has not spoken
+    assert processor.output.judge_before_ms is None  # partition 0 alone is 100% failures; 1 has not spoken
     processor.process(1, [Record(1, n, encode(e)) for n, e in enumerate([*ok, closing])], BASE_MS + 2)
-    assert processor.output.alerts[0].value == 0.2 and processor.output.alerts[0].denominator == 25
+    out = processor.take_output()
+    assert (out.judge_from_ms, out.judge_before_ms, out.judge_partitions) == (
+        NEVER, BASE_MS + 2 * MINUTE, (0, 1))  # both closed the first two windows
+    alerts = judge(RULES, totals_of(out.window_cells))
+    assert [(a.value, a.denominator) for a in alerts] == [(0.2, 25)]
+
+
+def test_a_restored_worker_judges_only_windows_not_yet_final():
+    processor = _processor()
+    checkpoint = Checkpoint(0, commit_offset=5, read_offset=9, watermark_ms=BASE_MS + 3 * MINUTE,
+                            closed_before_ms=BASE_MS + 3 * MINUTE)
+    processor.assign(0, checkpoint, now_ms=BASE_MS)
+    events = [task("SUCCESS", event_id="n", event_time=BASE_MS + 4 * MINUTE),
+              task("SUCCESS", event_id="m", event_time=BASE_MS + 6 * MINUTE)]  # closes the 4th minute
+    processor.process(0, [Record(0, 9 + n, encode(e)) for n, e in enumerate(events)], BASE_MS + 10 * MINUTE)
+    out = processor.take_output()
+    assert (out.judge_from_ms, out.judge_before_ms) == (BASE_MS + 3 * MINUTE, BASE_MS + 6 * MINUTE)
