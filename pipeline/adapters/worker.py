@@ -59,7 +59,6 @@ class TouchpointHandler:
         # One ClickHouse connection, used from executor threads: flushes (from the fetch loop and from the
         # rebalance signal) and checkpoint loads take turns under this lock.
         self._storage_lock = asyncio.Lock()
-        self.flushes = 0
 
     def schema_for(self, schema_id: int) -> Any:
         """Parsed writer schema by id, fetched from the registry once and cached."""
@@ -188,7 +187,6 @@ class TouchpointHandler:
             except Exception as exc:  # e.g. a rebalance under way: the data is stored, a later commit covers it
                 log.warning("Offset commit failed (%s: %s); the rows are stored and a later commit or a replay "
                             "covers them", type(exc).__name__, exc)
-        self.flushes += 1
         self._observe(consumer, output, alerts)
 
     def _observe(self, consumer: BatchConsumer, output: Output, alerts: list[Alert]) -> None:

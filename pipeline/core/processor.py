@@ -177,7 +177,7 @@ class TouchpointProcessor:
                 late[channel] += 1
             rows.append(touchpoint_row(event, schema_id, partition, offset, counted=fate != LATE))
         self._activity[partition] = (now_ms, windows.watermark_ms)
-        self._collect(partition, now_ms)
+        self._collect(partition)
 
     def tick(self, now_ms: int, caught_up: Collection[int]) -> None:
         """Let event time flow on idle partitions, so the last windows of a quiet stream still close. Idle means
@@ -188,18 +188,18 @@ class TouchpointProcessor:
             idle_ms = now_ms - seen_ms
             if idle_ms >= self.config.idle_close_ms and watermark_ms != NEVER and partition in caught_up:
                 self.partitions[partition].advance_idle(watermark_ms + idle_ms)
-                self._collect(partition, now_ms)
-        self._evaluate(now_ms)
+                self._collect(partition)
+        self._evaluate()
 
-    def _collect(self, partition: int, now_ms: int) -> None:
+    def _collect(self, partition: int) -> None:
         windows = self.partitions[partition]
         closed = windows.drain_closed()
         if closed:
             self.output.window_cells.extend(closed)
-            self._evaluate(now_ms)
+            self._evaluate()
         self.output.checkpoints[partition] = windows.checkpoint()
 
-    def _evaluate(self, now_ms: int) -> None:
+    def _evaluate(self) -> None:
         """Judge windows closed on every partition of this worker; an empty partition (no event yet and nothing
         to read) does not hold the others back."""
         horizons = [

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -297,9 +296,3 @@ def down(settings: Settings) -> list[ServiceStatus]:
 
 def status(settings: Settings) -> list[ServiceStatus]:
     return [service.status() for service in _services(settings)]
-
-
-def clean(settings: Settings) -> None:
-    """Stop everything and delete the local data (ClickHouse tables, logs)."""
-    down(settings)
-    shutil.rmtree(settings.stack.state_dir, ignore_errors=True)
