@@ -1,30 +1,178 @@
-"""Step 3, enrich: who the touchpoint belongs to. This first identity step infers the person and their role
-from the identifiers the event carries; the cross-channel identity graph builds on it."""
+"""Step 3, enrich: who each touchpoint belongs to, and their role as of its time.
+
+Each event's identifiers are linked to one another and resolved to one person in the identity graph
+(pipeline/core/identity.py); the facts the event implies (seen, uses the product, bought, cancelled, contacted
+support) are added to that person. What changed is collected as operations for the shared identity log, so the
+other workers' replicas learn it too, and as audit records, person aliases and role transitions for storage.
+"""
 
 from __future__ import annotations
 
-from enum import StrEnum
+import heapq
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.core.validate import BLANK_IDENTIFIERS
+from pipeline.core.identity import (
+    CANCEL_EVENTS,
+    CONTACT_EVENTS,
+    KINDS,
+    LINK_EVENTS,
+    PURCHASE_EVENTS,
+    USE_EVENTS,
+    AuditRecord,
+    Fact,
+    FactKind,
+    Forget,
+    IdentityConfig,
+    IdentityGraph,
+    Operation,
+    Role,
+    RoleTransition,
+    make_link,
+    person_id_of,
+    role_timeline,
+)
 
 
-class Role(StrEnum):
-    VISITOR = "visitor"  # only an anonymous or device id: not known to use or have bought anything
-    USER = "user"  # signed in to the product or service, free or paid
-    CUSTOMER = "customer"  # known to billing/CRM: has bought from us
+def identifiers_of(ids: dict[str, Any], blocked: frozenset[str]) -> list[str]:
+    """The event's usable identifiers as "kind:value", strongest first; blocked values never identify anyone."""
+    found = []
+    for kind in KINDS:
+        value = ids.get(kind)
+        if value is not None and value.strip().lower() not in blocked:
+            found.append(kind + ":" + value)
+    return found
 
 
-def _present(value: str | None) -> bool:
-    return value is not None and value.strip().lower() not in BLANK_IDENTIFIERS
+def _fact_kind(event_type: str, channel: str, identifiers: list[str]) -> FactKind | None:
+    if event_type in PURCHASE_EVENTS:
+        return FactKind.PURCHASE
+    if event_type in CANCEL_EVENTS:
+        return FactKind.CANCEL
+    if event_type in CONTACT_EVENTS:
+        return FactKind.CONTACT
+    # Using the product: a signed-in interaction anywhere, or any interaction in the app (installed = used).
+    if event_type in USE_EVENTS and (channel == "MOBILE_APP" or any(i.startswith("user_id:") for i in identifiers)):
+        return FactKind.USE
+    return None
 
 
-def person_and_role(identifiers: dict[str, Any]) -> tuple[str, Role]:
-    """The most stable identifier present names the person; the strongest one implies the role."""
-    customer_id = identifiers["customer_id"]
-    if customer_id is not None and _present(customer_id):
-        return "customer:" + customer_id, Role.CUSTOMER
-    user_id = identifiers["user_id"]
-    if user_id is not None and _present(user_id):
-        return "user:" + user_id, Role.USER
-    return "anonymous:" + identifiers["anonymous_id"], Role.VISITOR
+@dataclass(slots=True)
+class IdentityOutput:
+    operations: list[Operation] = field(default_factory=list)  # for the shared identity log
+    audit: list[AuditRecord] = field(default_factory=list)
+    aliases: list[tuple[str, str]] = field(default_factory=list)  # (former person id, person id now)
+    transitions: list[RoleTransition] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.operations or self.audit or self.aliases or self.transitions)
+
+
+class Enricher:
+    """Adds person_id, role, is_customer, is_user, first_seen_ms, customer_since_ms, purchase_count,
+    resolved_from and previous_contact_ms to each event. With no graph (identity off) the strongest identifier
+    names the person and the role is what the identifiers alone imply."""
+
+    def __init__(self, config: IdentityConfig | None = None, *, enabled: bool = True) -> None:
+        self.config = config or IdentityConfig()
+        self.graph = IdentityGraph(self.config) if enabled else None
+        self.output = IdentityOutput()
+        self.clock_ms = 0  # the latest event time seen: role changes up to it are due
+        self._due: list[tuple[int, str]] = []  # (at, person key) of role changes still in the future
+
+    def enrich(self, events: Iterable[dict[str, Any]]) -> None:
+        graph = self.graph
+        blocked = self.config.blocked_values
+        if graph is None:
+            for event in events:
+                self._enrich_without_graph(event, identifiers_of(event["identifiers"], blocked))
+            return
+        operations = self.output.operations
+        observe, add_link, add_fact, person_key = graph.observe, graph.add_link, graph.add_fact, graph.person_key
+        clock = self.clock_ms
+        for event in events:
+            at = event["event_time"]
+            if at > clock:
+                clock = at
+            ids = identifiers_of(event["identifiers"], blocked)
+            if graph.forgotten:
+                ids = [i for i in ids if not graph.is_forgotten(i, at)] or ["event_id:" + event["event_id"]]
+            for identifier in ids:
+                if observe(identifier, at):
+                    operations.append(Fact(identifier, FactKind.SEEN, at))
+            event_type = event["event_type"]
+            if len(ids) > 1:
+                first = ids[0]
+                source = event_type if event_type in LINK_EVENTS else "co-occurrence"
+                for other in ids[1:]:
+                    if person_key(other) != person_key(first):
+                        link = make_link(first, other, at, source, event["event_id"])
+                        if add_link(link):
+                            operations.append(link)
+            kind = _fact_kind(event_type, event["channel"], ids)
+            if kind is not None:
+                fact = Fact(ids[0], kind, at, event["event_id"])
+                if add_fact(fact):
+                    operations.append(fact)
+            who = graph.resolve(ids, at)
+            event["person_id"] = who.person_id
+            event["role"] = who.role.value
+            event["is_customer"] = who.is_customer
+            event["is_user"] = who.is_user
+            event["first_seen_ms"] = who.first_seen_ms
+            event["customer_since_ms"] = who.customer_since_ms
+            event["purchase_count"] = who.purchase_count
+            event["previous_contact_ms"] = who.previous_contact_ms
+            event["resolved_from"] = ids
+        self.clock_ms = clock
+
+    def _enrich_without_graph(self, event: dict[str, Any], ids: list[str]) -> None:
+        strongest = ids[0] if ids else "event_id:" + event["event_id"]
+        customer, user = strongest.startswith("customer_id:"), strongest.startswith("user_id:")
+        event["person_id"] = person_id_of(strongest)
+        event["role"] = (Role.CUSTOMER if customer else Role.USER if user else Role.PROSPECT).value
+        event["is_customer"] = customer
+        event["is_user"] = customer or user
+        event["first_seen_ms"] = event["event_time"]
+        event["customer_since_ms"] = None
+        event["purchase_count"] = 0
+        event["previous_contact_ms"] = None
+        event["resolved_from"] = ids
+
+    def apply(self, operations: Iterable[Operation]) -> None:
+        """Operations from the shared log, written by other workers (or by an earlier run of this one)."""
+        if self.graph is not None:
+            for op in operations:
+                self.graph.apply((op,))
+                if not isinstance(op, Forget) and op.at_ms > self.clock_ms:  # an erasure's time is wall time
+                    self.clock_ms = op.at_ms
+
+    def take_output(self) -> IdentityOutput:
+        """What changed since the last call: operations to share, audit records, aliases and the role changes
+        now due (up to the latest event time)."""
+        out, self.output = self.output, IdentityOutput()
+        graph = self.graph
+        if graph is None:
+            return out
+        changes = graph.take_changes()
+        out.audit = changes.audit
+        seen_aliases = set()
+        for identifier in changes.moved:
+            alias = person_id_of(identifier), person_id_of(graph.person_key(identifier))
+            if alias not in seen_aliases:
+                seen_aliases.add(alias)
+                out.aliases.append(alias)
+        persons = {graph.person_key(key) for key in changes.touched}
+        while self._due and self._due[0][0] <= self.clock_ms:
+            persons.add(graph.person_key(heapq.heappop(self._due)[1]))
+        for person in persons:
+            timeline = role_timeline(graph.facts(person), self.config)
+            person_id = person_id_of(person)
+            for at, before, after, cause in timeline:
+                if at <= self.clock_ms:
+                    out.transitions.append(RoleTransition(person_id, at, before.value, after.value, cause))
+                else:  # a lapse or a habit ending later: emitted when event time gets there
+                    heapq.heappush(self._due, (at, person))
+                    break
+        return out

@@ -14,11 +14,12 @@ _NON_NEGATIVE = ("duration_ms",)
 _CONTACT_NON_NEGATIVE = ("queue_ms", "handle_ms", "first_response_ms")
 
 
-def has_identifier(value: str | None) -> bool:
-    return value is not None and value.strip().lower() not in BLANK_IDENTIFIERS
+def has_identifier(value: str | None, blocked: frozenset[str] = BLANK_IDENTIFIERS) -> bool:
+    return value is not None and value.strip().lower() not in blocked
 
 
-def violation(event: dict[str, Any], now_ms: int, max_future_ms: int) -> tuple[str, str] | None:
+def violation(event: dict[str, Any], now_ms: int, max_future_ms: int,
+              blocked: frozenset[str] = BLANK_IDENTIFIERS) -> tuple[str, str] | None:
     """(reason, detail) when the event breaks the contract, None when it is fine."""
     if not event["event_id"].strip():
         return CONTRACT_VIOLATION, "event_id is empty"
@@ -33,9 +34,8 @@ def violation(event: dict[str, Any], now_ms: int, max_future_ms: int) -> tuple[s
         return FUTURE_EVENT_TIME, (f"event_time is {(event_time - now_ms) / 1000:.0f} s in the future "
                                    f"(limit {max_future_ms / 1000:.0f} s)")
     ids = event["identifiers"]
-    if not (has_identifier(ids["anonymous_id"]) or has_identifier(ids["user_id"])
-            or has_identifier(ids["customer_id"])):
-        return CONTRACT_VIOLATION, "no identifier: anonymous_id, user_id and customer_id are all blank"
+    if not any(has_identifier(value, blocked) for value in ids.values()):
+        return CONTRACT_VIOLATION, f"no identifier: {', '.join(ids)} are all blank or blocked"
     for field in _NON_NEGATIVE:
         value = event.get(field)
         if value is not None and value < 0:

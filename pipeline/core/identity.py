@@ -1,0 +1,542 @@
+"""Step 3, enrich: the identity graph. One person across every channel, and their role as of each event's time.
+
+The state is a function of a *set* of operations (links between identifiers, timestamped facts, erasures), not
+of the order they arrive in: links are replayed in a canonical order (event time, then identifiers) whenever one
+arrives out of that order, and facts are grow-only sets or minimums. That is what lets every worker hold a full
+replica fed by one shared log, with no coordination, and still agree on every person.
+
+Merge safety: two persons holding different values of a unique kind (two customer ids) are never merged; blocked
+values never link; per-kind daily limits stop kiosks and shared devices fusing strangers. Each merge and refusal
+becomes an audit record.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from pipeline.core.validate import BLANK_IDENTIFIERS
+
+DAY_MS = 86_400_000
+
+# Identifier kinds, strongest first: the strongest identifier a person holds names them.
+KINDS: tuple[str, ...] = (
+    "customer_id", "user_id", "email_sha256", "phone_sha256", "helpdesk_requester_id", "anonymous_id",
+)
+_RANK = {kind: rank for rank, kind in enumerate(KINDS)}
+
+USE_EVENTS = frozenset({"identify", "page_view", "screen_view", "task", "app_error", "app_crash"})
+PURCHASE_EVENTS = frozenset({"purchase", "subscription_started", "subscription_renewed"})
+CANCEL_EVENTS = frozenset({"subscription_cancelled"})
+CONTACT_EVENTS = frozenset({"contact", "ticket_opened"})
+LINK_EVENTS = frozenset({"identify", "alias", "link"})  # explicit links; any event with two identifiers links too
+
+
+class Role(StrEnum):
+    PROSPECT = "prospect"  # never used the product, never bought
+    USER = "user"  # uses the product or service (free or paid), never bought or not a customer now
+    CUSTOMER = "customer"  # has bought
+    HABITUAL_CUSTOMER = "habitual_customer"  # repeat purchases within the habitual period
+    FORMER_CUSTOMER = "former_customer"  # bought, then no purchase for the lapse period, or cancelled
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    unique_kinds: frozenset[str] = frozenset({"customer_id", "user_id"})
+    blocked_values: frozenset[str] = BLANK_IDENTIFIERS | {"nil", "n/a", "guest"}
+    daily_limits: Mapping[str, int] = field(default_factory=lambda: {"anonymous_id": 10})
+    habitual_purchases: int = 2
+    habitual_ms: int = 90 * DAY_MS
+    lapse_ms: int = 180 * DAY_MS
+    cancelled_ms: int = 30 * DAY_MS
+
+
+def kind_of(identifier: str) -> str:
+    return identifier[:identifier.index(":")]
+
+
+def strength(identifier: str) -> tuple[int, str]:
+    return _RANK.get(kind_of(identifier), len(KINDS)), identifier
+
+
+def person_id_of(person_key: str) -> str:
+    """Opaque, stable id of the person named by their strongest identifier: no identifier leaks into it."""
+    return "p-" + hashlib.blake2b(person_key.encode(), digest_size=8).hexdigest()
+
+
+def identifier_hash(identifier: str) -> str:
+    return hashlib.sha256(identifier.encode()).hexdigest()
+
+
+# --- operations: what the shared identity log carries -------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, order=True)
+class Link:
+    at_ms: int
+    a: str  # a < b: one link per pair
+    b: str
+    source: str = "co-occurrence"  # or the explicit event type: identify, alias, link
+    event_id: str = ""
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return self.a, self.b
+
+
+def make_link(x: str, y: str, at_ms: int, source: str, event_id: str) -> Link:
+    a, b = (x, y) if x < y else (y, x)
+    return Link(at_ms, a, b, source, event_id)
+
+
+class FactKind(StrEnum):
+    SEEN = "seen"
+    USE = "use"
+    PURCHASE = "purchase"
+    CANCEL = "cancel"
+    CONTACT = "contact"
+
+
+@dataclass(frozen=True, slots=True)
+class Fact:
+    identifier: str
+    kind: FactKind
+    at_ms: int
+    event_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    identifier: str
+    at_ms: int
+
+
+Operation = Link | Fact | Forget
+
+
+def encode_operation(op: Operation) -> list[Any]:
+    if isinstance(op, Link):
+        return ["L", op.a, op.b, op.at_ms, op.source, op.event_id]
+    if isinstance(op, Fact):
+        return ["F", op.identifier, op.kind.value, op.at_ms, op.event_id]
+    return ["X", op.identifier, op.at_ms]
+
+
+def decode_operation(item: list[Any]) -> Operation:
+    tag = item[0]
+    if tag == "L":
+        return Link(item[3], item[1], item[2], item[4], item[5])
+    if tag == "F":
+        return Fact(item[1], FactKind(item[2]), item[3], item[4])
+    if tag == "X":
+        return Forget(item[1], item[2])
+    raise ValueError(f"unknown identity operation {tag!r}")
+
+
+# --- what the graph reports -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    at_ms: int
+    action: str  # merge | refuse_conflict | refuse_limit | forget
+    identifier_a: str
+    identifier_b: str
+    from_person_id: str
+    into_person_id: str
+    reason: str
+    event_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoleTransition:
+    person_id: str
+    at_ms: int
+    from_role: str
+    to_role: str
+    cause: str
+
+
+@dataclass(slots=True)
+class PersonFacts:
+    """A person's facts, merged over every identifier they hold."""
+
+    first_seen_ms: int | None = None
+    first_use_ms: int | None = None
+    purchases: list[int] = field(default_factory=list)  # sorted event times
+    cancels: list[int] = field(default_factory=list)
+    contacts: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class RoleState:
+    role: Role
+    is_customer: bool
+    is_user: bool
+    customer_since_ms: int | None
+    purchase_count: int
+
+
+def role_at(facts: PersonFacts, at_ms: int, config: IdentityConfig) -> RoleState:
+    """The role as of a moment, from facts up to that moment only (later facts never change the past)."""
+    bought = bisect.bisect_right(facts.purchases, at_ms)
+    is_user = facts.first_use_ms is not None and facts.first_use_ms <= at_ms
+    if bought == 0:
+        return RoleState(Role.USER if is_user else Role.PROSPECT, False, is_user, None, 0)
+    last = facts.purchases[bought - 1]
+    lapsed = at_ms - last >= config.lapse_ms
+    cancelled = any(last <= c <= at_ms - config.cancelled_ms for c in facts.cancels)
+    since = facts.purchases[0]
+    if lapsed or cancelled:
+        return RoleState(Role.FORMER_CUSTOMER, False, is_user, since, bought)
+    recent = bought - bisect.bisect_right(facts.purchases, at_ms - config.habitual_ms)
+    role = Role.HABITUAL_CUSTOMER if recent >= config.habitual_purchases else Role.CUSTOMER
+    return RoleState(role, True, is_user, since, bought)
+
+
+_CAUSES = {
+    (Role.PROSPECT, Role.USER): "first_use",
+    (Role.FORMER_CUSTOMER, Role.CUSTOMER): "returned",
+    (Role.FORMER_CUSTOMER, Role.HABITUAL_CUSTOMER): "returned",
+    (Role.CUSTOMER, Role.HABITUAL_CUSTOMER): "repeat_purchase",
+    (Role.HABITUAL_CUSTOMER, Role.CUSTOMER): "habit_lapsed",
+}
+
+
+def role_timeline(facts: PersonFacts, config: IdentityConfig) -> list[tuple[int, Role, Role, str]]:
+    """Every role change the facts imply, in time order: (at, from, to, cause). Roles change only at a fact or
+    when a purchase leaves the habitual period, the lapse period ends or a cancellation's grace ends."""
+    moments = set(facts.purchases)
+    if facts.first_use_ms is not None:
+        moments.add(facts.first_use_ms)
+    for p in facts.purchases:
+        moments.add(p + config.habitual_ms)
+        moments.add(p + config.lapse_ms)
+    for c in facts.cancels:
+        moments.add(c + config.cancelled_ms)
+    changes = []
+    previous = Role.PROSPECT
+    for moment in sorted(moments):
+        current = role_at(facts, moment, config).role
+        if current != previous:
+            cause = _CAUSES.get((previous, current))
+            if cause is None:
+                if current in (Role.CUSTOMER, Role.HABITUAL_CUSTOMER):
+                    cause = "purchase"
+                elif current == Role.FORMER_CUSTOMER:
+                    lapsed = any(moment == p + config.lapse_ms for p in facts.purchases)
+                    cause = "lapsed" if lapsed else "cancelled"
+                else:
+                    cause = "changed"
+            changes.append((moment, previous, current, cause))
+            previous = current
+    return changes
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """What enrichment adds to a touchpoint."""
+
+    person_id: str
+    role: Role
+    is_customer: bool
+    is_user: bool
+    first_seen_ms: int
+    customer_since_ms: int | None
+    purchase_count: int
+    previous_contact_ms: int | None
+
+
+# --- the graph ----------------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Changes:
+    """What applying operations changed, for the adapters to store."""
+
+    audit: list[AuditRecord] = field(default_factory=list)
+    moved: set[str] = field(default_factory=set)  # identifiers whose person changed
+    touched: set[str] = field(default_factory=set)  # person keys whose facts or members changed
+
+
+class IdentityGraph:
+    """Identifiers -> persons, with each identifier's facts. Plain dicts: a singleton identifier costs one entry
+    in `first_seen` and nothing else."""
+
+    def __init__(self, config: IdentityConfig | None = None) -> None:
+        self.config = config or IdentityConfig()
+        self.first_seen: dict[str, int] = {}
+        self._facts: dict[str, PersonFacts] = {}  # identifier -> its own facts beyond first seen
+        self._person: dict[str, str] = {}  # identifier -> person key; absent: the identifier is its own person
+        self._members: dict[str, list[str]] = {}  # person key -> identifiers, for persons of two or more
+        self._attached: dict[str, Counter[tuple[str, int]]] = {}  # person key -> (kind, day) -> identifiers
+        self._links: dict[tuple[str, str], Link] = {}  # pair -> its earliest link
+        self._cluster: dict[str, str] = {}  # union-find over every link, refused ones too
+        self._cluster_links: dict[str, list[Link]] = {}  # cluster root -> links in canonical order
+        self._summaries: dict[str, PersonFacts] = {}  # person key -> merged facts (cache)
+        self.forgotten: dict[str, int] = {}  # sha256 of an erased identifier -> erased at
+        self.changes = _Changes()
+
+    # queries -----------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.first_seen)
+
+    def person_key(self, identifier: str) -> str:
+        return self._person.get(identifier, identifier)
+
+    def members(self, person_key: str) -> list[str]:
+        return self._members.get(person_key) or ([person_key] if person_key in self.first_seen else [])
+
+    def persons(self) -> dict[str, frozenset[str]]:
+        """Person key -> identifiers, for every known identifier."""
+        result: dict[str, set[str]] = {}
+        for identifier in self.first_seen:
+            result.setdefault(self.person_key(identifier), set()).add(identifier)
+        return {key: frozenset(ids) for key, ids in result.items()}
+
+    def facts(self, person_key: str) -> PersonFacts:
+        summary = self._summaries.get(person_key)
+        if summary is not None:
+            return summary
+        members = self._members.get(person_key)
+        if members is None:  # a singleton: its own facts, no need to cache
+            own = self._facts.get(person_key)
+            seen = self.first_seen.get(person_key)
+            if own is None:
+                return PersonFacts(first_seen_ms=seen)
+            own.first_seen_ms = seen
+            return own
+        merged = PersonFacts()
+        seen_times = [self.first_seen[m] for m in members if m in self.first_seen]
+        merged.first_seen_ms = min(seen_times) if seen_times else None
+        uses = []
+        for member in members:
+            own = self._facts.get(member)
+            if own is None:
+                continue
+            if own.first_use_ms is not None:
+                uses.append(own.first_use_ms)
+            merged.purchases.extend(own.purchases)
+            merged.cancels.extend(own.cancels)
+            merged.contacts.extend(own.contacts)
+        merged.first_use_ms = min(uses) if uses else None
+        merged.purchases.sort()
+        merged.cancels.sort()
+        merged.contacts.sort()
+        self._summaries[person_key] = merged
+        return merged
+
+    def resolve(self, identifiers: list[str], at_ms: int) -> Resolution:
+        """The person the (strongest-first) identifiers belong to, as of at_ms."""
+        key = self.person_key(identifiers[0])
+        facts = self.facts(key)
+        state = role_at(facts, at_ms, self.config)
+        contacts = facts.contacts
+        before = bisect.bisect_left(contacts, at_ms)
+        return Resolution(
+            person_id_of(key), state.role, state.is_customer, state.is_user,
+            facts.first_seen_ms if facts.first_seen_ms is not None else at_ms, state.customer_since_ms,
+            state.purchase_count, contacts[before - 1] if before else None,
+        )
+
+    def is_forgotten(self, identifier: str, at_ms: int) -> bool:
+        erased_at = self.forgotten.get(identifier_hash(identifier))
+        return erased_at is not None and at_ms <= erased_at
+
+    # operations ------------------------------------------------------------------------------------------------
+
+    def apply(self, ops: Iterable[Operation]) -> None:
+        for op in ops:
+            if isinstance(op, Link):
+                self.add_link(op)
+            elif isinstance(op, Fact):
+                self.add_fact(op)
+            else:
+                self.forget(op.identifier, op.at_ms)
+
+    def observe(self, identifier: str, at_ms: int) -> bool:
+        """Record that an identifier was seen; True if its first-seen time changed (so it is news to share)."""
+        seen = self.first_seen.get(identifier)
+        if seen is not None and seen <= at_ms:
+            return False
+        if self.forgotten and self.is_forgotten(identifier, at_ms):
+            return False
+        self.first_seen[identifier] = at_ms
+        key = self.person_key(identifier)
+        if key in self._summaries:
+            del self._summaries[key]
+        return True
+
+    def add_fact(self, fact: Fact) -> bool:
+        """Add a fact; True if it is new."""
+        identifier = fact.identifier
+        if self.forgotten and self.is_forgotten(identifier, fact.at_ms):
+            return False
+        if fact.kind == FactKind.SEEN:
+            return self.observe(identifier, fact.at_ms)
+        self.observe(identifier, fact.at_ms)
+        own = self._facts.get(identifier)
+        if own is None:
+            own = self._facts[identifier] = PersonFacts()
+        if fact.kind == FactKind.USE:
+            if own.first_use_ms is not None and own.first_use_ms <= fact.at_ms:
+                return False
+            own.first_use_ms = fact.at_ms
+        else:
+            times = {FactKind.PURCHASE: own.purchases, FactKind.CANCEL: own.cancels,
+                     FactKind.CONTACT: own.contacts}[fact.kind]
+            at = bisect.bisect_left(times, fact.at_ms)
+            if at < len(times) and times[at] == fact.at_ms:
+                return False  # the same fact again (a replay): never counted twice
+            times.insert(at, fact.at_ms)
+        key = self.person_key(identifier)
+        self._summaries.pop(key, None)
+        self.changes.touched.add(key)
+        return True
+
+    def add_link(self, link: Link) -> bool:
+        """Add a link; True if it is new. Replays in canonical order when it arrives out of that order."""
+        if link.a == link.b:
+            return False
+        if self.forgotten and (self.is_forgotten(link.a, link.at_ms) or self.is_forgotten(link.b, link.at_ms)):
+            return False
+        known = self._links.get(link.pair)
+        if known is not None and known <= link:
+            return False
+        for identifier in link.pair:
+            self.observe(identifier, link.at_ms)
+        root_a, root_b = self._cluster_root(link.a), self._cluster_root(link.b)
+        links = self._cluster_links.pop(root_a, [])
+        if root_b != root_a:
+            self._cluster[root_b] = root_a
+            links = sorted(links + self._cluster_links.pop(root_b, []))
+        if known is not None:
+            links.remove(known)
+        self._links[link.pair] = link
+        in_order = known is None and (not links or links[-1] < link)
+        bisect.insort(links, link)
+        self._cluster_links[root_a] = links
+        if in_order:
+            self._union(link)
+        else:
+            self._replay(links)
+        return True
+
+    def forget(self, identifier: str, at_ms: int) -> list[str]:
+        """Erase the person holding this identifier: every identifier, link and fact of theirs. Returns the
+        identifiers erased. Idempotent; later activity of the same identifiers starts a new person."""
+        key = self.person_key(identifier)
+        erased = self.members(key) or [identifier]
+        gone = set(erased)
+        for member in erased:
+            self.forgotten[identifier_hash(member)] = at_ms
+            self.first_seen.pop(member, None)
+            self._facts.pop(member, None)
+            self._person.pop(member, None)
+        self._members.pop(key, None)
+        self._attached.pop(key, None)
+        self._summaries.pop(key, None)
+        for pair in [pair for pair in self._links if pair[0] in gone or pair[1] in gone]:
+            del self._links[pair]
+        root = self._cluster_root(identifier) if identifier in self._cluster else None
+        if root is not None:
+            links = [link for link in self._cluster_links.pop(root, []) if link.a not in gone and link.b not in gone]
+            for member in [m for m, _ in self._cluster.items() if self._cluster_root(m) == root]:
+                del self._cluster[member]
+            for link in links:  # what is left of the cluster, rebuilt without them
+                self._links.pop(link.pair, None)
+            for link in links:
+                self.add_link(link)
+        self.changes.audit.append(AuditRecord(at_ms, "forget", identifier_hash(identifier), "", person_id_of(key),
+                                              "", f"{len(erased)} identifiers erased", ""))
+        return erased
+
+    # internals -------------------------------------------------------------------------------------------------
+
+    def _cluster_root(self, identifier: str) -> str:
+        parent = self._cluster.get(identifier)
+        if parent is None:
+            self._cluster[identifier] = identifier
+            return identifier
+        root = identifier
+        while parent != root:
+            grand = self._cluster[parent]
+            self._cluster[root] = grand  # path halving
+            root, parent = parent, grand
+        return root
+
+    def _replay(self, links: list[Link]) -> None:
+        """Rebuild the persons of one cluster from its links in canonical order."""
+        identifiers = {i for link in links for i in link.pair}
+        before = {i: self.person_key(i) for i in identifiers}
+        for identifier in identifiers:
+            old = self._person.pop(identifier, None)
+            if old is not None:
+                self._members.pop(old, None)
+                self._attached.pop(old, None)
+                self._summaries.pop(old, None)
+        for link in links:
+            self._union(link, record_moves=False)
+        for identifier in identifiers:
+            self.changes.moved.add(identifier)
+            self.changes.touched.add(self.person_key(identifier))
+            self.changes.touched.add(before[identifier])
+
+    def _union(self, link: Link, *, record_moves: bool = True) -> None:
+        key_a, key_b = self.person_key(link.a), self.person_key(link.b)
+        if key_a == key_b:
+            return
+        members_a, members_b = self.members(key_a) or [key_a], self.members(key_b) or [key_b]
+        refusal = self._refusal(link, members_a, members_b)
+        if refusal is not None:
+            action, reason = refusal
+            self.changes.audit.append(AuditRecord(link.at_ms, action, link.a, link.b, person_id_of(key_b),
+                                                  person_id_of(key_a), reason, link.event_id))
+            return
+        into, other = (key_a, key_b) if strength(key_a) < strength(key_b) else (key_b, key_a)
+        into_members, other_members = (members_a, members_b) if into == key_a else (members_b, members_a)
+        merged = into_members + other_members
+        attached = self._attached.pop(into, None) or Counter()
+        attached.update(self._attached.pop(other, None) or Counter())
+        day = link.at_ms // DAY_MS
+        for side in (into_members, other_members):
+            if len(side) == 1:  # a lone identifier attaches to a person today
+                attached[(kind_of(side[0]), day)] += 1
+        self._attached[into] = attached
+        self._members.pop(other, None)
+        self._members[into] = merged
+        for member in merged:
+            self._person[member] = into
+        self._summaries.pop(into, None)
+        self._summaries.pop(other, None)
+        if record_moves:
+            self.changes.moved.update(other_members if other_members else [other])
+            self.changes.touched.update((into, other))
+        self.changes.audit.append(AuditRecord(link.at_ms, "merge", link.a, link.b, person_id_of(other),
+                                              person_id_of(into), link.source, link.event_id))
+
+    def _refusal(self, link: Link, members_a: list[str], members_b: list[str]) -> tuple[str, str] | None:
+        config = self.config
+        for kind in config.unique_kinds:
+            held_a = {m for m in members_a if kind_of(m) == kind}
+            held_b = {m for m in members_b if kind_of(m) == kind}
+            if held_a and held_b and held_a != held_b:
+                return "refuse_conflict", f"both persons hold a different {kind}"
+        day = link.at_ms // DAY_MS
+        for kind, limit in config.daily_limits.items():
+            count = 0
+            for members in (members_a, members_b):
+                if len(members) == 1:
+                    count += kind_of(members[0]) == kind
+                else:
+                    count += self._attached.get(self._person[members[0]], Counter())[(kind, day)]
+            if count > limit:
+                return "refuse_limit", f"more than {limit} {kind} linked to one person on one day"
+        return None
+
+    def take_changes(self) -> _Changes:
+        changes, self.changes = self.changes, _Changes()
+        return changes

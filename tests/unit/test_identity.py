@@ -1,0 +1,206 @@
+"""The identity graph and role rules, without servers."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.core.enrich import Enricher, identifiers_of
+from pipeline.core.identity import (
+    DAY_MS,
+    Fact,
+    FactKind,
+    Forget,
+    IdentityConfig,
+    IdentityGraph,
+    Link,
+    Role,
+    decode_operation,
+    encode_operation,
+    make_link,
+    person_id_of,
+)
+from tests.factories import touchpoint
+
+T0 = 1_760_000_000_000
+
+_identifiers = st.sampled_from(
+    [f"anonymous_id:a{i}" for i in range(6)] + [f"user_id:u{i}" for i in range(3)]
+    + [f"customer_id:c{i}" for i in range(3)] + ["email_sha256:e0", "email_sha256:e1"]
+)
+_links = st.lists(
+    st.tuples(_identifiers, _identifiers, st.integers(0, 3 * DAY_MS)).filter(lambda t: t[0] != t[1])
+    .map(lambda t: make_link(t[0], t[1], T0 + t[2], "co-occurrence", "")),
+    max_size=25,
+)
+_facts = st.lists(
+    st.builds(Fact, _identifiers, st.sampled_from(list(FactKind)), st.integers(T0, T0 + 400 * DAY_MS)),
+    max_size=15,
+)
+_tight = IdentityConfig(daily_limits={"anonymous_id": 2})
+
+
+def _state(graph: IdentityGraph) -> tuple:
+    persons = graph.persons()
+    return (
+        sorted((key, tuple(sorted(ids))) for key, ids in persons.items()),
+        sorted((key, graph.facts(key).first_seen_ms, graph.facts(key).first_use_ms,
+                tuple(graph.facts(key).purchases), tuple(graph.facts(key).contacts)) for key in persons),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(_links, _facts, st.randoms(use_true_random=False))
+def test_the_same_links_and_facts_in_any_order_give_the_same_persons(links: list[Link], facts: list[Fact],
+                                                                    rnd: random.Random) -> None:
+    ops = [*links, *facts]
+    in_order = IdentityGraph(_tight)
+    in_order.apply(sorted(links) + facts)
+    shuffled = ops[:]
+    rnd.shuffle(shuffled)
+    other = IdentityGraph(_tight)
+    other.apply(shuffled)
+    assert _state(other) == _state(in_order)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_links, _facts)
+def test_applying_operations_twice_changes_nothing(links: list[Link], facts: list[Fact]) -> None:
+    once = IdentityGraph(_tight)
+    once.apply([*links, *facts])
+    twice = IdentityGraph(_tight)
+    twice.apply([*links, *facts, *links, *facts])
+    assert _state(twice) == _state(once)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_links)
+def test_no_person_ever_holds_two_values_of_a_unique_kind_and_every_link_left_apart_was_refused(
+        links: list[Link]) -> None:
+    graph = IdentityGraph(_tight)
+    graph.apply(links)
+    for identifiers in graph.persons().values():
+        for kind in ("customer_id", "user_id"):
+            assert len([i for i in identifiers if i.startswith(kind + ":")]) <= 1
+    refused = {(a.identifier_a, a.identifier_b) for a in graph.take_changes().audit if a.action.startswith("refuse")}
+    for link in links:
+        if graph.person_key(link.a) != graph.person_key(link.b):
+            assert link.pair in refused
+
+
+def test_two_customer_ids_are_never_merged_and_the_refusal_is_audited() -> None:
+    graph = IdentityGraph()
+    graph.apply([make_link("customer_id:c1", "anonymous_id:shared", T0, "co-occurrence", "e1"),
+                 make_link("customer_id:c2", "anonymous_id:shared", T0 + 1, "co-occurrence", "e2")])
+    assert graph.person_key("anonymous_id:shared") == "customer_id:c1"  # the earlier link wins
+    assert graph.person_key("customer_id:c2") == "customer_id:c2"
+    audit = graph.take_changes().audit
+    assert [(a.action, a.event_id) for a in audit] == [("merge", "e1"), ("refuse_conflict", "e2")]
+    assert "customer_id" in audit[1].reason
+
+
+def test_the_canonical_order_decides_even_when_the_later_link_arrives_first() -> None:
+    graph = IdentityGraph()
+    graph.apply([make_link("customer_id:c2", "anonymous_id:shared", T0 + 1, "co-occurrence", "e2"),
+                 make_link("customer_id:c1", "anonymous_id:shared", T0, "co-occurrence", "e1")])
+    assert graph.person_key("anonymous_id:shared") == "customer_id:c1"
+    assert graph.person_key("customer_id:c2") == "customer_id:c2"
+
+
+def test_a_kiosk_device_cannot_fuse_a_person_with_more_anonymous_ids_than_the_daily_limit() -> None:
+    graph = IdentityGraph(IdentityConfig(daily_limits={"anonymous_id": 3}))
+    graph.apply([make_link("user_id:u", f"anonymous_id:d{i}", T0 + i, "co-occurrence", f"e{i}") for i in range(5)])
+    assert len(graph.members("user_id:u")) == 1 + 3
+    assert [a.action for a in graph.take_changes().audit].count("refuse_limit") == 2
+    # The next day the person may attach new devices again.
+    graph.apply([make_link("user_id:u", "anonymous_id:next", T0 + DAY_MS, "co-occurrence", "e9")])
+    assert graph.person_key("anonymous_id:next") == "user_id:u"
+
+
+def test_blocked_values_never_identify_anyone() -> None:
+    config = IdentityConfig()
+    ids = identifiers_of({"anonymous_id": "a1", "user_id": "NULL", "customer_id": "0", "email_sha256": " "},
+                         config.blocked_values)
+    assert ids == ["anonymous_id:a1"]
+
+
+def test_operations_survive_the_log_encoding() -> None:
+    ops = [make_link("user_id:u", "anonymous_id:a", T0, "identify", "e1"), Fact("user_id:u", FactKind.USE, T0, "e1"),
+           Forget("user_id:u", T0 + 5)]
+    assert [decode_operation(encode_operation(op)) for op in ops] == ops
+
+
+def test_forget_erases_every_identifier_of_the_person_and_blocks_their_replays() -> None:
+    graph = IdentityGraph()
+    graph.apply([make_link("user_id:u", "anonymous_id:a", T0, "identify", "e1"),
+                 Fact("user_id:u", FactKind.PURCHASE, T0 + 10, "e2"),
+                 make_link("customer_id:c9", "anonymous_id:b", T0, "co-occurrence", "e3")])
+    erased = graph.forget("anonymous_id:a", T0 + 100)
+    assert sorted(erased) == ["anonymous_id:a", "user_id:u"]
+    assert "user_id:u" not in graph.first_seen and "anonymous_id:a" not in graph.first_seen
+    assert graph.person_key("anonymous_id:b") == "customer_id:c9"  # others untouched
+    assert graph.forget("anonymous_id:a", T0 + 100) == ["anonymous_id:a"]  # idempotent: nothing left
+    # A replay of their old events links nothing again.
+    assert not graph.add_link(make_link("user_id:u", "anonymous_id:a", T0, "identify", "e1"))
+    assert "user_id:u" not in graph.first_seen
+
+
+def _journey_event(at: int, event_type: str, channel: str, **ids: str | None) -> dict:
+    return touchpoint(event_time=at, event_type=event_type, channel=channel, identifiers=ids)
+
+
+def test_the_journey_visitor_signs_up_buys_buys_again_and_lapses() -> None:
+    config = IdentityConfig(habitual_ms=30 * DAY_MS, lapse_ms=90 * DAY_MS)
+    enricher = Enricher(config)
+    journey = [
+        _journey_event(T0, "page_view", "WEB", anonymous_id="cookie-1"),
+        _journey_event(T0 + 60_000, "identify", "WEB", anonymous_id="cookie-1", user_id="u-1"),
+        _journey_event(T0 + DAY_MS, "purchase", "BILLING", user_id="u-1", customer_id="c-1"),
+        _journey_event(T0 + 10 * DAY_MS, "purchase", "STORE", customer_id="c-1"),
+        _journey_event(T0 + 11 * DAY_MS, "screen_view", "MOBILE_APP", user_id="u-1"),
+        _journey_event(T0 + 200 * DAY_MS, "page_view", "WEB", anonymous_id="cookie-1"),
+    ]
+    enricher.enrich(journey)
+    assert [e["role"] for e in journey] == ["prospect", "user", "customer", "habitual_customer",
+                                            "habitual_customer", "former_customer"]
+    assert len({e["person_id"] for e in journey[2:]}) == 1
+    assert [e["purchase_count"] for e in journey] == [0, 0, 1, 2, 2, 2]
+    assert journey[-1]["first_seen_ms"] == T0 and journey[-1]["customer_since_ms"] == T0 + DAY_MS
+    assert journey[-1]["is_user"] and not journey[-1]["is_customer"]
+    out = enricher.take_output()
+    person = person_id_of("customer_id:c-1")
+    transitions = sorted((t.at_ms, t.from_role, t.to_role, t.cause) for t in out.transitions if t.person_id == person)
+    assert transitions == [
+        (T0 + 60_000, "prospect", "user", "first_use"),
+        (T0 + DAY_MS, "user", "customer", "purchase"),
+        (T0 + 10 * DAY_MS, "customer", "habitual_customer", "repeat_purchase"),
+        (T0 + 31 * DAY_MS, "habitual_customer", "customer", "habit_lapsed"),
+        (T0 + 100 * DAY_MS, "customer", "former_customer", "lapsed"),
+    ]
+    # Earlier persons' ids now map to the merged person, for BI over rows written before the merge.
+    assert (person_id_of("anonymous_id:cookie-1"), person) in out.aliases
+    assert Role(journey[0]["role"]) == Role.PROSPECT
+
+
+def test_repeat_contacts_see_the_previous_contact_on_any_channel() -> None:
+    enricher = Enricher()
+    events = [
+        _journey_event(T0, "contact", "CONTACT_CENTRE", customer_id="c-7"),
+        _journey_event(T0 + 3 * DAY_MS, "ticket_opened", "HELPDESK", customer_id="c-7", anonymous_id="x"),
+        _journey_event(T0 + 4 * DAY_MS, "contact", "CHATBOT", anonymous_id="x"),
+    ]
+    enricher.enrich(events)
+    assert [e["previous_contact_ms"] for e in events] == [None, T0, T0 + 3 * DAY_MS]
+
+
+def test_another_workers_operations_resolve_the_same_person() -> None:
+    worker_a, worker_b = Enricher(), Enricher()
+    login = _journey_event(T0, "identify", "WEB", anonymous_id="dev-1", user_id="u-5")
+    worker_a.enrich([login])
+    worker_b.apply(worker_a.take_output().operations)
+    later = _journey_event(T0 + 5_000, "screen_view", "MOBILE_APP", anonymous_id="dev-1")
+    worker_b.enrich([later])
+    assert later["person_id"] == login["person_id"] == person_id_of("user_id:u-5")
+    assert later["role"] == "user"
