@@ -105,7 +105,7 @@ def generate(
     count: int = typer.Option(0, help="Events to make; 0 = run for --duration seconds."),
     duration: float = typer.Option(60.0, help="Seconds to run when --count is 0."),
     seed: int = typer.Option(0),
-    schema_version: int = typer.Option(1, help="1 or 2: which contract version to write."),
+    schema_version: int = typer.Option(1, help="1, 2 or 3: which contract version to write."),
     out: Path | None = typer.Option(None, help="Write JSON Lines here instead of publishing."),
 ) -> None:
     """Make realistic multi-channel traffic, paced in real time, and publish it (or write it to a file)."""

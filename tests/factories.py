@@ -12,7 +12,7 @@ from pipeline.contract.wire import frame
 
 BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
-V1, V2 = (fastavro.parse_schema(s) for s in contract_schemas())
+V1, V2, V3 = (fastavro.parse_schema(s) for s in contract_schemas())
 
 
 def touchpoint(event_id: str = "e-1", event_time: int = BASE_MS, *, channel: str = "WEB",

@@ -73,12 +73,18 @@ def apply_migrations(settings: ClickHouseSettings) -> list[Migration]:
         if migration.version in applied:
             continue
         for statement in migration.statements:
-            client.execute(statement)  # every statement is IF NOT EXISTS, so a half-applied file can rerun
+            added = _ADD_COLUMN.match(statement)
+            if added and client.execute("SELECT count() FROM system.columns WHERE database = currentDatabase() "
+                                        "AND table = %(table)s AND name = %(column)s", added.groupdict())[0][0]:
+                continue  # already added by a half-applied run (18.16 has no ADD COLUMN IF NOT EXISTS)
+            client.execute(statement)  # every other statement is IF NOT EXISTS, so a half-applied file can rerun
         client.execute("INSERT INTO schema_migrations (version, name) VALUES",
                        [(migration.version, migration.name)])
         done.append(migration)
     return done
 
+
+_ADD_COLUMN = re.compile(r"ALTER TABLE (?P<table>\w+) ADD COLUMN (?P<column>\w+) ", re.IGNORECASE)
 
 InsertObserver = Callable[[str, float, int], None]  # (table, seconds, rows)
 

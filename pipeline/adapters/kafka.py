@@ -19,8 +19,8 @@ from kafka.errors import TopicAlreadyExistsError
 
 from pipeline.contract.registry import SchemaRegistry, parse_for_decoding
 from pipeline.contract.wire import frame
-from pipeline.core.enrich import person_and_role
-from pipeline.core.validate import violation
+from pipeline.core.enrich import identifiers_of
+from pipeline.core.validate import BLANK_IDENTIFIERS, violation
 
 
 def ensure_topics(bootstrap_servers: str, topics: dict[str, int], replication_factor: int = 1) -> list[str]:
@@ -41,9 +41,10 @@ def ensure_topics(bootstrap_servers: str, topics: dict[str, int], replication_fa
 
 
 def partition_key(event: dict[str, Any]) -> bytes:
-    """One person's events share a key, so they land in one partition and keep their order."""
-    person_id, _ = person_and_role(event["identifiers"])
-    return person_id.encode()
+    """Keyed by the strongest identifier present, so one person's events keep their order as far as the channel
+    knows them (the identity graph joins the rest across partitions)."""
+    ids = identifiers_of(event["identifiers"], BLANK_IDENTIFIERS)
+    return (ids[0] if ids else event["event_id"]).encode()
 
 
 class TouchpointEncoder:

@@ -13,7 +13,8 @@ from typing import Any, Protocol
 
 from pipeline.core.aggregate import DUPLICATE, LATE, NEVER, Checkpoint, PartitionWindows, WindowCell
 from pipeline.core.decode import Rejection, SchemaLookup, decode_batch
-from pipeline.core.enrich import person_and_role
+from pipeline.core.enrich import Enricher, IdentityOutput
+from pipeline.core.identity import IdentityConfig, Operation
 from pipeline.core.validate import violation
 
 UNKNOWN_CHANNEL = "unknown"
@@ -40,7 +41,9 @@ class DeadLetter:
 # Order of the values in a touchpoint row; the ClickHouse adapter inserts them under these column names.
 TOUCHPOINT_COLUMNS: tuple[str, ...] = (
     "event_id", "event_time_ms", "tenant", "channel", "event_type", "person_id", "role",
-    "anonymous_id", "user_id", "customer_id", "session_id", "journey_id", "flow", "device_class",
+    "is_customer", "is_user", "first_seen_ms", "customer_since_ms", "purchase_count", "resolved_from",
+    "anonymous_id", "user_id", "customer_id", "email_sha256", "phone_sha256", "helpdesk_requester_id",
+    "session_id", "journey_id", "flow", "device_class",
     "outcome", "error_code", "duration_ms",
     "survey_kind", "survey_score", "survey_scale_min", "survey_scale_max", "survey_about_channel",
     "queue_ms", "handle_ms", "first_response_ms", "resolved", "escalated", "agent_id",
@@ -52,7 +55,6 @@ TOUCHPOINT_COLUMNS: tuple[str, ...] = (
 def touchpoint_row(event: dict[str, Any], schema_id: int, partition: int, offset: int,
                    counted: bool) -> tuple[Any, ...]:
     ids = event["identifiers"]
-    person_id, role = person_and_role(ids)
     survey = event.get("survey") or _EMPTY
     contact = event.get("contact") or _EMPTY
     vitals = event.get("web_vitals") or _EMPTY
@@ -61,8 +63,10 @@ def touchpoint_row(event: dict[str, Any], schema_id: int, partition: int, offset
     resolved, escalated = contact.get("resolved"), contact.get("escalated")
     return (
         event["event_id"], event["event_time"], event["tenant"], event["channel"], event["event_type"],
-        person_id, role.value,
-        ids["anonymous_id"], ids["user_id"], ids["customer_id"], event.get("session_id"),
+        event["person_id"], event["role"], int(event["is_customer"]), int(event["is_user"]),
+        event["first_seen_ms"], event["customer_since_ms"], event["purchase_count"], event["resolved_from"],
+        ids["anonymous_id"], ids["user_id"], ids["customer_id"], ids.get("email_sha256"), ids.get("phone_sha256"),
+        ids.get("helpdesk_requester_id"), event.get("session_id"),
         event.get("journey_id"), event.get("flow"), event.get("device_class"),
         event.get("outcome"), event.get("error_code"), event.get("duration_ms"),
         survey.get("kind"), survey.get("score"), survey.get("scale_min"), survey.get("scale_max"),
@@ -94,6 +98,7 @@ class Output:
     judge_before_ms: int | None = None
     judge_partitions: tuple[int, ...] = ()
     checkpoints: dict[int, Checkpoint] = field(default_factory=dict)
+    identity: IdentityOutput = field(default_factory=IdentityOutput)
     events_in: Counter[str] = field(default_factory=Counter)  # by channel
     late: Counter[str] = field(default_factory=Counter)
     duplicates: Counter[str] = field(default_factory=Counter)
@@ -112,9 +117,11 @@ class WindowConfig:
 
 
 class TouchpointProcessor:
-    def __init__(self, config: WindowConfig, schema_for: SchemaLookup) -> None:
+    def __init__(self, config: WindowConfig, schema_for: SchemaLookup, identity: IdentityConfig | None = None,
+                 *, identity_enabled: bool = True) -> None:
         self.config = config
         self.schema_for = schema_for
+        self.enricher = Enricher(identity, enabled=identity_enabled)
         self._judged_before: int | None = None  # windows starting before this have been judged
         self._caught_up: frozenset[int] = frozenset()  # partitions with nothing left to read, as of the last tick
         self.partitions: dict[int, PartitionWindows] = {}
@@ -152,8 +159,9 @@ class TouchpointProcessor:
         offsets: list[int] = []
         schema_ids: list[int] = []
         max_future_ms = self.config.max_future_ms
+        blocked = self.enricher.config.blocked_values
         for index, event, schema_id in zip(decoded.indexes, decoded.events, decoded.schema_ids, strict=True):
-            problem = violation(event, now_ms, max_future_ms)
+            problem = violation(event, now_ms, max_future_ms, blocked)
             if problem is not None:
                 out.dead_letters.append(DeadLetter(records[index], event["channel"], *problem))
                 continue
@@ -161,6 +169,7 @@ class TouchpointProcessor:
             offsets.append(records[index].offset)
             schema_ids.append(schema_id)
 
+        self.enricher.enrich(events)
         fates = windows.add(events, offsets)
         if records:
             # Offsets of dead letters advance the partition too, so they are committed like the others.
@@ -217,8 +226,13 @@ class TouchpointProcessor:
             out.judge_partitions = tuple(sorted(self.partitions))
             self._judged_before = horizon
 
+    def apply_identity(self, operations: Sequence[Operation]) -> None:
+        """Identity operations from the shared log (other workers' links and facts, erasures)."""
+        self.enricher.apply(operations)
+
     def take_output(self) -> Output:
         out, self.output = self.output, Output()
+        out.identity = self.enricher.take_output()
         return out
 
 

@@ -435,19 +435,19 @@ def generate(scenario: str, count: int, *, seed: int = 0, start_ms: int, events_
 
     Deterministic for a seed. Event times rise by 1000/events_per_s ms on average; a few events arrive up to a
     second late, but each person's own events are strictly in time order. `tenant` overrides the tenant of
-    every event; `schema_version` 2 adds sentiment, app_version and rage_clicks.
+    every event; `schema_version` 2 adds sentiment, app_version and rage_clicks (3 writes the same with v3).
     """
     if scenario not in _MIXES:
         raise ValueError(f"unknown scenario {scenario!r}; choose from {', '.join(SCENARIOS)}")
-    if schema_version not in (1, 2):
-        raise ValueError(f"schema_version must be 1 or 2, not {schema_version!r}")
+    if schema_version not in (1, 2, 3):
+        raise ValueError(f"schema_version must be 1, 2 or 3, not {schema_version!r}")
     if count < 0 or not events_per_s > 0:
         raise ValueError("count must be >= 0 and events_per_s > 0")
     rng = random.Random(seed)
     ids = Ids(rng)
     makers = [maker for maker, _ in _MIXES[scenario]]
     weights = [weight for _, weight in _MIXES[scenario]]
-    nulls = _V2_NULLS if schema_version == 2 else _V1_NULLS
+    nulls = _V2_NULLS if schema_version >= 2 else _V1_NULLS
     v1 = schema_version == 1
     step_ms = 1000.0 / events_per_s
     random_ = rng.random

@@ -53,10 +53,11 @@ def test_v2_reader_reads_v1_records_and_v1_reader_reads_v2_records():
 
 def test_file_registry_ids_match_the_manifest():
     registry = FileSchemaRegistry(SCHEMAS_DIR / "registry.json")
-    v1, v2 = contract_schemas()
+    v1, v2, v3 = contract_schemas()
     assert registry.register("touchpoints-value", v1) == 1
     assert registry.register("touchpoints-value", v2) == 2
-    assert registry.latest("touchpoints-value")[0] == 2
+    assert registry.register("touchpoints-value", v3) == 3
+    assert registry.latest("touchpoints-value")[0] == 3
     assert registry.version("touchpoints-value", 1) == (1, v1)
     assert registry.schema(99) is None
     with pytest.raises(RegistryError):
@@ -121,7 +122,7 @@ def test_http_registry_client_speaks_the_confluent_api():
         client = HttpSchemaRegistry(f"http://127.0.0.1:{server.server_port}")
         with pytest.raises(RegistryError):
             client.latest("touchpoints-value")
-        v1, v2 = contract_schemas()
+        v1, v2 = contract_schemas()[:2]
         first, second = client.register("touchpoints-value", v1), client.register("touchpoints-value", v2)
         assert first != second and client.register("touchpoints-value", v1) == first
         fresh = HttpSchemaRegistry(f"http://127.0.0.1:{server.server_port}")

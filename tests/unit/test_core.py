@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.core.aggregate import DUPLICATE, LATE, NEVER, ON_TIME, Checkpoint, PartitionWindows
-from pipeline.core.enrich import Role, person_and_role
+from pipeline.core.enrich import Enricher
 from pipeline.core.evaluate import AlertRule, judge, totals_of
 from pipeline.core.indicators import BY_ID
 from pipeline.core.processor import TOUCHPOINT_COLUMNS, TouchpointProcessor, WindowConfig
@@ -23,17 +23,19 @@ def test_violation_names_the_broken_rule():
     assert violation(touchpoint(), now, 300_000) is None
     assert violation(touchpoint(event_time=now + 301_000), now, 300_000)[0] == FUTURE_EVENT_TIME
     assert violation(touchpoint(anonymous_id="null"), now, 300_000) == (
-        CONTRACT_VIOLATION, "no identifier: anonymous_id, user_id and customer_id are all blank")
+        CONTRACT_VIOLATION, "no identifier: anonymous_id, user_id, customer_id are all blank or blocked")
     assert "outside its scale" in violation(csat(9), now, 300_000)[1]
     assert "negative" in violation(touchpoint(duration_ms=-5), now, 300_000)[1]
     assert violation(touchpoint(event_id=" "), now, 300_000) == (CONTRACT_VIOLATION, "event_id is empty")
 
 
-def test_role_follows_the_strongest_identifier():
-    assert person_and_role({"anonymous_id": "a", "user_id": None, "customer_id": None}) == ("anonymous:a",
-                                                                                             Role.VISITOR)
-    assert person_and_role({"anonymous_id": "a", "user_id": "u", "customer_id": "0"}) == ("user:u", Role.USER)
-    assert person_and_role({"anonymous_id": "a", "user_id": "u", "customer_id": "c"})[1] == Role.CUSTOMER
+def test_without_the_identity_graph_the_strongest_identifier_names_the_person_and_implies_the_role():
+    events = [touchpoint(anonymous_id="a"), touchpoint(user_id="u", customer_id="0"),
+              touchpoint(user_id="u", customer_id="c")]
+    Enricher(enabled=False).enrich(events)
+    assert [e["role"] for e in events] == ["prospect", "user", "customer"]
+    assert events[1]["resolved_from"] == ["user_id:u", "anonymous_id:a-1"]
+    assert len({e["person_id"] for e in events}) == 3
 
 
 def test_indicators_observe_what_their_definition_says():

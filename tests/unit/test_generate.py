@@ -162,7 +162,7 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="unknown scenario"):
         next(generate("nope", 1, start_ms=BASE_MS))
     with pytest.raises(ValueError, match="schema_version"):
-        next(generate("mixed", 1, start_ms=BASE_MS, schema_version=3))
+        next(generate("mixed", 1, start_ms=BASE_MS, schema_version=4))
     with pytest.raises(ValueError, match="events_per_s"):
         next(generate("mixed", 1, start_ms=BASE_MS, events_per_s=0))
 
