@@ -19,7 +19,8 @@ class InitReport:
 
 def initialise(settings: Settings) -> InitReport:
     kafka = settings.kafka
-    created = ensure_topics(kafka.bootstrap_servers, {kafka.topic: kafka.partitions, kafka.dead_letter_topic: 1},
+    created = ensure_topics(kafka.bootstrap_servers, {kafka.topic: kafka.partitions, kafka.dead_letter_topic: 1,
+                                                        settings.identity.topic: 1},
                             kafka.replication_factor)
     registry = open_registry(settings.registry.url)
     ids = [registry.register(settings.registry.subject, schema) for schema in contract_schemas()]

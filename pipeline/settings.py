@@ -15,6 +15,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from pipeline.core.identity import DAY_MS, IdentityConfig
+from pipeline.core.validate import BLANK_IDENTIFIERS
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # A checkout reads schemas/ at the top; an installed package carries the same files as pipeline/schemas.
 SCHEMAS_DIR = PROJECT_ROOT / "schemas"
@@ -61,6 +64,30 @@ class BatchSettings(BaseModel):
     max_wait_s: float = Field(1.0, gt=0, description="...or once the oldest buffered event waited this long.")
 
 
+class IdentitySettings(BaseModel):
+    enabled: bool = Field(True, description="Resolve persons and roles through the identity graph.")
+    topic: str = Field("touchpoints.identity", description="The shared identity log every worker replays.")
+    unique_kinds: list[str] = Field(["customer_id", "user_id"],
+                                    description="Identifier kinds a person holds one value of: never merged.")
+    extra_blocked_values: list[str] = Field(["nil", "n/a", "guest"],
+                                            description="Values (besides blanks) that never identify anyone.")
+    daily_limits: dict[str, int] = Field({"anonymous_id": 10},
+                                         description="At most this many identifiers of a kind join a person a day.")
+    habitual_purchases: int = Field(2, ge=2, description="Purchases within habitual_days that make a habit.")
+    habitual_days: float = 90
+    lapse_days: float = Field(180, description="No purchase for this long: a former customer.")
+    cancelled_days: float = Field(30, description="A cancelled subscription this long ago: a former customer.")
+
+    def core(self) -> IdentityConfig:
+        return IdentityConfig(
+            unique_kinds=frozenset(self.unique_kinds),
+            blocked_values=BLANK_IDENTIFIERS | {v.strip().lower() for v in self.extra_blocked_values},
+            daily_limits=dict(self.daily_limits), habitual_purchases=self.habitual_purchases,
+            habitual_ms=int(self.habitual_days * DAY_MS), lapse_ms=int(self.lapse_days * DAY_MS),
+            cancelled_ms=int(self.cancelled_days * DAY_MS),
+        )
+
+
 class AlertRuleSettings(BaseModel):
     name: str
     indicator: str
@@ -94,6 +121,7 @@ class Settings(BaseSettings):
     clickhouse: ClickHouseSettings = ClickHouseSettings()
     window: WindowSettings = WindowSettings()
     batch: BatchSettings = BatchSettings()
+    identity: IdentitySettings = IdentitySettings()
     alert_rules: list[AlertRuleSettings] = Field(default_factory=default_alert_rules)
     stack: StackSettings = StackSettings()
     metrics_port: int = Field(9108, description="Prometheus /metrics port of a worker; 0 disables it.")
@@ -121,7 +149,8 @@ def to_env(settings: Settings) -> dict[str, str]:
     for name, value in settings.model_dump(mode="json").items():
         if isinstance(value, dict):
             for key, inner in value.items():
-                env[f"TOUCHPOINT_{name.upper()}__{key.upper()}"] = str(inner)
+                text = json.dumps(inner) if isinstance(inner, dict | list) else str(inner)
+                env[f"TOUCHPOINT_{name.upper()}__{key.upper()}"] = text
         elif isinstance(value, list):
             env[f"TOUCHPOINT_{name.upper()}"] = json.dumps(value)
         else:

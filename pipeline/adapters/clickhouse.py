@@ -93,6 +93,8 @@ _WINDOW_COLUMNS = ("window_start", "window_end", "tenant", "channel", "indicator
 _ALERT_COLUMNS = ("alert_id", "rule", "indicator", "family", "severity", "tenant", "channel", "window_start",
                   "window_end", "value", "threshold", "comparison", "numerator", "denominator", "message",
                   "fired_at_ms")
+_AUDIT_COLUMNS = ("at_ms", "action", "identifier_a", "identifier_b", "from_person_id", "into_person_id", "reason",
+                  "event_id", "recorded_at_ms")
 _CHECKPOINT_COLUMNS = ("consumer_group", "topic", "partition", "commit_offset", "read_offset", "watermark_ms",
                        "closed_before_ms", "written_at_ms")
 
@@ -144,6 +146,7 @@ class ClickHouseSink:
                 [a.threshold for a in alerts], [a.comparison for a in alerts], [a.numerator for a in alerts],
                 [a.denominator for a in alerts], [a.message for a in alerts], [now_ms] * len(alerts),
             ])
+        self._write_identity(output, now_ms)
         if output.checkpoints:
             cps = list(output.checkpoints.values())
             self._insert("pipeline_checkpoints", _CHECKPOINT_COLUMNS, [
@@ -152,6 +155,24 @@ class ClickHouseSink:
                 [c.closed_before_ms for c in cps], [now_ms] * len(cps),
             ])
         return alerts
+
+    def _write_identity(self, output: Output, now_ms: int) -> None:
+        identity = output.identity
+        if identity.aliases:
+            self._insert("person_aliases", ("alias_person_id", "person_id", "updated_at_ms"), [
+                [a for a, _ in identity.aliases], [p for _, p in identity.aliases], [now_ms] * len(identity.aliases)])
+        if identity.transitions:
+            ts = identity.transitions
+            self._insert("role_transitions", ("person_id", "at_ms", "from_role", "to_role", "cause",
+                                              "recorded_at_ms"), [
+                [t.person_id for t in ts], [t.at_ms for t in ts], [t.from_role for t in ts],
+                [t.to_role for t in ts], [t.cause for t in ts], [now_ms] * len(ts)])
+        if identity.audit:
+            au = identity.audit
+            self._insert("identity_audit", _AUDIT_COLUMNS, [
+                [a.at_ms for a in au], [a.action for a in au], [a.identifier_a for a in au],
+                [a.identifier_b for a in au], [a.from_person_id for a in au], [a.into_person_id for a in au],
+                [a.reason for a in au], [a.event_id for a in au], [now_ms] * len(au)])
 
     def window_totals(self, from_ms: int, before_ms: int, partitions: Sequence[int],
                       indicators: set[str]) -> list[WindowTotal]:

@@ -25,6 +25,7 @@ from mode import Service
 
 from pipeline.adapters import metrics
 from pipeline.adapters.clickhouse import ClickHouseSink
+from pipeline.adapters.identity_log import ORIGIN_HEADER, IdentityLogReader, encode_records
 from pipeline.contract.registry import open_registry, parse_for_decoding
 from pipeline.core.aggregate import NEVER
 from pipeline.core.evaluate import Alert, AlertRule
@@ -50,7 +51,12 @@ class TouchpointHandler:
             WindowConfig(window.size_s * 1000, window.allowed_lateness_s * 1000, window.max_future_s * 1000,
                          int(window.idle_close_s * 1000)),
             self.schema_for,
+            settings.identity.core(),
+            identity_enabled=settings.identity.enabled,
         )
+        self.identity_log = (IdentityLogReader(settings.kafka.bootstrap_servers, settings.identity.topic)
+                             if settings.identity.enabled else None)
+        self._identity_ready = False
         self.rules = [AlertRule(**rule.model_dump()) for rule in settings.alert_rules]
         self.sink = ClickHouseSink(settings.clickhouse, settings.kafka.consumer_group, self.topic,
                                    observe=metrics.observe_insert)
@@ -67,8 +73,28 @@ class TouchpointHandler:
             self._parsed[schema_id] = None if schema is None else parse_for_decoding(schema)
         return self._parsed[schema_id]
 
+    async def _sync_identity(self) -> None:
+        """Replay the identity log before the first touchpoint; afterwards pick up other workers' operations."""
+        reader = self.identity_log
+        if reader is None:
+            return
+        if not self._identity_ready:
+            started = time.monotonic()
+            await reader.start()
+            self.processor.apply_identity(await reader.recover())
+            self._identity_ready = True
+            log.info("Identity graph ready: %d identifiers in %.1f s", len(self.processor.enricher.graph or ()),
+                     time.monotonic() - started)
+            return
+        operations = await reader.poll()
+        if operations:
+            self.processor.apply_identity(operations)
+            if self._first_buffered_at is None:
+                self._first_buffered_at = time.monotonic()
+
     async def sync_assignment(self, consumer: BatchConsumer) -> None:
         """Follow Faust's assignment: resume new partitions from their checkpoints, drop revoked ones."""
+        await self._sync_identity()
         assigned = {tp.partition for tp in consumer.assignment() if tp.topic == self.topic}
         for partition in set(self.processor.partitions) - assigned:
             self.processor.revoke(partition)
@@ -141,9 +167,15 @@ class TouchpointHandler:
     async def _flush_locked(self, consumer: BatchConsumer, wait: bool) -> None:
         output = self.processor.take_output()
         self._first_buffered_at = None
-        if output.records or output.window_cells or output.checkpoints or output.judge_before_ms is not None:
+        if (output.records or output.window_cells or output.checkpoints or output.judge_before_ms is not None
+                or output.identity):
             await self.drain(consumer)
             producer = self.app.producer
+            if self.identity_log is not None:
+                # Shared before the offsets that produced them are committed (the commit flushes the producer).
+                origin = [(ORIGIN_HEADER, self.identity_log.origin)]
+                for value in encode_records(output.identity.operations):
+                    await producer.send(self.settings.identity.topic, None, value, None, None, origin)
             for dead in output.dead_letters:
                 record = dead.record
                 headers = [("reason", dead.reason.encode()), ("detail", dead.detail.encode()),
