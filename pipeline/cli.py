@@ -76,6 +76,18 @@ def worker() -> None:
 
 
 @app.command()
+def forget(
+    identifier: str = typer.Argument(..., help="kind:value (e.g. user_id:u-42), or a bare value to try every kind."),
+) -> None:
+    """Erase a person: identity state on every worker and their rows in ClickHouse. Idempotent and audited."""
+    from pipeline.erasure import forget as erase
+
+    report = erase(get_settings(), identifier)
+    console.print(f"Erased {len(report.identifiers)} identifiers and {len(report.person_ids)} person ids "
+                  f"({report.rows_before} touchpoints deleted). Indicator windows hold no person data and stay.")
+
+
+@app.command()
 def publish(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSON Lines, one touchpoint per line."),
     schema_version: int = typer.Option(0, help="Subject version to write with; 0 = the newest."),

@@ -96,7 +96,12 @@ class Enricher:
             if at > clock:
                 clock = at
             ids = identifiers_of(event["identifiers"], blocked)
-            if graph.forgotten:
+            if graph.forgotten and any(graph.is_forgotten(i, at) for i in ids):
+                # An erased person's old event (a replay): it is kept for the counts, without who it was.
+                raw = event["identifiers"] = dict(event["identifiers"])
+                for identifier in ids:
+                    if graph.is_forgotten(identifier, at):
+                        raw[identifier[:identifier.index(":")]] = None
                 ids = [i for i in ids if not graph.is_forgotten(i, at)] or ["event_id:" + event["event_id"]]
             for identifier in ids:
                 if observe(identifier, at):

@@ -204,3 +204,18 @@ def test_another_workers_operations_resolve_the_same_person() -> None:
     worker_b.enrich([later])
     assert later["person_id"] == login["person_id"] == person_id_of("user_id:u-5")
     assert later["role"] == "user"
+
+
+def test_an_erased_persons_replayed_events_keep_no_identifier() -> None:
+    enricher = Enricher()
+    login = _journey_event(T0, "identify", "WEB", anonymous_id="dev-9", user_id="u-9")
+    enricher.enrich([login])
+    enricher.apply([Forget("user_id:u-9", T0 + 1_000)])
+    replay = _journey_event(T0, "identify", "WEB", anonymous_id="dev-9", user_id="u-9")
+    enricher.enrich([replay])
+    assert replay["identifiers"]["user_id"] is None and replay["identifiers"]["anonymous_id"] is None
+    assert replay["resolved_from"] == [f"event_id:{replay['event_id']}"]
+    assert replay["person_id"] != login["person_id"]
+    later = _journey_event(T0 + 2_000, "identify", "WEB", anonymous_id="dev-9", user_id="u-9")
+    enricher.enrich([later])  # the same person coming back later is a new person, not resurrected state
+    assert later["resolved_from"] == ["user_id:u-9", "anonymous_id:dev-9"] and later["first_seen_ms"] == T0 + 2_000

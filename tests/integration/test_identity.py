@@ -1,0 +1,131 @@
+"""Identity on the real stack: one person across partitions and workers, roles in ClickHouse, erasure."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from kafka.partitioner import murmur2
+
+from pipeline.core.identity import person_id_of
+from pipeline.settings import to_env
+from tests.factories import touchpoint
+from tests.integration.conftest import wait_until
+
+DAY_MS = 86_400_000
+
+
+def _partition(key: str, partitions: int) -> int:
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions  # kafka-python's default partitioner
+
+
+def _ready(worker: object) -> bool:
+    return "Worker ready" in worker.log_path.read_text()  # type: ignore[attr-defined]
+
+
+def test_a_link_across_partitions_resolves_on_both_workers(isolated, publisher, start_worker, ch):
+    partitions = isolated.kafka.partitions
+    persons = []
+    for i in range(200):  # pairs whose anonymous and user ids land on different partitions
+        anonymous, user = f"dev-{i}", f"u-{i}"
+        if _partition(f"anonymous_id:{anonymous}", partitions) != _partition(f"user_id:{user}", partitions):
+            persons.append((anonymous, user))
+        if len(persons) == 20:
+            break
+    first, second = start_worker(), start_worker()
+    wait_until(lambda: _ready(first) and _ready(second), 60, "both workers ready", first)
+    time.sleep(3)  # the group settles after the second member joins
+    now = int(time.time() * 1000) - 60_000
+    publisher.publish_many([touchpoint(f"visit-{u}", now, anonymous_id=a) for a, u in persons]
+                           + [touchpoint(f"login-{u}", now + 1_000, event_type="identify", anonymous_id=a, user_id=u)
+                              for a, u in persons])
+    publisher.flush()
+    wait_until(lambda: ch.execute("SELECT count() FROM touchpoints FINAL")[0][0] == 40, 60, "the first rows", first)
+    time.sleep(2)  # the identity log reaches the other worker (it polls it between fetches)
+    publisher.publish_many([touchpoint(f"again-{u}", now + 2_000, channel="MOBILE_APP", event_type="screen_view",
+                                       anonymous_id=a) for a, u in persons])
+    publisher.flush()
+    wait_until(lambda: ch.execute("SELECT count() FROM touchpoints FINAL")[0][0] == 60, 60, "the later rows", first)
+    assert first.process.poll() is None and second.process.poll() is None
+    expected = {f"again-{u}": person_id_of(f"user_id:{u}") for _, u in persons}
+    later = dict(ch.execute("SELECT event_id, person_id FROM touchpoints FINAL WHERE event_id LIKE 'again-%'"))
+    assert later == expected
+    roles = {r for (r,) in ch.execute("SELECT DISTINCT toString(role) FROM touchpoints FINAL WHERE "
+                                      "event_id LIKE 'again-%'")}
+    assert roles == {"user"}
+    # Visits written before the login belong to the same person once aliases apply (late identify).
+    per_person = ch.execute("SELECT current_person_id, count() FROM touchpoints_by_person GROUP BY current_person_id")
+    assert dict(per_person) == {person_id_of(f"user_id:{u}"): 3 for _, u in persons}
+    assert ch.execute("SELECT count() FROM persons")[0][0] == 20
+
+
+def test_journey_visitor_signs_up_buys_buys_again_and_lapses(isolated, publisher, start_worker, ch):
+    isolated.identity.habitual_days = 1
+    isolated.identity.lapse_days = 2
+    worker = start_worker(isolated)
+    t0 = int(time.time() * 1000) - 5 * DAY_MS
+    steps = [
+        ("prospect", touchpoint("j1", t0, event_type="page_view", anonymous_id="cookie-j")),
+        ("user", touchpoint("j2", t0 + 60_000, event_type="identify", anonymous_id="cookie-j", user_id="u-j")),
+        ("customer", touchpoint("j3", t0 + 3_600_000, channel="BILLING", event_type="purchase", anonymous_id=None,
+                                user_id="u-j", customer_id="c-j")),
+        ("habitual_customer", touchpoint("j4", t0 + 7_200_000, channel="STORE", event_type="purchase",
+                                         anonymous_id=None, customer_id="c-j")),
+        ("former_customer", touchpoint("j5", t0 + 4 * DAY_MS, event_type="page_view", anonymous_id="cookie-j")),
+    ]
+    for count, (_, event) in enumerate(steps, start=1):  # one step after another, as a journey happens
+        publisher.publish_many([event])
+        publisher.flush()
+        wait_until(lambda n=count: ch.execute("SELECT count() FROM touchpoints")[0][0] >= n, 60, event["event_id"],
+                   worker)
+        time.sleep(0.5)
+    stored = ch.execute("SELECT event_id, toString(role), is_customer, is_user, purchase_count, person_id "
+                        "FROM touchpoints FINAL ORDER BY event_time_ms")
+    assert [row[1] for row in stored] == [role for role, _ in steps]
+    assert [row[4] for row in stored] == [0, 0, 1, 2, 2]
+    assert [(row[2], row[3]) for row in stored] == [(0, 0), (0, 1), (1, 1), (1, 1), (0, 1)]
+    person = person_id_of("customer_id:c-j")
+    assert {row[5] for row in stored[2:]} == {person}
+    assert ch.execute("SELECT DISTINCT current_person_id FROM touchpoints_by_person") == [(person,)]
+    transitions = ch.execute("SELECT at_ms - %(t0)s, from_role, to_role, cause FROM role_transitions FINAL "
+                             "WHERE person_id = %(p)s ORDER BY at_ms", {"t0": t0, "p": person})
+    assert transitions == [
+        (60_000, "prospect", "user", "first_use"),
+        (3_600_000, "user", "customer", "purchase"),
+        (7_200_000, "customer", "habitual_customer", "repeat_purchase"),
+        (3_600_000 + DAY_MS, "habitual_customer", "customer", "habit_lapsed"),
+        (7_200_000 + 2 * DAY_MS, "customer", "former_customer", "lapsed"),
+    ]
+    merges = ch.execute("SELECT count() FROM identity_audit FINAL WHERE action = 'merge'")[0][0]
+    assert merges == 2
+
+
+def test_forget_erases_a_person_everywhere_and_is_idempotent(isolated, publisher, start_worker, ch):
+    worker = start_worker()
+    now = int(time.time() * 1000) - 60_000
+    publisher.publish_many([
+        touchpoint("f1", now, anonymous_id="dev-forget"),
+        touchpoint("f2", now + 1_000, event_type="identify", anonymous_id="dev-forget", user_id="u-forget"),
+        touchpoint("f3", now + 2_000, channel="BILLING", event_type="purchase", anonymous_id=None,
+                   user_id="u-forget", customer_id="c-forget"),
+        touchpoint("k1", now, anonymous_id="dev-keep", user_id="u-keep"),
+    ])
+    publisher.flush()
+    wait_until(lambda: ch.execute("SELECT count() FROM touchpoints FINAL")[0][0] == 4, 60, "rows", worker)
+    time.sleep(1)
+    env = {**os.environ, **to_env(isolated)}
+    for _ in range(2):  # the second run finds nothing left and still succeeds
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "forget", "u-forget"], capture_output=True,
+                              text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+    time.sleep(1)
+    secrets = ("dev-forget", "u-forget", "c-forget")
+    for table in ("touchpoints", "person_aliases", "role_transitions", "identity_audit"):
+        dump = " ".join(str(row) for row in ch.execute(f"SELECT * FROM {table}"))
+        assert not any(secret in dump for secret in secrets), table
+    assert ch.execute("SELECT event_id FROM touchpoints FINAL") == [("k1",)]
+    audit = ch.execute("SELECT reason FROM identity_audit WHERE action = 'erasure' ORDER BY recorded_at_ms")
+    assert [reason.split(",")[0] for (reason,) in audit] == ["3 identifiers", "0 identifiers"]
+    assert worker.process.poll() is None
