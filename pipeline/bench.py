@@ -4,6 +4,10 @@
 * raw consume: aiokafka `getmany` reading the published topic, manually assigned, nothing else done;
 * end to end: a real `touchpoint worker` is running and idle; the clock starts when publishing starts and stops
   when the last touchpoint row is in ClickHouse.
+
+With `preload_identities` the identity log is filled first with that many identifiers (half persons' user ids,
+half their devices, linked), so the worker resolves every event against a graph of that size; the worker's
+resident memory is read at the end, and the graph's own memory per identifier is measured in this process.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ class BenchResult:
     decode_events_per_s: float
     publish_events_per_s: float
     e2e_seconds: float
+    identity: bool = True
+    preloaded_identifiers: int = 0
+    worker_rss_mib: float = 0.0
+    graph_bytes_per_identifier: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,6 +89,59 @@ async def _raw_consume_rate(bootstrap: str, topic: str, partitions: int, expecte
         await consumer.stop()
 
 
+def _preload_operations(count: int) -> list[Any]:
+    from pipeline.core.identity import Fact, FactKind, make_link
+
+    base_ms = int(time.time() * 1000) - 30 * 86_400_000
+    ops: list[Any] = []
+    for i in range(count // 2):
+        device, user, at = f"anonymous_id:pre-d{i}", f"user_id:pre-u{i}", base_ms + i
+        ops += (Fact(device, FactKind.SEEN, at), Fact(user, FactKind.SEEN, at),
+                make_link(user, device, at, "identify", ""))
+    return ops
+
+
+def _preload(bench: Settings, ops: list[Any]) -> None:
+    from kafka import KafkaProducer
+
+    from pipeline.adapters.identity_log import encode_records
+
+    producer = KafkaProducer(bootstrap_servers=bench.kafka.bootstrap_servers, client_id="touchpoint-bench",
+                             max_request_size=8 * 1024 * 1024)
+    for value in encode_records(ops):
+        producer.send(bench.identity.topic, value=value)
+    producer.flush()
+    producer.close()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def graph_bytes_per_identifier(ops: list[Any]) -> tuple[int, float]:
+    """Identifiers in a graph built from the operations, and the resident memory it added per identifier."""
+    from pipeline.core.identity import IdentityGraph
+
+    gc.collect()
+    before = _rss_bytes()
+    graph = IdentityGraph()
+    for i in range(0, len(ops), 10_000):
+        graph.apply(ops[i:i + 10_000])
+        graph.take_changes()
+    gc.collect()
+    size = len(graph)
+    return size, (_rss_bytes() - before) / max(size, 1)
+
+
+def _worker_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def _wait_rows(client: Any, expected: int, timeout_s: float) -> float:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -91,7 +152,8 @@ def _wait_rows(client: Any, expected: int, timeout_s: float) -> float:
     raise RuntimeError(f"only {have} of {expected} touchpoint rows reached ClickHouse in {timeout_s:.0f} s")
 
 
-def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: float = 600) -> BenchResult:
+def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: float = 600, identity: bool = True,
+              preload_identities: int = 0) -> BenchResult:
     from pipeline.adapters.clickhouse import connect
     from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher, partition_key
     from pipeline.bootstrap import initialise
@@ -103,7 +165,12 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
     bench.kafka.dead_letter_topic = f"bench-{run}.deadletter"
     bench.kafka.consumer_group = f"bench-{run}"
     bench.clickhouse.database = f"bench_{run}"
+    bench.identity.topic = f"bench-{run}.identity"
+    bench.identity.enabled = identity
     initialise(bench)
+    preload = _preload_operations(preload_identities) if identity and preload_identities else []
+    if preload:
+        _preload(bench, preload)
 
     registry = open_registry(bench.registry.url)
     encoder = TouchpointEncoder(registry, bench.registry.subject, 1)
@@ -134,11 +201,13 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
         publisher.flush()
         published = time.perf_counter()
         finished = _wait_rows(client, events + 1, timeout_s)
+        worker_rss = _worker_rss_mib(worker.pid)
         publisher.close()
         raw_rate = asyncio.run(_raw_consume_rate(bench.kafka.bootstrap_servers, bench.kafka.topic,
                                                  bench.kafka.partitions, events + 1))
     finally:
         worker.send_signal(signal.SIGTERM)
+        _, per_identifier = graph_bytes_per_identifier(preload) if preload else (0, 0.0)
         try:
             worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -147,4 +216,5 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
     return BenchResult(events=events, partitions=bench.kafka.partitions,
                        e2e_events_per_s=events / (finished - started), raw_consume_events_per_s=raw_rate,
                        decode_events_per_s=decode_rate, publish_events_per_s=events / (published - started),
-                       e2e_seconds=finished - started)
+                       e2e_seconds=finished - started, identity=identity, preloaded_identifiers=len(preload) * 2 // 3,
+                       worker_rss_mib=worker_rss, graph_bytes_per_identifier=per_identifier)

@@ -159,7 +159,11 @@ def watch(
 @app.command()
 def bench(
     events: int = typer.Option(200_000, help="Generated events to publish and process."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object only."),
+    identity: bool = typer.Option(True, help="Resolve persons through the identity graph (--no-identity: off)."),
+    preload_identities: int = typer.Option(0, help="Identifiers to put in the identity graph before the run."),
+    compare: bool = typer.Option(False, help="Run without identity, then with it and --preload-identities; "
+                                             "print both and the ratio."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
 ) -> None:
     """Measure end-to-end, raw consume and decode-only rates of the same events in one run."""
     import json
@@ -169,19 +173,31 @@ def bench(
 
     settings = get_settings()
     local.up(settings)
-    result = run_bench(settings, events)
+    if compare:
+        runs = [run_bench(settings, events, identity=False),
+                run_bench(settings, events, identity=True, preload_identities=preload_identities)]
+    else:
+        runs = [run_bench(settings, events, identity=identity, preload_identities=preload_identities)]
     if as_json:
-        print(json.dumps(result.as_dict()))
+        print(json.dumps([r.as_dict() for r in runs] if compare else runs[0].as_dict()))
         return
-    table = Table("measure", "events/s", "vs end to end")
-    for name, rate in (("end to end (published -> rows in ClickHouse)", result.e2e_events_per_s),
-                       ("raw aiokafka consume", result.raw_consume_events_per_s),
-                       ("fastavro decode only", result.decode_events_per_s),
-                       ("kafka-python publish", result.publish_events_per_s)):
-        table.add_row(name, f"{rate:,.0f}", f"{rate / result.e2e_events_per_s:.1f}x")
-    console.print(table)
-    console.print(f"{result.events:,} events, {result.partitions} partitions, one worker, "
-                  f"{result.e2e_seconds:.1f} s end to end")
+    for result in runs:
+        table = Table("measure", "events/s", "vs end to end")
+        for name, rate in (("end to end (published -> rows in ClickHouse)", result.e2e_events_per_s),
+                           ("raw aiokafka consume", result.raw_consume_events_per_s),
+                           ("fastavro decode only", result.decode_events_per_s),
+                           ("kafka-python publish", result.publish_events_per_s)):
+            table.add_row(name, f"{rate:,.0f}", f"{rate / result.e2e_events_per_s:.1f}x")
+        console.print(table)
+        identity_note = (f"identity on, {result.preloaded_identifiers:,} identifiers preloaded"
+                         if result.identity else "identity off")
+        console.print(f"{result.events:,} events, {result.partitions} partitions, one worker, {identity_note}, "
+                      f"{result.e2e_seconds:.1f} s end to end, worker RSS {result.worker_rss_mib:,.0f} MiB")
+        if result.graph_bytes_per_identifier:
+            console.print(f"identity graph: {result.graph_bytes_per_identifier:,.0f} bytes per identifier")
+    if compare:
+        ratio = runs[1].e2e_events_per_s / runs[0].e2e_events_per_s
+        console.print(f"end to end with identity / without: {ratio:.0%}")
 
 
 @app.command()

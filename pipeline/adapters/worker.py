@@ -81,7 +81,7 @@ class TouchpointHandler:
         if not self._identity_ready:
             started = time.monotonic()
             await reader.start()
-            self.processor.apply_identity(await reader.recover())
+            self.processor.apply_identity(await reader.recover(), replay=True)
             self._identity_ready = True
             log.info("Identity graph ready: %d identifiers in %.1f s", len(self.processor.enricher.graph or ()),
                      time.monotonic() - started)

@@ -145,13 +145,20 @@ class Enricher:
         event["previous_contact_ms"] = None
         event["resolved_from"] = ids
 
-    def apply(self, operations: Iterable[Operation]) -> None:
-        """Operations from the shared log, written by other workers (or by an earlier run of this one)."""
-        if self.graph is not None:
-            for op in operations:
-                self.graph.apply((op,))
-                if not isinstance(op, Forget) and op.at_ms > self.clock_ms:  # an erasure's time is wall time
-                    self.clock_ms = op.at_ms
+    def apply(self, operations: Iterable[Operation], *, replay: bool = False) -> None:
+        """Operations from the shared log, written by other workers. A replay (a restart reading the whole log)
+        rebuilds the graph only: its audit records and aliases were stored when the operations were new."""
+        graph = self.graph
+        if graph is None:
+            return
+        for op in operations:
+            graph.apply((op,))
+            if not isinstance(op, Forget) and op.at_ms > self.clock_ms:  # an erasure's time is wall time
+                self.clock_ms = op.at_ms
+            if replay and len(graph.changes.audit) > 10_000:
+                graph.take_changes()
+        if replay:
+            graph.take_changes()
 
     def take_output(self) -> IdentityOutput:
         """What changed since the last call: operations to share, audit records, aliases and the role changes

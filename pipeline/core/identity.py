@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -271,7 +270,9 @@ class IdentityGraph:
         self._facts: dict[str, PersonFacts] = {}  # identifier -> its own facts beyond first seen
         self._person: dict[str, str] = {}  # identifier -> person key; absent: the identifier is its own person
         self._members: dict[str, list[str]] = {}  # person key -> identifiers, for persons of two or more
-        self._attached: dict[str, Counter[tuple[str, int]]] = {}  # person key -> (kind, day) -> identifiers
+        # (person key, limited kind) -> (day, identifiers of that kind attached that day). Only the latest day
+        # matters: links are applied in canonical (time) order, so no later link falls on an earlier day.
+        self._attached: dict[tuple[str, str], tuple[int, int]] = {}
         self._links: dict[tuple[str, str], Link] = {}  # pair -> its earliest link
         self._cluster: dict[str, str] = {}  # union-find over every link, refused ones too
         self._cluster_links: dict[str, list[Link]] = {}  # cluster root -> links in canonical order
@@ -436,9 +437,7 @@ class IdentityGraph:
             self.first_seen.pop(member, None)
             self._facts.pop(member, None)
             self._person.pop(member, None)
-        self._members.pop(key, None)
-        self._attached.pop(key, None)
-        self._summaries.pop(key, None)
+        self._drop_person(key)
         for pair in [pair for pair in self._links if pair[0] in gone or pair[1] in gone]:
             del self._links[pair]
         root = self._cluster_root(identifier) if identifier in self._cluster else None
@@ -475,9 +474,7 @@ class IdentityGraph:
         for identifier in identifiers:
             old = self._person.pop(identifier, None)
             if old is not None:
-                self._members.pop(old, None)
-                self._attached.pop(old, None)
-                self._summaries.pop(old, None)
+                self._drop_person(old)
         for link in links:
             self._union(link, record_moves=False)
         for identifier in identifiers:
@@ -499,13 +496,18 @@ class IdentityGraph:
         into, other = (key_a, key_b) if strength(key_a) < strength(key_b) else (key_b, key_a)
         into_members, other_members = (members_a, members_b) if into == key_a else (members_b, members_a)
         merged = into_members + other_members
-        attached = self._attached.pop(into, None) or Counter()
-        attached.update(self._attached.pop(other, None) or Counter())
         day = link.at_ms // DAY_MS
-        for side in (into_members, other_members):
-            if len(side) == 1:  # a lone identifier attaches to a person today
-                attached[(kind_of(side[0]), day)] += 1
-        self._attached[into] = attached
+        for kind in self.config.daily_limits:
+            count = 0
+            for key, side in ((into, into_members), (other, other_members)):
+                if len(side) == 1:  # a lone identifier attaches to a person today
+                    count += kind_of(side[0]) == kind
+                else:
+                    latest = self._attached.pop((key, kind), None)
+                    if latest is not None and latest[0] == day:
+                        count += latest[1]
+            if count:
+                self._attached[(into, kind)] = (day, count)
         self._members.pop(other, None)
         self._members[into] = merged
         for member in merged:
@@ -517,6 +519,12 @@ class IdentityGraph:
             self.changes.touched.update((into, other))
         self.changes.audit.append(AuditRecord(link.at_ms, "merge", link.a, link.b, person_id_of(other),
                                               person_id_of(into), link.source, link.event_id))
+
+    def _drop_person(self, key: str) -> None:
+        self._members.pop(key, None)
+        self._summaries.pop(key, None)
+        for kind in self.config.daily_limits:
+            self._attached.pop((key, kind), None)
 
     def _refusal(self, link: Link, members_a: list[str], members_b: list[str]) -> tuple[str, str] | None:
         config = self.config
@@ -532,7 +540,8 @@ class IdentityGraph:
                 if len(members) == 1:
                     count += kind_of(members[0]) == kind
                 else:
-                    count += self._attached.get(self._person[members[0]], Counter())[(kind, day)]
+                    latest = self._attached.get((self._person[members[0]], kind))
+                    count += latest[1] if latest is not None and latest[0] == day else 0
             if count > limit:
                 return "refuse_limit", f"more than {limit} {kind} linked to one person on one day"
         return None

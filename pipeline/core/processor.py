@@ -226,9 +226,9 @@ class TouchpointProcessor:
             out.judge_partitions = tuple(sorted(self.partitions))
             self._judged_before = horizon
 
-    def apply_identity(self, operations: Sequence[Operation]) -> None:
+    def apply_identity(self, operations: Sequence[Operation], *, replay: bool = False) -> None:
         """Identity operations from the shared log (other workers' links and facts, erasures)."""
-        self.enricher.apply(operations)
+        self.enricher.apply(operations, replay=replay)
 
     def take_output(self) -> Output:
         out, self.output = self.output, Output()
