@@ -13,6 +13,7 @@ becomes an audit record.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ def strength(identifier: str) -> tuple[int, str]:
     return _RANK.get(kind_of(identifier), len(KINDS)), identifier
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the same persons recur from event to event
 def person_id_of(person_key: str) -> str:
     """Opaque, stable id of the person named by their strongest identifier: no identifier leaks into it."""
     return "p-" + hashlib.blake2b(person_key.encode(), digest_size=8).hexdigest()
@@ -332,7 +334,11 @@ class IdentityGraph:
 
     def resolve(self, identifiers: list[str], at_ms: int) -> Resolution:
         """The person the (strongest-first) identifiers belong to, as of at_ms."""
-        key = self.person_key(identifiers[0])
+        key = self._person.get(identifiers[0], identifiers[0])
+        if key not in self._facts and key not in self._members:  # most events: a lone identifier, no facts
+            seen = self.first_seen.get(key)
+            return Resolution(person_id_of(key), Role.PROSPECT, False, False, at_ms if seen is None else seen,
+                              None, 0, None)
         facts = self.facts(key)
         state = role_at(facts, at_ms, self.config)
         contacts = facts.contacts
@@ -501,7 +507,7 @@ class IdentityGraph:
             count = 0
             for key, side in ((into, into_members), (other, other_members)):
                 if len(side) == 1:  # a lone identifier attaches to a person today
-                    count += kind_of(side[0]) == kind
+                    count += side[0].startswith(kind + ":")
                 else:
                     latest = self._attached.pop((key, kind), None)
                     if latest is not None and latest[0] == day:
@@ -529,16 +535,18 @@ class IdentityGraph:
     def _refusal(self, link: Link, members_a: list[str], members_b: list[str]) -> tuple[str, str] | None:
         config = self.config
         for kind in config.unique_kinds:
-            held_a = {m for m in members_a if kind_of(m) == kind}
-            held_b = {m for m in members_b if kind_of(m) == kind}
-            if held_a and held_b and held_a != held_b:
-                return "refuse_conflict", f"both persons hold a different {kind}"
+            prefix = kind + ":"
+            held_a = {m for m in members_a if m.startswith(prefix)}
+            if held_a:
+                held_b = {m for m in members_b if m.startswith(prefix)}
+                if held_b and held_a != held_b:
+                    return "refuse_conflict", f"both persons hold a different {kind}"
         day = link.at_ms // DAY_MS
         for kind, limit in config.daily_limits.items():
             count = 0
             for members in (members_a, members_b):
                 if len(members) == 1:
-                    count += kind_of(members[0]) == kind
+                    count += members[0].startswith(kind + ":")
                 else:
                     latest = self._attached.get((self._person[members[0]], kind))
                     count += latest[1] if latest is not None and latest[0] == day else 0
