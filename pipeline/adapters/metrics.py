@@ -25,6 +25,10 @@ CONSUMER_LAG = Gauge("touchpoint_consumer_lag_events", "Records not yet read (hi
                      ["topic", "partition"])
 WATERMARK_LAG = Gauge("touchpoint_watermark_lag_seconds", "Wall clock minus the partition's event-time watermark.",
                       ["partition"])
+IDENTIFIERS = Gauge("touchpoint_identity_identifiers", "Identifiers in this worker's copy of the identity graph.")
+IDENTITY_DECISIONS = Counter("touchpoint_identity_decisions",
+                             "Identity graph decisions: merge, refuse_conflict, refuse_limit, forget.", ["action"])
+ROLE_TRANSITIONS = Counter("touchpoint_role_transitions", "Role changes written, by new role.", ["to_role"])
 ALERTS_FIRED = Counter("touchpoint_alerts_fired", "Alerts raised, by rule and severity.", ["rule", "severity"])
 
 

@@ -236,6 +236,12 @@ class TouchpointHandler:
             metrics.LATE.labels(channel).inc(n)
         for channel, n in output.duplicates.items():
             metrics.DUPLICATES.labels(channel).inc(n)
+        for record in output.identity.audit:
+            metrics.IDENTITY_DECISIONS.labels(record.action).inc()
+        for transition in output.identity.transitions:
+            metrics.ROLE_TRANSITIONS.labels(transition.to_role).inc()
+        if self.processor.enricher.graph is not None:
+            metrics.IDENTIFIERS.set(len(self.processor.enricher.graph))
         for alert in alerts:
             metrics.ALERTS_FIRED.labels(alert.rule, alert.severity).inc()
             log.warning("ALERT %s: %s", alert.rule, alert.message)
