@@ -102,16 +102,9 @@ def _preload_operations(count: int) -> list[Any]:
 
 
 def _preload(bench: Settings, ops: list[Any]) -> None:
-    from kafka import KafkaProducer
+    from pipeline.adapters.identity_log import encode_chunks, write_chunks
 
-    from pipeline.adapters.identity_log import encode_records
-
-    producer = KafkaProducer(bootstrap_servers=bench.kafka.bootstrap_servers, client_id="touchpoint-bench",
-                             max_request_size=8 * 1024 * 1024)
-    for value in encode_records(ops):
-        producer.send(bench.identity.topic, value=value)
-    producer.flush()
-    producer.close()
+    write_chunks(bench, encode_chunks(ops), "preload")
 
 
 def _rss_bytes() -> int:
@@ -165,7 +158,6 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
     bench.kafka.dead_letter_topic = f"bench-{run}.deadletter"
     bench.kafka.consumer_group = f"bench-{run}"
     bench.clickhouse.database = f"bench_{run}"
-    bench.identity.topic = f"bench-{run}.identity"
     bench.identity.enabled = identity
     initialise(bench)
     preload = _preload_operations(preload_identities) if identity and preload_identities else []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.adapters.clickhouse import apply_migrations
+from pipeline.adapters.identity_log import changelog_topic
 from pipeline.adapters.kafka import ensure_topics
 from pipeline.contract.registry import contract_schemas, open_registry
 from pipeline.settings import Settings
@@ -19,9 +20,11 @@ class InitReport:
 
 def initialise(settings: Settings) -> InitReport:
     kafka = settings.kafka
-    created = ensure_topics(kafka.bootstrap_servers, {kafka.topic: kafka.partitions, kafka.dead_letter_topic: 1,
-                                                        settings.identity.topic: 1},
+    created = ensure_topics(kafka.bootstrap_servers, {kafka.topic: kafka.partitions, kafka.dead_letter_topic: 1},
                             kafka.replication_factor)
+    # The identity table's changelog, as Faust would create it: one partition, compacted.
+    created += ensure_topics(kafka.bootstrap_servers, {changelog_topic(settings): 1}, kafka.replication_factor,
+                             config={"cleanup.policy": "compact"})
     registry = open_registry(settings.registry.url)
     ids = [registry.register(settings.registry.subject, schema) for schema in contract_schemas()]
     applied = apply_migrations(settings.clickhouse)

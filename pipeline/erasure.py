@@ -2,8 +2,8 @@
 
 1. Find every person id the identifier has belonged to (rows, and aliases after merges) and every identifier
    those persons were resolved from.
-2. Publish a Forget operation per identifier on the shared identity log: every worker drops the person from its
-   graph, and replays of their old events no longer identify them.
+2. Write a Forget operation per identifier to the identity table (pipeline/adapters/identity_log.py): every
+   worker drops the person from its graph, and replays of their old events no longer identify them.
 3. Delete their rows from touchpoints, person_aliases, role_transitions and identity_audit, and wait until
    ClickHouse has applied the deletions.
 4. Record the erasure in identity_audit under the identifier's SHA-256 only.
@@ -16,10 +16,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from kafka import KafkaProducer
-
 from pipeline.adapters.clickhouse import connect
-from pipeline.adapters.identity_log import encode_records
+from pipeline.adapters.identity_log import encode_chunks, write_chunks
 from pipeline.core.identity import KINDS, Forget, identifier_hash, person_id_of
 from pipeline.settings import Settings
 
@@ -67,13 +65,7 @@ def forget(settings: Settings, identifier: str, *, settle_s: float = 2.0, timeou
     rows_before = client.execute("SELECT count() FROM touchpoints WHERE person_id IN %(p)s OR "
                                  "hasAny(resolved_from, %(i)s)", {"p": tuple(persons), "i": list(ids)})[0][0]
     now_ms = int(time.time() * 1000)
-    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, client_id="touchpoint-forget")
-    try:
-        for value in encode_records(Forget(i, now_ms) for i in sorted(ids)):
-            producer.send(settings.identity.topic, value=value)
-        producer.flush()
-    finally:
-        producer.close()
+    write_chunks(settings, encode_chunks(Forget(i, now_ms) for i in sorted(ids)), "forget")
     time.sleep(settle_s)  # let workers apply it and flush what they had buffered, so those rows go too
     params = {"p": tuple(persons), "i": list(ids), "it": tuple(ids)}  # IN takes a tuple, hasAny an array
     for statement in (

@@ -66,7 +66,10 @@ class BatchSettings(BaseModel):
 
 class IdentitySettings(BaseModel):
     enabled: bool = Field(True, description="Resolve persons and roles through the identity graph.")
-    topic: str = Field("touchpoints.identity", description="The shared identity log every worker replays.")
+    table: str = Field("identity", description="Faust global table of identity operations; its changelog topic "
+                                               "is <consumer group>-<table>-changelog.")
+    store: str = Field("memory://", description="Faust table store: memory:// or rocksdb:// (on disk, under "
+                                                "the state dir; for large graphs).")
     unique_kinds: list[str] = Field(["customer_id", "user_id"],
                                     description="Identifier kinds a person holds one value of: never merged.")
     extra_blocked_values: list[str] = Field(["nil", "n/a", "guest"],

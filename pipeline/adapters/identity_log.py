@@ -1,89 +1,95 @@
-"""The shared identity log: every worker publishes the identity operations it derived (links, facts, erasures)
-and replays everyone's, from the start, into its own replica of the graph. The graph is a function of the set
-of operations, not their order, so replicas agree without coordination; a restarted worker rebuilds its graph
-by reading the log again before it processes a touchpoint.
+"""Identity state in a Faust global table: every worker holds all of it.
 
-One topic, read whole by every worker with manually assigned partitions (no consumer group): a group would
-split the log between workers, and each needs all of it.
+Each worker writes the identity operations it derived (links, timestamped facts, erasures) to the table, a
+chunk per key, and every worker applies every chunk to its own copy of the graph. The graph is a function of
+the set of operations, not their order, so the copies agree without coordination.
+
+The table is a Faust GlobalTable with `use_partitioner` (writes from outside an agent, every changelog partition
+a standby of every worker) and `recovery_buffer_size=1` (other workers' writes are applied as they come, not a
+thousand at a time): its changelog topic is the identity log, it survives restarts and rebalances, and with
+`identity.store = "rocksdb://"` it lives on disk and a restart reads only the changelog's tail.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from faust.tables.globaltable import GlobalTable
 
 from pipeline.core.identity import Operation, decode_operation, encode_operation
+from pipeline.settings import Settings
 
-log = logging.getLogger("touchpoint.identity")
-
-ORIGIN_HEADER = "origin"
-OPERATIONS_PER_RECORD = 2_000  # keeps a record far below the broker's default 1 MB limit
+OPERATIONS_PER_CHUNK = 2_000  # keeps a changelog record far below the broker's default 1 MB limit
 
 
-def encode_records(operations: Iterable[Operation]) -> list[bytes]:
-    """Operations as JSON arrays, many to a Kafka record: the log carries few bytes and few records."""
+def changelog_topic(settings: Settings) -> str:
+    """Faust names a table's changelog `<app id>-<table>-changelog`; the app id is the consumer group."""
+    return f"{settings.kafka.consumer_group}-{settings.identity.table}-changelog"
+
+
+def encode_chunks(operations: Iterable[Operation]) -> list[str]:
+    """Operations as JSON arrays, many to a chunk: the log carries few bytes and few records."""
     encoded = [encode_operation(op) for op in operations]
-    return [json.dumps(encoded[i:i + OPERATIONS_PER_RECORD], separators=(",", ":")).encode()
-            for i in range(0, len(encoded), OPERATIONS_PER_RECORD)]
+    return [json.dumps(encoded[i:i + OPERATIONS_PER_CHUNK], separators=(",", ":"))
+            for i in range(0, len(encoded), OPERATIONS_PER_CHUNK)]
 
 
-def decode_record(value: bytes) -> list[Operation]:
+def decode_chunk(value: str) -> list[Operation]:
     return [decode_operation(item) for item in json.loads(value)]
 
 
-class IdentityLogReader:
-    def __init__(self, bootstrap_servers: str, topic: str) -> None:
-        self.topic = topic
-        self.bootstrap_servers = bootstrap_servers
-        self.origin = uuid.uuid4().hex.encode()  # this process: its own records are already applied
-        self._consumer: AIOKafkaConsumer
-        self._partitions: list[TopicPartition] = []
-        self.applied = 0
+class IdentityTable(GlobalTable):
+    """Chunk key -> chunk of identity operations. Hands what other workers write to `on_operations`."""
 
-    async def start(self) -> None:
-        # Created here: aiokafka binds to the running event loop.
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, group_id=None,
-                                          enable_auto_commit=False, auto_offset_reset="earliest",
-                                          max_partition_fetch_bytes=8 * 1024 * 1024)
-        await self._consumer.start()
-        partitions = self._consumer.partitions_for_topic(self.topic)
-        if not partitions:
-            await self._consumer.stop()
-            raise RuntimeError(f"identity log topic {self.topic!r} does not exist: run `touchpoint init`")
-        self._partitions = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-        self._consumer.assign(self._partitions)
-        await self._consumer.seek_to_beginning(*self._partitions)
+    on_operations: Callable[[list[Operation]], None] | None = None
+    origin: str = uuid.uuid4().hex  # this process: chunks it wrote are in its graph already
 
-    async def recover(self) -> list[Operation]:
-        """Everything in the log up to now: the state this worker starts from."""
-        ends = await self._consumer.end_offsets(self._partitions)
+    def apply_changelog_batch(self, batch: Iterable[Any]) -> None:
+        events = list(batch)
+        super().apply_changelog_batch(events)
+        if self.on_operations is None:
+            return
         operations: list[Operation] = []
-        while await self._behind(ends):
-            operations.extend(await self.poll(timeout_ms=500, own_too=True))
-        log.info("Identity log replayed: %d operations", len(operations))
+        for event in events:
+            key, value = self._to_key(event.key), self._to_value(event.value)
+            if value is not None and not str(key).startswith(self.origin):
+                operations.extend(decode_chunk(value))
+        if operations:
+            self.on_operations(operations)
+
+    def all_operations(self) -> list[Operation]:
+        """Everything in the table: what a (re)started worker builds its graph from."""
+        operations: list[Operation] = []
+        for value in self.values():
+            operations.extend(decode_chunk(value))
         return operations
 
-    async def _behind(self, ends: dict[TopicPartition, int]) -> bool:
-        for tp, end in ends.items():
-            if await self._consumer.position(tp) < end:
-                return True
-        return False
 
-    async def poll(self, timeout_ms: int = 0, *, own_too: bool = False) -> list[Operation]:
-        """What other workers published since the last poll (aiokafka fetches in the background)."""
-        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=50)
-        operations: list[Operation] = []
-        for records in batches.values():
-            for record in records:
-                if not own_too and (ORIGIN_HEADER, self.origin) in (record.headers or ()):
-                    continue
-                operations.extend(decode_record(record.value))
-        self.applied += len(operations)
-        return operations
+def new_identity_table(app: Any, settings: Settings) -> IdentityTable:
+    table = IdentityTable(
+        app, name=settings.identity.table, default=None, key_type=str, value_type=str, partitions=1,
+        beacon=app.tables.beacon, is_global=True, use_partitioner=True, standby_buffer_size=1,
+        recovery_buffer_size=1, help="Identity operations (links, facts, erasures), a chunk per key.",
+    )
+    app.tables.add(table)
+    return table
 
-    async def stop(self) -> None:
-        await self._consumer.stop()
+
+def write_chunks(settings: Settings, chunks: list[str], prefix: str) -> None:
+    """Write chunks into the table from outside a worker (erasure, the bench's preload), encoded as Faust does
+    for str keys and values (JSON), so the workers' tables take them like their own."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, client_id=f"touchpoint-{prefix}",
+                             max_request_size=8 * 1024 * 1024)
+    try:
+        batch = uuid.uuid4().hex
+        for n, chunk in enumerate(chunks):
+            producer.send(changelog_topic(settings), key=json.dumps(f"{prefix}:{batch}:{n}").encode(),
+                          value=json.dumps(chunk).encode())
+        producer.flush()
+    finally:
+        producer.close()

@@ -23,12 +23,13 @@ from pipeline.core.enrich import identifiers_of
 from pipeline.core.validate import BLANK_IDENTIFIERS, violation
 
 
-def ensure_topics(bootstrap_servers: str, topics: dict[str, int], replication_factor: int = 1) -> list[str]:
+def ensure_topics(bootstrap_servers: str, topics: dict[str, int], replication_factor: int = 1,
+                  config: dict[str, str] | None = None) -> list[str]:
     """Create the missing topics (name -> partitions); returns the ones created."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="touchpoint-admin")
     try:
         existing = set(admin.list_topics())
-        wanted = [NewTopic(name, partitions, replication_factor)
+        wanted = [NewTopic(name, partitions, replication_factor, topic_configs=config or {})
                   for name, partitions in topics.items() if name not in existing]
         if wanted:
             try:

@@ -25,7 +25,7 @@ from mode import Service
 
 from pipeline.adapters import metrics
 from pipeline.adapters.clickhouse import ClickHouseSink
-from pipeline.adapters.identity_log import ORIGIN_HEADER, IdentityLogReader, encode_records
+from pipeline.adapters.identity_log import IdentityTable, encode_chunks, new_identity_table
 from pipeline.contract.registry import open_registry, parse_for_decoding
 from pipeline.core.aggregate import NEVER
 from pipeline.core.evaluate import Alert, AlertRule
@@ -54,9 +54,10 @@ class TouchpointHandler:
             settings.identity.core(),
             identity_enabled=settings.identity.enabled,
         )
-        self.identity_log = (IdentityLogReader(settings.kafka.bootstrap_servers, settings.identity.topic)
-                             if settings.identity.enabled else None)
+        self.identity_table: IdentityTable | None = None  # set by create_app when identity is on
         self._identity_ready = False
+        self._identity_pending: list[Any] = []  # other workers' operations, as the table hands them over
+        self._identity_chunks = 0
         self.rules = [AlertRule(**rule.model_dump()) for rule in settings.alert_rules]
         self.sink = ClickHouseSink(settings.clickhouse, settings.kafka.consumer_group, self.topic,
                                    observe=metrics.observe_insert)
@@ -73,21 +74,25 @@ class TouchpointHandler:
             self._parsed[schema_id] = None if schema is None else parse_for_decoding(schema)
         return self._parsed[schema_id]
 
+    def on_identity_operations(self, operations: list[Any]) -> None:
+        self._identity_pending.extend(operations)
+
     async def _sync_identity(self) -> None:
-        """Replay the identity log before the first touchpoint; afterwards pick up other workers' operations."""
-        reader = self.identity_log
-        if reader is None:
+        """Build the graph from the whole table before the first touchpoint (Faust has recovered the table by
+        then); afterwards apply other workers' operations as the table receives them."""
+        table = self.identity_table
+        if table is None:
             return
         if not self._identity_ready:
             started = time.monotonic()
-            await reader.start()
-            self.processor.apply_identity(await reader.recover(), replay=True)
+            self.processor.apply_identity(table.all_operations(), replay=True)
+            self._identity_pending.clear()  # recovery handed these over too; they are in the table
             self._identity_ready = True
             log.info("Identity graph ready: %d identifiers in %.1f s", len(self.processor.enricher.graph or ()),
                      time.monotonic() - started)
             return
-        operations = await reader.poll()
-        if operations:
+        if self._identity_pending:
+            operations, self._identity_pending = self._identity_pending, []
             self.processor.apply_identity(operations)
             if self._first_buffered_at is None:
                 self._first_buffered_at = time.monotonic()
@@ -171,11 +176,12 @@ class TouchpointHandler:
                 or output.identity):
             await self.drain(consumer)
             producer = self.app.producer
-            if self.identity_log is not None:
-                # Shared before the offsets that produced them are committed (the commit flushes the producer).
-                origin = [(ORIGIN_HEADER, self.identity_log.origin)]
-                for value in encode_records(output.identity.operations):
-                    await producer.send(self.settings.identity.topic, None, value, None, None, origin)
+            table = self.identity_table
+            if table is not None:
+                # Written before the offsets that produced them are committed (the commit flushes the producer).
+                for chunk in encode_chunks(output.identity.operations):
+                    self._identity_chunks += 1
+                    table[f"{table.origin}:{self._identity_chunks}"] = chunk
             for dead in output.dead_letters:
                 record = dead.record
                 headers = [("reason", dead.reason.encode()), ("detail", dead.detail.encode()),
@@ -213,7 +219,8 @@ class TouchpointHandler:
         offsets = {TP(self.topic, p): cp.commit_offset for p, cp in output.checkpoints.items()
                    if cp.commit_offset > 0}
         if offsets:
-            # Flushes the producer (dead letters) first, then commits: nothing is committed before it is stored.
+            # Dead letters and identity chunks reach Kafka before the offsets that produced them are committed.
+            await self.app.producer.flush()
             try:
                 await consumer._commit_offsets(offsets)
             except Exception as exc:  # e.g. a rebalance under way: the data is stored, a later commit covers it
@@ -271,6 +278,18 @@ class BatchConsumer(aiokafka_driver.Consumer):
             while not (stopped() or fetcher_stopped()):
                 generation = self.app.consumer_generation_id
                 records, _active = await self._wait_next_records(timeout=0.2)
+                if self._recovering():
+                    # Faust is recovering the identity table: when done it seeks every partition to its committed
+                    # offset (a partition without one keeps its position, hence the seek back below); nothing may
+                    # run before the graph and the offsets are known.
+                    # The table's changelog records take Faust's own path, which is the recovery.
+                    for tp, batch in records.items():
+                        if tp.topic == handler.topic and batch:
+                            await self._seek(tp, batch[0].offset)  # not read: fetch them again afterwards
+                    records = {tp: batch for tp, batch in records.items() if tp.topic != handler.topic}
+                    if records:
+                        await self._dispatch(handler, records)
+                    continue
                 if records and not self.should_stop and generation == self.app.consumer_generation_id:
                     await self._dispatch(handler, records)
                 await handler.on_idle(self)
@@ -280,6 +299,9 @@ class BatchConsumer(aiokafka_driver.Consumer):
                 await handler.flush(self, wait=True)
             except Exception:  # shutting down: whatever was not flushed is replayed from the committed offset
                 log.exception("Final flush failed; the next start replays from the last committed offset")
+
+    def _recovering(self) -> bool:
+        return bool(self.app.in_recovery) or not self.app.tables.recovery.completed.is_set()
 
     async def _dispatch(self, handler: TouchpointHandler, records: Mapping[TP, Sequence[Any]]) -> None:
         assignment = self.assignment()
@@ -321,12 +343,15 @@ def create_app(settings: Settings) -> TouchpointApp:
         broker_session_timeout=settings.kafka.session_timeout_s,
         broker_heartbeat_interval=max(1.0, settings.kafka.session_timeout_s / 4),
         datadir=str(settings.stack.state_dir / "faust"),
-        store="memory://",
+        store=settings.identity.store,
     )
     app.topics.add(app.topic(settings.kafka.topic, value_serializer="raw", key_serializer="raw"))
     handler = TouchpointHandler(app, settings)
     BatchConsumer.handler = handler
     app.touchpoint_handler = handler  # type: ignore[attr-defined]
+    if settings.identity.enabled:
+        handler.identity_table = new_identity_table(app, settings)
+        handler.identity_table.on_operations = handler.on_identity_operations
 
     @app.on_partitions_revoked.connect
     async def _on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:

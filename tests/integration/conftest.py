@@ -29,7 +29,6 @@ def isolated(stack_settings: Settings) -> Iterator[Settings]:
     settings = stack_settings.model_copy(deep=True)
     settings.kafka.topic = f"it-{run}"
     settings.kafka.dead_letter_topic = f"it-{run}.deadletter"
-    settings.identity.topic = f"it-{run}.identity"
     settings.kafka.consumer_group = f"it-{run}"
     settings.kafka.partitions = 4
     settings.clickhouse.database = f"it_{run}"
