@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import uuid
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from faust.streams import _current_event
 from faust.tables.globaltable import GlobalTable
 
 from pipeline.core.identity import Operation, decode_operation, encode_operation
@@ -41,6 +43,14 @@ def decode_chunk(value: str) -> list[Operation]:
     return [decode_operation(item) for item in json.loads(value)]
 
 
+class _StandInMessage:
+    partition = 0
+
+
+class _StandInEvent:
+    message = _StandInMessage()
+
+
 class IdentityTable(GlobalTable):
     """Chunk key -> chunk of identity operations. Hands what other workers write to `on_operations`."""
 
@@ -59,6 +69,17 @@ class IdentityTable(GlobalTable):
                 operations.extend(decode_chunk(value))
         if operations:
             self.on_operations(operations)
+
+    def write(self, key: str, chunk: str) -> None:
+        """Write a chunk from outside an agent. Faust's rocksdb store takes the partition of a write from the
+        event being processed, even for a global table; the table has one partition, so a stand-in event on
+        partition 0 is the truth, and the memory store ignores it."""
+        stand_in = _StandInEvent()
+        token = _current_event.set(weakref.ref(stand_in))
+        try:
+            self[key] = chunk
+        finally:
+            _current_event.reset(token)
 
     def all_operations(self) -> list[Operation]:
         """Everything in the table: what a (re)started worker builds its graph from."""

@@ -181,7 +181,7 @@ class TouchpointHandler:
                 # Written before the offsets that produced them are committed (the commit flushes the producer).
                 for chunk in encode_chunks(output.identity.operations):
                     self._identity_chunks += 1
-                    table[f"{table.origin}:{self._identity_chunks}"] = chunk
+                    table.write(f"{table.origin}:{self._identity_chunks}", chunk)
             for dead in output.dead_letters:
                 record = dead.record
                 headers = [("reason", dead.reason.encode()), ("detail", dead.detail.encode()),

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from kafka.partitioner import murmur2
 
 from pipeline.core.identity import person_id_of
@@ -129,3 +130,23 @@ def test_forget_erases_a_person_everywhere_and_is_idempotent(isolated, publisher
     audit = ch.execute("SELECT reason FROM identity_audit WHERE action = 'erasure' ORDER BY recorded_at_ms")
     assert [reason.split(",")[0] for (reason,) in audit] == ["3 identifiers", "0 identifiers"]
     assert worker.process.poll() is None
+
+
+@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
+def test_identity_survives_a_restart(isolated, publisher, start_worker, ch, store):
+    isolated.identity.store = store
+    first = start_worker(isolated)
+    now = int(time.time() * 1000) - 60_000
+    publisher.publish_many([touchpoint("r1", now, event_type="identify", anonymous_id="dev-r", user_id="u-r")])
+    publisher.flush()
+    wait_until(lambda: ch.execute("SELECT count() FROM touchpoints")[0][0] == 1, 60, "the login", first)
+    assert first.stop() == 0
+    second = start_worker(isolated)
+    publisher.publish_many([touchpoint("r2", now + 1_000, channel="MOBILE_APP", event_type="screen_view",
+                                       anonymous_id="dev-r")])
+    publisher.flush()
+    wait_until(lambda: ch.execute("SELECT uniqExact(event_id) FROM touchpoints")[0][0] == 2, 60, "the later event",
+               second)
+    rows = dict(ch.execute("SELECT event_id, person_id FROM touchpoints FINAL"))
+    assert rows == {"r1": person_id_of("user_id:u-r"), "r2": person_id_of("user_id:u-r")}
+    assert "Identity graph ready: 2 identifiers" in second.log_path.read_text()
