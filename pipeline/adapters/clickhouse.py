@@ -1,4 +1,5 @@
-"""ClickHouse adapter: versioned migrations, columnar batch inserts, checkpoints."""
+"""ClickHouse adapter: versioned migrations, columnar batch inserts of touchpoints and indicator cells, alerts
+judged from stored cells, hourly/daily rollups, pane restore and checkpoints."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from clickhouse_driver import Client
 
-from pipeline.core.aggregate import Checkpoint
+from pipeline.core.aggregate import Checkpoint, WindowCell
 from pipeline.core.evaluate import Alert, AlertRule, WindowTotal, judge
 from pipeline.core.indicators import BY_ID
 from pipeline.core.processor import TOUCHPOINT_COLUMNS, Output
@@ -82,8 +83,9 @@ def apply_migrations(settings: ClickHouseSettings) -> list[Migration]:
 
 InsertObserver = Callable[[str, float, int], None]  # (table, seconds, rows)
 
-_WINDOW_COLUMNS = ("window_start", "window_end", "tenant", "channel", "indicator", "family",
-                   "source_partition", "numerator", "denominator", "emitted_at_ms")
+_CELL_COLUMNS = ("window_kind", "window_start", "window_end", "tenant", "channel", "role", "flow", "device_class",
+                 "indicator", "family", "quantile", "source_partition", "count", "total", "sketch_keys",
+                 "sketch_counts", "emitted_at_ms")
 _ALERT_COLUMNS = ("alert_id", "rule", "indicator", "family", "severity", "tenant", "channel", "window_start",
                   "window_end", "value", "threshold", "comparison", "numerator", "denominator", "message",
                   "fired_at_ms")
@@ -91,15 +93,92 @@ _CHECKPOINT_COLUMNS = ("consumer_group", "topic", "partition", "commit_offset", 
                        "closed_before_ms", "written_at_ms")
 
 
+# Quantile sketch constants (the spec of pipeline/core/sketch.py), repeated in the SQL of the views.
+SKETCH_GAMMA = (1 + 0.01) / (1 - 0.01)
+SKETCH_ZERO_KEY = -(2**31) + 1
+_QUANTILE_SUFFIX = re.compile(r"_p(\d{2})$")  # lcp_p75 -> 0.75, for indicators the registry gives no q
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+# A session cell starts up to its maximum length (4 h) plus the inactivity gap (30 min) before it is emitted, so
+# the hours that recent so far back are rolled again as their sessions close (a roll replaces the previous one).
+SESSION_SETTLE_MS = 4 * HOUR_MS + 1_800_000
+ROLLUP_KINDS = ("1m", "session")  # '15m' hopping windows overlap: summing them into a period would overcount
+
+
+def indicator_quantile(indicator_id: str) -> float:
+    """q of a quantile indicator (0.0 for ratios and means): from the registry, else from an _pNN suffix."""
+    indicator = BY_ID.get(indicator_id)
+    for attribute in ("q", "quantile"):
+        value = getattr(indicator, attribute, None)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    match = _QUANTILE_SUFFIX.search(indicator_id)
+    return int(match[1]) / 100 if match else 0.0
+
+
+def sketch_value(key: int) -> float:
+    """Representative value of a sketch key (0.0 for the zero key)."""
+    return 0.0 if key == SKETCH_ZERO_KEY else 2 * SKETCH_GAMMA**key / (SKETCH_GAMMA + 1)
+
+
+def sketch_quantile(keys: Sequence[int], counts: Sequence[int], q: float) -> float | None:
+    """Lower-rank quantile of merged buckets (keys ascending): what the SQL views compute."""
+    n = sum(counts)
+    if n <= 0:
+        return None
+    rank = q * (n - 1)
+    cumulative = 0
+    for key, count in zip(keys, counts, strict=True):
+        cumulative += count
+        if cumulative > rank:
+            return sketch_value(key)
+    return sketch_value(keys[-1])
+
+
+def rollup_statements(partition: int, hours_from_ms: int, hours_to_ms: int, days_from_ms: int, days_to_ms: int,
+                      now_ms: int) -> list[str]:
+    """INSERT ... SELECT statements that roll one partition's hours [hours_from, hours_to) up from the final cells,
+    then its days [days_from, days_to) from the hourly rows. Arguments are whole numbers, hence inlined (chdb
+    runs the same text in the unit tests)."""
+    statements = []
+    kinds = ", ".join(f"'{kind}'" for kind in ROLLUP_KINDS)
+    columns = ("period_start, window_kind, tenant, channel, role, flow, device_class, indicator, family, quantile, "
+               "source_partition, count, total, sketch_keys, sketch_counts, rolled_at_ms")
+    # Inner names (cnt, tot, ...) differ from the columns: ClickHouse 18.16 misreads `sum(count) AS count`.
+    select = ("SELECT period, window_kind, tenant, channel, role, flow, device_class, indicator, fam, q, "
+              f"source_partition, cnt, tot, merged.1, merged.2, {int(now_ms)} FROM (SELECT {{period}} AS period, "
+              "window_kind, tenant, channel, role, flow, device_class, indicator, source_partition, "
+              "any(family) AS fam, max(quantile) AS q, sum(count) AS cnt, sum(total) AS tot, "
+              "sumMap(sketch_keys, sketch_counts) AS merged FROM {source} FINAL WHERE source_partition = "
+              f"{int(partition)} AND {{where}} GROUP BY period, window_kind, tenant, channel, role, flow, "
+              "device_class, indicator, source_partition)")
+    if hours_to_ms > hours_from_ms:
+        where = (f"window_kind IN ({kinds}) AND window_start >= toDateTime({int(hours_from_ms) // 1000}) "
+                 f"AND window_start < toDateTime({int(hours_to_ms) // 1000})")
+        statements.append(f"INSERT INTO indicator_rollup_hourly ({columns}) " + select.format(
+            period="toStartOfHour(window_start)", source="indicator_cells", where=where))
+    if days_to_ms > days_from_ms:
+        where = (f"period_start >= toDateTime({int(days_from_ms) // 1000}) "
+                 f"AND period_start < toDateTime({int(days_to_ms) // 1000})")
+        statements.append(f"INSERT INTO indicator_rollup_daily ({columns}) " + select.format(
+            period="toStartOfDay(period_start)", source="indicator_rollup_hourly", where=where))
+    return statements
+
+
 class ClickHouseSink:
     """Writes a flush of core output; checkpoints go last, so they never claim rows that are not there."""
 
     def __init__(self, settings: ClickHouseSettings, consumer_group: str, topic: str,
-                 observe: InsertObserver | None = None) -> None:
+                 observe: InsertObserver | None = None, *, rollup_settle_ms: int = SESSION_SETTLE_MS) -> None:
         self.client = connect(settings)
         self.consumer_group = consumer_group
         self.topic = topic
         self.observe = observe
+        self.rollup_settle_ms = rollup_settle_ms
+        self._rolled_until: dict[int, int] = {}  # partition -> end of the last hour rolled up (ms)
+        self._hour_seen: dict[int, int] = {}  # partition -> hour of its closed horizon at the last roll_up
+        self._families: dict[str, str] = {}
+        self._quantiles: dict[str, float] = {}
 
     def _insert(self, table: str, columns: tuple[str, ...], data: list[list[object]]) -> None:
         rows = len(data[0]) if data else 0
@@ -111,20 +190,15 @@ class ClickHouseSink:
             self.observe(table, time.perf_counter() - started, rows)
 
     def write(self, output: Output, rules: Sequence[AlertRule]) -> list[Alert]:
-        """Rows and windows, then the alerts of windows now closed everywhere (judged from the stored rows, so
-        partials written before a crash count), then the checkpoints. Returns the alerts raised."""
+        """Rows and cells, then the alerts of windows now closed everywhere (judged from the stored cells, so
+        partials written before a crash count), then the checkpoints, then the rollups of hours and days the
+        checkpoints closed. Returns the alerts raised."""
         now_ms = int(time.time() * 1000)
         if output.touchpoints:
             columns = [list(column) for column in zip(*output.touchpoints, strict=True)]
             self._insert("touchpoints", TOUCHPOINT_COLUMNS, columns)
         if output.window_cells:
-            cells = output.window_cells
-            self._insert("indicator_windows", _WINDOW_COLUMNS, [
-                [c.window_start_ms // 1000 for c in cells], [c.window_end_ms // 1000 for c in cells],
-                [c.tenant for c in cells], [c.channel for c in cells], [c.indicator for c in cells],
-                [BY_ID[c.indicator].family.value for c in cells], [c.partition for c in cells],
-                [c.numerator for c in cells], [c.denominator for c in cells], [now_ms] * len(cells),
-            ])
+            self.write_cells(output.window_cells, now_ms)
         alerts: list[Alert] = []
         if output.judge_before_ms is not None and output.judge_partitions and rules:
             totals = self.window_totals(output.judge_from_ms or 0, output.judge_before_ms, output.judge_partitions,
@@ -145,22 +219,139 @@ class ClickHouseSink:
                 [c.commit_offset for c in cps], [c.read_offset for c in cps], [c.watermark_ms for c in cps],
                 [c.closed_before_ms for c in cps], [now_ms] * len(cps),
             ])
+            for cp in cps:
+                # Rolling needs a query or two: only when the partition's closed horizon entered a new hour.
+                hour = cp.closed_before_ms - cp.closed_before_ms % HOUR_MS
+                if self._hour_seen.get(cp.partition) != hour:
+                    self.roll_up(cp.partition, cp.closed_before_ms, now_ms)
+                    self._hour_seen[cp.partition] = hour
         return alerts
+
+    def _family(self, indicator: str) -> str:
+        family = self._families.get(indicator)
+        if family is None:
+            family = self._families[indicator] = BY_ID[indicator].family.value
+        return family
+
+    def _quantile(self, indicator: str) -> float:
+        q = self._quantiles.get(indicator)
+        if q is None:
+            q = self._quantiles[indicator] = indicator_quantile(indicator)
+        return q
+
+    def write_cells(self, cells: Sequence[WindowCell], now_ms: int | None = None) -> None:
+        """One columnar insert of closed cells; a replayed cell has the same key and replaces the first copy."""
+        if not cells:
+            return
+        family, quantile = self._family, self._quantile
+        keys: list[list[int]] = []
+        counts: list[list[int]] = []
+        for c in cells:
+            keys.append([k for k, _ in c.sketch])
+            counts.append([n for _, n in c.sketch])
+        emitted = int(time.time() * 1000) if now_ms is None else now_ms
+        self._insert("indicator_cells", _CELL_COLUMNS, [
+            [c.window_kind for c in cells], [c.window_start_ms // 1000 for c in cells],
+            [c.window_end_ms // 1000 for c in cells], [c.tenant for c in cells], [c.channel for c in cells],
+            [c.role for c in cells], [c.flow for c in cells], [c.device_class for c in cells],
+            [c.indicator for c in cells], [family(c.indicator) for c in cells],
+            [quantile(c.indicator) for c in cells], [c.partition for c in cells], [c.count for c in cells],
+            [c.total for c in cells], keys, counts, [emitted] * len(cells),
+        ])
 
     def window_totals(self, from_ms: int, before_ms: int, partitions: Sequence[int],
                       indicators: set[str]) -> list[WindowTotal]:
-        """Indicator totals of the windows starting in [from, before), over the given source partitions."""
+        """Indicator totals of the '1m' windows starting in [from, before), over the given source partitions,
+        summed over role, flow and device class. A quantile indicator's total is its sketch quantile times its
+        count, so total / count is the quantile the views show."""
         rows = self.client.execute(
-            "SELECT toUInt32(window_start), toUInt32(any(window_end)), tenant, toString(channel), indicator, "
-            "sum(numerator), sum(denominator) FROM indicator_windows FINAL "
-            "WHERE window_start >= toDateTime(%(start)s) AND window_start < toDateTime(%(end)s) "
+            "SELECT toUInt32(window_start), toUInt32(any(window_end)), tenant, channel, indicator, "
+            "sum(total), sum(count), max(quantile), sumMap(sketch_keys, sketch_counts) FROM indicator_cells FINAL "
+            "WHERE window_kind = '1m' AND window_start >= toDateTime(%(start)s) "
+            "AND window_start < toDateTime(%(end)s) "
             "AND source_partition IN %(partitions)s AND indicator IN %(indicators)s "
             "GROUP BY window_start, tenant, channel, indicator",
             {"start": max(0, from_ms // 1000), "end": max(0, before_ms // 1000), "partitions": tuple(partitions),
              "indicators": tuple(sorted(indicators))},
         )
-        return [WindowTotal(start * 1000, end * 1000, tenant, channel, indicator, num, den)
-                for start, end, tenant, channel, indicator, num, den in rows]
+        totals = []
+        for start, end, tenant, channel, indicator, total, count, q, (keys, counts) in rows:
+            if q > 0:
+                value = sketch_quantile(keys, counts, q)
+                total = 0.0 if value is None else value * count
+            totals.append(WindowTotal(start * 1000, end * 1000, tenant, channel, indicator, total, count))
+        return totals
+
+    def recent_panes(self, partition: int, before_ms: int, count: int) -> list[WindowCell]:
+        """The cells of a partition's '1m' panes among the last `count` pane slots that start before `before_ms`
+        (its closed horizon): what a restarted worker needs to rebuild its hopping windows. Empty panes have no
+        cells, so fewer than `count` panes may come back; ordered by window start."""
+        if count <= 0:
+            return []
+        # A pane is among the last `count` when its start + count * its length reaches before_ms.
+        rows = self.client.execute(
+            "SELECT toUInt32(window_start), toUInt32(window_end), tenant, channel, role, flow, device_class, "
+            "indicator, count, total, sketch_keys, sketch_counts FROM indicator_cells FINAL "
+            "WHERE window_kind = '1m' AND source_partition = %(partition)s "
+            "AND window_start < toDateTime(%(before)s) AND window_start >= toDateTime(%(earliest)s) "
+            "AND toUInt32(window_start) + %(count)s * (toUInt32(window_end) - toUInt32(window_start)) "
+            ">= %(before)s "
+            "ORDER BY window_start, tenant, channel, indicator, role, flow, device_class",
+            {"partition": partition, "before": max(0, before_ms // 1000), "count": count,
+             # Bounds the scan: no pane is longer than a day.
+             "earliest": max(0, before_ms // 1000 - count * DAY_MS // 1000)},
+        )
+        return [
+            WindowCell(window_kind="1m", window_start_ms=start * 1000, window_end_ms=end * 1000, tenant=tenant,
+                       channel=channel, role=role, flow=flow, device_class=device_class, indicator=indicator,
+                       partition=partition, count=cnt, total=total,
+                       sketch=tuple(zip(keys, counts, strict=True)))
+            for start, end, tenant, channel, role, flow, device_class, indicator, cnt, total, keys, counts in rows
+        ]
+
+    def roll_up(self, partition: int, closed_before_ms: int, now_ms: int | None = None) -> tuple[int, int] | None:
+        """Roll a partition's hours (and days) closed since the last roll into the rollup tables: every window
+        starting before `closed_before_ms` is final. Hours within the settle time are rolled again, so session
+        cells that close late are included. Returns the hour range rolled, or None if no hour closed."""
+        if closed_before_ms <= 0:
+            return None
+        hours_to = closed_before_ms - closed_before_ms % HOUR_MS
+        rolled = self._rolled_until.get(partition)
+        if rolled is None:
+            rolled = self._rolled_before(partition)
+            if rolled is None:
+                return None  # no cell of this partition yet
+            self._rolled_until[partition] = rolled
+        if hours_to <= rolled:
+            return None
+        hours_from = max(0, min(rolled, hours_to - self.rollup_settle_ms))
+        hours_from -= hours_from % HOUR_MS
+        days_to = closed_before_ms - closed_before_ms % DAY_MS
+        days_from = hours_from - hours_from % DAY_MS
+        started = time.perf_counter()
+        for statement in rollup_statements(partition, hours_from, hours_to, days_from, days_to,
+                                           int(time.time() * 1000) if now_ms is None else now_ms):
+            self.client.execute(statement)
+        if self.observe is not None:
+            self.observe("indicator_rollup_hourly", time.perf_counter() - started, 0)
+        self._rolled_until[partition] = hours_to
+        return hours_from, hours_to
+
+    def _rolled_before(self, partition: int) -> int | None:
+        """Where a partition's rolling resumes: its last rolled hour (rolled again), else its first cell's hour."""
+        rows = self.client.execute(
+            "SELECT toUInt32(max(period_start)), count() FROM indicator_rollup_hourly "
+            "WHERE source_partition = %(partition)s", {"partition": partition})
+        if rows and rows[0][1]:
+            return int(rows[0][0]) * 1000
+        rows = self.client.execute(
+            "SELECT toUInt32(min(window_start)), count() FROM indicator_cells "
+            "WHERE source_partition = %(partition)s AND window_kind IN %(kinds)s",
+            {"partition": partition, "kinds": ROLLUP_KINDS})
+        if rows and rows[0][1]:
+            first = int(rows[0][0]) * 1000
+            return first - first % HOUR_MS
+        return None
 
     def load_checkpoint(self, partition: int) -> Checkpoint | None:
         """The furthest-along checkpoint of a partition: any checkpoint is true of its stream prefix."""
