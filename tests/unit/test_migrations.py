@@ -141,6 +141,8 @@ def test_quantile_sql_equals_the_sketch_quantile_of_the_merged_buckets(modern, q
     expected = spec_quantile(merged, q)
     keys = sorted(merged)
     assert sketch_quantile(keys, [merged[k] for k in keys], q) == expected  # the sink's copy agrees
+    core = pytest.importorskip("pipeline.core.sketch")
+    assert core.quantile(core.of_values(everything), q) == expected  # and the core's sketch
 
     [[value, count]] = rows(modern, "SELECT value, count FROM indicator_values_by_channel")
     assert math.isclose(float(value), expected, rel_tol=1e-12) and float(count) == len(everything)

@@ -1,0 +1,269 @@
+"""The ClickHouse side of the indicators on the local ClickHouse 18.16 server: cells written by the sink, value
+views (ratios and sketch quantiles), alert totals, pane restore, rollups that never double count, and a SQL
+batch reference over the raw touchpoints compared with the streamed values."""
+
+from __future__ import annotations
+
+import math
+import random
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pipeline.adapters.clickhouse import DAY_MS, HOUR_MS, ClickHouseSink, apply_migrations, connect
+from pipeline.core import aggregate
+from pipeline.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+ALPHA = 0.01
+GAMMA = (1 + ALPHA) / (1 - ALPHA)
+ZERO_KEY = -(2**31) + 1
+BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z, a UTC midnight
+
+
+def spec_key(x: float) -> int:
+    return ZERO_KEY if x <= 1e-9 else math.ceil(math.log(x) / math.log(GAMMA))
+
+
+def spec_quantile(buckets: dict[int, int], q: float) -> float:
+    n = sum(buckets.values())
+    cumulative = 0
+    for key in sorted(buckets):
+        cumulative += buckets[key]
+        if cumulative > q * (n - 1):
+            return 0.0 if key == ZERO_KEY else 2 * GAMMA**key / (GAMMA + 1)
+    raise AssertionError("unreachable")
+
+
+def exact_quantile(values: list[float], q: float) -> float:
+    return sorted(values)[math.floor(q * (len(values) - 1))]
+
+
+@pytest.fixture
+def db(stack_settings: Settings) -> Iterator[Settings]:
+    """A database of its own on the stack's ClickHouse, with every migration applied."""
+    settings = stack_settings.model_copy(deep=True)
+    settings.clickhouse.database = f"it_sql_{uuid.uuid4().hex[:8]}"
+    apply_migrations(settings.clickhouse)
+    yield settings
+    connect(settings.clickhouse, database="default").execute(f"DROP DATABASE IF EXISTS {settings.clickhouse.database}")
+
+
+@pytest.fixture
+def sink(db: Settings) -> Iterator[ClickHouseSink]:
+    sink = ClickHouseSink(db.clickhouse, "it", "touchpoints")
+    yield sink
+    sink.client.disconnect()
+
+
+def make_cell(start_ms: int, indicator: str, partition: int, count: float, total: float, *, kind: str = "1m",
+              length_ms: int = 60_000, tenant: str = "bank", channel: str = "MOBILE_APP", role: str = "user",
+              flow: str = "", device: str = "", values: list[float] | None = None) -> Any:
+    buckets = Counter(spec_key(v) for v in values or ())
+    return aggregate.WindowCell(
+        window_kind=kind, window_start_ms=start_ms, window_end_ms=start_ms + length_ms, tenant=tenant,
+        channel=channel, role=role, flow=flow, device_class=device, indicator=indicator, partition=partition,
+        count=count, total=total, sketch=tuple(sorted(buckets.items())))
+
+
+def quantile_cell(start_ms: int, partition: int, values: list[float], **kwargs: Any) -> Any:
+    return make_cell(start_ms, "lcp_p75", partition, float(len(values)), sum(values), values=values, **kwargs)
+
+
+def lognormal(rng: random.Random, n: int) -> list[float]:
+    return [rng.lognormvariate(7.5, 0.8) for _ in range(n)]
+
+
+def test_cells_replayed_and_merged_give_ratio_and_quantile_values(sink, db):
+    rng = random.Random(3)
+    values = {(p, role, device): lognormal(rng, rng.randrange(1, 300))
+              for p in range(4) for role in ("user", "prospect") for device in ("mobile", "desktop")}
+    cells = [quantile_cell(BASE_MS, p, v, role=role, device=device) for (p, role, device), v in values.items()]
+    cells += [make_cell(BASE_MS, "error_rate", p, 10.0, float(p), role=role)
+              for p in range(4) for role in ("user", "prospect")]
+    sink.write_cells(cells)
+    sink.write_cells(cells[::3])  # a replay after a crash writes some cells again
+
+    ch = sink.client
+    everything = [v for vs in values.values() for v in vs]
+    [(count, value)] = ch.execute("SELECT count, value FROM indicator_values_by_channel WHERE indicator = 'lcp_p75'")
+    assert count == len(everything)
+    assert math.isclose(value, spec_quantile(Counter(map(spec_key, everything)), 0.75), rel_tol=1e-12)
+    assert abs(value - exact_quantile(everything, 0.75)) <= ALPHA * exact_quantile(everything, 0.75)
+    for role, device, value in ch.execute("SELECT role, device_class, value FROM indicator_values "
+                                          "WHERE indicator = 'lcp_p75'"):
+        mine = [v for (_, r, d), vs in values.items() if (r, d) == (role, device) for v in vs]
+        assert math.isclose(value, spec_quantile(Counter(map(spec_key, mine)), 0.75), rel_tol=1e-12)
+    [(count, total, value)] = ch.execute("SELECT count, total, value FROM indicator_values_by_channel "
+                                         "WHERE indicator = 'error_rate'")
+    assert (count, total, value) == (80.0, 12.0, 0.15)
+    q = dict(ch.execute("SELECT DISTINCT indicator, quantile FROM indicator_cells"))
+    assert q == {"lcp_p75": 0.75, "error_rate": 0.0}
+
+
+def test_window_totals_sum_roles_flows_devices_of_one_minute_panes_only(sink):
+    cells = [
+        make_cell(BASE_MS, "error_rate", 0, 10.0, 2.0, role="user", flow="login", device="mobile"),
+        make_cell(BASE_MS, "error_rate", 0, 10.0, 1.0, role="prospect", flow="", device=""),
+        make_cell(BASE_MS, "error_rate", 1, 5.0, 0.0),
+        make_cell(BASE_MS, "error_rate", 2, 50.0, 50.0),  # a partition the caller does not judge
+        make_cell(BASE_MS, "error_rate", 0, 150.0, 30.0, kind="15m", length_ms=900_000),
+        make_cell(BASE_MS + 60_000, "error_rate", 0, 4.0, 1.0),  # the next window: outside the range
+        make_cell(BASE_MS, "csat", 0, 3.0, 3.0, channel="STORE"),
+    ]
+    sink.write_cells(cells)
+    sink.write_cells(cells[:2])  # replayed
+    totals = sink.window_totals(BASE_MS, BASE_MS + 60_000, [0, 1], {"error_rate", "csat"})
+    got = {(t.window_start_ms, t.window_end_ms, t.tenant, t.channel, t.indicator): (t.numerator, t.denominator)
+           for t in totals}
+    assert got == {(BASE_MS, BASE_MS + 60_000, "bank", "MOBILE_APP", "error_rate"): (3.0, 25.0),
+                   (BASE_MS, BASE_MS + 60_000, "bank", "STORE", "csat"): (3.0, 3.0)}
+
+
+def test_recent_panes_restore_the_last_panes_of_a_partition(sink):
+    rng = random.Random(11)
+    pane = 60_000
+    written = []
+    for i in range(20):
+        if i == 17:
+            continue  # an empty pane: no cells
+        start = BASE_MS + i * pane
+        written.append(make_cell(start, "error_rate", 0, 10.0, float(i % 4), role=rng.choice(["user", "prospect"])))
+        written.append(quantile_cell(start, 0, lognormal(rng, 5), device="mobile"))
+        written.append(make_cell(start, "error_rate", 1, 7.0, 1.0))  # another partition
+    written.append(make_cell(BASE_MS, "error_rate", 0, 150.0, 30.0, kind="15m", length_ms=15 * pane))
+    sink.write_cells(written)
+    sink.write_cells(written[-10:])  # replayed
+
+    before = BASE_MS + 19 * pane  # panes starting before it are closed; the 20th is still open
+    restored = sink.recent_panes(0, before, 14)
+    expected = [c for c in written if c.partition == 0 and c.window_kind == "1m"
+                and before - 14 * pane <= c.window_start_ms < before]
+    assert sorted(restored, key=repr) == sorted(expected, key=repr)  # the same WindowCell objects, sketches too
+    assert {c.window_start_ms for c in restored} == {BASE_MS + i * pane for i in range(5, 19) if i != 17}
+    assert sink.recent_panes(3, before, 14) == []
+
+
+def test_rollups_count_each_pane_once_through_replays_rerolls_and_late_sessions(sink, db):
+    rng = random.Random(5)
+    day = BASE_MS
+    panes = []
+    for partition in (0, 1):
+        for minute in range(0, 26 * 60, 11):  # a day and two hours of panes
+            start = day + minute * 60_000
+            panes.append(make_cell(start, "error_rate", partition, 10.0, float(minute % 3)))
+            panes.append(quantile_cell(start, partition, lognormal(rng, 4)))
+            panes.append(make_cell(start, "error_rate", partition, 150.0, 9.0, kind="15m", length_ms=900_000))
+    sink.write_cells(panes)
+    horizon = day + 25 * HOUR_MS + 30 * 60_000  # every pane before it is final
+    for partition in (0, 1):
+        assert sink.roll_up(partition, horizon, now_ms=1) == (day, day + 25 * HOUR_MS)
+        assert sink.roll_up(partition, horizon, now_ms=2) is None  # nothing new closed
+
+    # A crash: the successor replays windows and rolls again from the rollup table's last hour.
+    sink.write_cells(panes[:40])
+    fresh = ClickHouseSink(db.clickhouse, "it", "touchpoints")
+    session = make_cell(day + 22 * HOUR_MS, "channels_per_session", 0, 2.0, 5.0, kind="session",
+                        length_ms=3 * HOUR_MS, channel="ALL")
+    fresh.write_cells([session])  # a session of an hour rolled before, which closed only now
+    assert fresh.roll_up(0, horizon + HOUR_MS, now_ms=3) is not None
+    assert fresh.roll_up(1, horizon + HOUR_MS, now_ms=3) is not None
+
+    ch = sink.client
+    ones = [c for c in panes if c.window_kind == "1m" and c.window_start_ms < day + 26 * HOUR_MS]
+    hourly = ch.execute("SELECT toUInt32(period_start), indicator, count, total, value FROM indicator_values_hourly "
+                        "WHERE window_kind = '1m' ORDER BY period_start, indicator")
+    assert len(hourly) == 2 * 26
+    for start_s, indicator, count, total, value in hourly:
+        mine = [c for c in ones if c.indicator == indicator and start_s * 1000 <= c.window_start_ms
+                < start_s * 1000 + HOUR_MS]
+        assert count == sum(c.count for c in mine)
+        assert math.isclose(total, sum(c.total for c in mine), rel_tol=1e-12)
+        if indicator == "lcp_p75":
+            merged: Counter[int] = Counter()
+            for c in mine:
+                merged.update(dict(c.sketch))
+            assert math.isclose(value, spec_quantile(merged, 0.75), rel_tol=1e-12)
+        else:
+            assert math.isclose(value, total / count, rel_tol=1e-12)
+    assert ch.execute("SELECT toUInt32(period_start), count, total FROM indicator_values_hourly "
+                      "WHERE window_kind = 'session'") == [((day + 22 * HOUR_MS) // 1000, 2.0, 5.0)]
+    daily = dict(ch.execute("SELECT indicator, count FROM indicator_values_daily WHERE period_start = "
+                            "toDateTime(%(day)s)", {"day": day // 1000}))
+    first_day = [c for c in ones if c.window_start_ms < day + DAY_MS]
+    assert daily == {"error_rate": sum(c.count for c in first_day if c.indicator == "error_rate"),
+                     "lcp_p75": sum(c.count for c in first_day if c.indicator == "lcp_p75"),
+                     "channels_per_session": 2.0}
+    # The second day is not closed: no daily row for it yet.
+    assert ch.execute("SELECT count() FROM indicator_rollup_daily WHERE period_start > toDateTime(%(day)s)",
+                      {"day": day // 1000}) == [(0,)]
+
+
+# The batch reference: indicator partials per window straight from the raw touchpoints (each event once, only
+# those counted in windows), in SQL a BI analyst can run; see docs/clickhouse.md.
+BATCH_REFERENCE_SQL = """
+SELECT toUInt32(intDiv(event_time_ms, %(window_ms)s) * %(window_ms)s / 1000) AS start, tenant, about,
+       'csat' AS indicator, toFloat64(count()) AS cnt, toFloat64(sum(satisfied)) AS tot, 0. AS exact_quantile
+FROM (
+    SELECT event_time_ms, tenant, ifNull(survey_about_channel, toString(channel)) AS about,
+           toUInt8(assumeNotNull(survey_score) >= assumeNotNull(survey_scale_max) - 1) AS satisfied
+    FROM touchpoints_unique WHERE counted = 1 AND survey_kind = 'CSAT'
+)
+GROUP BY start, tenant, about
+UNION ALL
+SELECT toUInt32(intDiv(event_time_ms, %(window_ms)s) * %(window_ms)s / 1000) AS start, tenant,
+       toString(channel) AS about, 'error_rate' AS indicator, toFloat64(count()) AS cnt,
+       toFloat64(sum(failed)) AS tot, 0. AS exact_quantile
+FROM (
+    SELECT event_time_ms, tenant, channel,
+           toUInt8(event_type IN ('app_error', 'app_crash') OR isNotNull(error_code)
+                   OR ifNull(outcome, '') = 'FAILURE') AS failed
+    FROM touchpoints_unique
+    WHERE counted = 1 AND event_type IN ('page_view', 'screen_view', 'task', 'app_error', 'app_crash')
+)
+GROUP BY start, tenant, about
+UNION ALL
+SELECT start, tenant, about, 'lcp_p75' AS indicator, toFloat64(length(sorted)) AS cnt, arraySum(sorted) AS tot,
+       sorted[toUInt64(floor(0.75 * (length(sorted) - 1))) + 1] AS exact_quantile
+FROM (
+    SELECT toUInt32(intDiv(event_time_ms, %(window_ms)s) * %(window_ms)s / 1000) AS start, tenant,
+           toString(channel) AS about, arraySort(groupArray(assumeNotNull(lcp_ms))) AS sorted
+    FROM touchpoints_unique WHERE counted = 1 AND isNotNull(lcp_ms)
+    GROUP BY start, tenant, about
+)
+"""
+
+
+def batch_reference(ch: Any, window_ms: int) -> dict[tuple[int, str, str, str], tuple[float, float, float]]:
+    rows = ch.execute(BATCH_REFERENCE_SQL, {"window_ms": window_ms})
+    return {(start, tenant, channel, indicator): (cnt, tot, exact) for start, tenant, channel, indicator, cnt, tot,
+            exact in rows}
+
+
+def streamed(ch: Any, indicators: tuple[str, ...]) -> dict[tuple[int, str, str, str], tuple[float, float, float]]:
+    rows = ch.execute("SELECT toUInt32(window_start), tenant, channel, indicator, count, total, value "
+                      "FROM indicator_values_by_channel WHERE window_kind = '1m' AND indicator IN %(ids)s",
+                      {"ids": indicators})
+    return {(start, tenant, channel, indicator): (cnt, tot, value) for start, tenant, channel, indicator, cnt, tot,
+            value in rows}
+
+
+def assert_matches_reference(ch: Any, window_ms: int, indicators: tuple[str, ...]) -> int:
+    """Counts and totals exactly, ratios exactly, quantiles within the sketch's stated error."""
+    reference = {k: v for k, v in batch_reference(ch, window_ms).items() if k[3] in indicators}
+    stream = streamed(ch, indicators)
+    assert reference, "the reference found nothing: the test traffic misses the indicators"
+    assert set(stream) == set(reference)
+    for key, (cnt, tot, exact) in reference.items():
+        s_cnt, s_tot, value = stream[key]
+        assert s_cnt == cnt, key
+        assert math.isclose(s_tot, tot, rel_tol=1e-9, abs_tol=1e-9), key
+        if key[3] == "lcp_p75":
+            assert abs(value - exact) <= ALPHA * exact, (key, value, exact)
+        else:
+            assert value == tot / cnt, key
+    return len(reference)
