@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -13,9 +14,16 @@ from typing import Any
 
 import pytest
 
-from pipeline.adapters.clickhouse import DAY_MS, HOUR_MS, ClickHouseSink, apply_migrations, connect
+from pipeline.adapters.clickhouse import (
+    DAY_MS,
+    HOUR_MS,
+    ClickHouseSink,
+    apply_migrations,
+    connect,
+    split_statements,
+)
 from pipeline.core import aggregate
-from pipeline.settings import Settings
+from pipeline.settings import PROJECT_ROOT, Settings
 
 pytestmark = pytest.mark.integration
 
@@ -209,9 +217,10 @@ BATCH_REFERENCE_SQL = """
 SELECT toUInt32(intDiv(event_time_ms, %(window_ms)s) * %(window_ms)s / 1000) AS start, tenant, about,
        'csat' AS indicator, toFloat64(count()) AS cnt, toFloat64(sum(satisfied)) AS tot, 0. AS exact_quantile
 FROM (
-    SELECT event_time_ms, tenant, ifNull(survey_about_channel, toString(channel)) AS about,
+    SELECT event_time_ms, tenant,
+           if(ifNull(survey_about_channel, '') != '', assumeNotNull(survey_about_channel), toString(channel)) AS about,
            toUInt8(assumeNotNull(survey_score) >= assumeNotNull(survey_scale_max) - 1) AS satisfied
-    FROM touchpoints_unique WHERE counted = 1 AND survey_kind = 'CSAT'
+    FROM touchpoints_unique WHERE counted = 1 AND event_type = 'survey_response' AND survey_kind = 'CSAT'
 )
 GROUP BY start, tenant, about
 UNION ALL
@@ -232,7 +241,8 @@ SELECT start, tenant, about, 'lcp_p75' AS indicator, toFloat64(length(sorted)) A
 FROM (
     SELECT toUInt32(intDiv(event_time_ms, %(window_ms)s) * %(window_ms)s / 1000) AS start, tenant,
            toString(channel) AS about, arraySort(groupArray(assumeNotNull(lcp_ms))) AS sorted
-    FROM touchpoints_unique WHERE counted = 1 AND isNotNull(lcp_ms)
+    FROM touchpoints_unique
+    WHERE counted = 1 AND event_type IN ('page_view', 'screen_view') AND isNotNull(lcp_ms)
     GROUP BY start, tenant, about
 )
 """
@@ -267,3 +277,12 @@ def assert_matches_reference(ch: Any, window_ms: int, indicators: tuple[str, ...
         else:
             assert value == tot / cnt, key
     return len(reference)
+
+
+def test_every_query_of_the_bi_guide_runs_on_clickhouse_18(sink, db):
+    sink.write_cells([quantile_cell(BASE_MS, 0, [1200.0, 2600.0, 0.0]),
+                      make_cell(BASE_MS, "error_rate", 0, 4.0, 1.0)])
+    guide = (PROJECT_ROOT / "docs" / "clickhouse.md").read_text()
+    for block in re.findall(r"```sql\n(.*?)```", guide, re.S):
+        for statement in split_statements(block):
+            sink.client.execute(statement.replace("touchpoint.", f"{db.clickhouse.database}."))

@@ -4,7 +4,9 @@ quantiles) and the rollup statements the sink runs."""
 
 import math
 import random
+import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -233,3 +235,12 @@ def test_migration_copies_the_earlier_windows_into_cells(modern):
     finally:
         modern.query("USE touchpoint")
         modern.query("DROP DATABASE upgrade")
+
+
+def test_every_query_of_the_bi_guide_runs_on_modern_clickhouse(modern):
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "clickhouse.md").read_text()
+    statements = [s for block in re.findall(r"```sql\n(.*?)```", guide, re.S) for s in split_statements(block)]
+    assert len(statements) >= 8
+    modern.query("CREATE DATABASE IF NOT EXISTS touchpoint")
+    for statement in statements:
+        modern.query(statement)  # raises on a syntax or name error
