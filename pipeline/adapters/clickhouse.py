@@ -58,6 +58,17 @@ def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return migrations
 
 
+_ALTER_ADD = re.compile(r"^\s*ALTER\s+TABLE\s+(\w+)\s+ADD\s+COLUMN\s", re.I)
+_ADDED_COLUMN = re.compile(r"ADD\s+COLUMN\s+(\w+)", re.I)
+
+
+def added_columns(statement: str) -> tuple[str, list[str]] | None:
+    """(table, columns) of an `ALTER TABLE t ADD COLUMN ...` statement, else None. ClickHouse 18.16 has no
+    ADD COLUMN IF NOT EXISTS, so the runner skips such a statement when its columns are already there."""
+    match = _ALTER_ADD.match(statement)
+    return (match[1], _ADDED_COLUMN.findall(statement)) if match else None
+
+
 def apply_migrations(settings: ClickHouseSettings) -> list[Migration]:
     """Create the database and apply every migration not yet recorded; safe to run again and again."""
     server = connect(settings, database="default")
@@ -74,7 +85,15 @@ def apply_migrations(settings: ClickHouseSettings) -> list[Migration]:
         if migration.version in applied:
             continue
         for statement in migration.statements:
-            client.execute(statement)  # every statement is IF NOT EXISTS, so a half-applied file can rerun
+            adding = added_columns(statement)
+            if adding is not None:
+                table, wanted = adding
+                present = {row[0] for row in client.execute(
+                    "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = %(table)s",
+                    {"table": table})}
+                if set(wanted) <= present:
+                    continue  # applied before the migration was recorded
+            client.execute(statement)  # every other statement is IF NOT EXISTS, so a half-applied file can rerun
         client.execute("INSERT INTO schema_migrations (version, name) VALUES",
                        [(migration.version, migration.name)])
         done.append(migration)
@@ -90,7 +109,7 @@ _ALERT_COLUMNS = ("alert_id", "rule", "indicator", "family", "severity", "tenant
                   "window_end", "value", "threshold", "comparison", "numerator", "denominator", "message",
                   "fired_at_ms")
 _CHECKPOINT_COLUMNS = ("consumer_group", "topic", "partition", "commit_offset", "read_offset", "watermark_ms",
-                       "closed_before_ms", "written_at_ms")
+                       "closed_before_ms", "replay_watermark_ms", "replay_closed_before_ms", "written_at_ms")
 
 
 # Quantile sketch constants (the spec of pipeline/core/sketch.py), repeated in the SQL of the views.
@@ -99,9 +118,6 @@ SKETCH_ZERO_KEY = -(2**31) + 1
 _QUANTILE_SUFFIX = re.compile(r"_p(\d{2})$")  # lcp_p75 -> 0.75, for indicators the registry gives no q
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
-# A session cell starts up to its maximum length (4 h) plus the inactivity gap (30 min) before it is emitted, so
-# the hours that recent so far back are rolled again as their sessions close (a roll replaces the previous one).
-SESSION_SETTLE_MS = 4 * HOUR_MS + 1_800_000
 ROLLUP_KINDS = ("1m", "session")  # '15m' hopping windows overlap: summing them into a period would overcount
 
 
@@ -169,11 +185,13 @@ class ClickHouseSink:
     """Writes a flush of core output; checkpoints go last, so they never claim rows that are not there."""
 
     def __init__(self, settings: ClickHouseSettings, consumer_group: str, topic: str,
-                 observe: InsertObserver | None = None, *, rollup_settle_ms: int = SESSION_SETTLE_MS) -> None:
+                 observe: InsertObserver | None = None, *, rollup_settle_ms: int = 0) -> None:
         self.client = connect(settings)
         self.consumer_group = consumer_group
         self.topic = topic
         self.observe = observe
+        # Session cells sit in the pane their session ended in and close with it, so a closed hour is final; a
+        # core that emitted cells after their pane closed would set how far back hours are rolled again.
         self.rollup_settle_ms = rollup_settle_ms
         self._rolled_until: dict[int, int] = {}  # partition -> end of the last hour rolled up (ms)
         self._hour_seen: dict[int, int] = {}  # partition -> hour of its closed horizon at the last roll_up
@@ -217,7 +235,8 @@ class ClickHouseSink:
             self._insert("pipeline_checkpoints", _CHECKPOINT_COLUMNS, [
                 [self.consumer_group] * len(cps), [self.topic] * len(cps), [c.partition for c in cps],
                 [c.commit_offset for c in cps], [c.read_offset for c in cps], [c.watermark_ms for c in cps],
-                [c.closed_before_ms for c in cps], [now_ms] * len(cps),
+                [c.closed_before_ms for c in cps], [c.replay_watermark_ms for c in cps],
+                [c.replay_closed_before_ms for c in cps], [now_ms] * len(cps),
             ])
             for cp in cps:
                 # Rolling needs a query or two: only when the partition's closed horizon entered a new hour.
@@ -311,8 +330,8 @@ class ClickHouseSink:
 
     def roll_up(self, partition: int, closed_before_ms: int, now_ms: int | None = None) -> tuple[int, int] | None:
         """Roll a partition's hours (and days) closed since the last roll into the rollup tables: every window
-        starting before `closed_before_ms` is final. Hours within the settle time are rolled again, so session
-        cells that close late are included. Returns the hour range rolled, or None if no hour closed."""
+        ending at or before `closed_before_ms` is final. The last hour rolled (and those within the settle time)
+        is rolled again, which replaces its rows. Returns the hour range rolled, or None if no hour closed."""
         if closed_before_ms <= 0:
             return None
         hours_to = closed_before_ms - closed_before_ms % HOUR_MS
@@ -356,12 +375,14 @@ class ClickHouseSink:
     def load_checkpoint(self, partition: int) -> Checkpoint | None:
         """The furthest-along checkpoint of a partition: any checkpoint is true of its stream prefix."""
         rows = self.client.execute(
-            "SELECT commit_offset, read_offset, watermark_ms, closed_before_ms FROM pipeline_checkpoints "
+            "SELECT commit_offset, read_offset, watermark_ms, closed_before_ms, replay_watermark_ms, "
+            "replay_closed_before_ms FROM pipeline_checkpoints "
             "WHERE consumer_group = %(group)s AND topic = %(topic)s AND partition = %(partition)s "
             "ORDER BY read_offset DESC, watermark_ms DESC LIMIT 1",
             {"group": self.consumer_group, "topic": self.topic, "partition": partition},
         )
         if not rows:
             return None
-        commit_offset, read_offset, watermark_ms, closed_before_ms = rows[0]
-        return Checkpoint(partition, commit_offset, read_offset, watermark_ms, closed_before_ms)
+        commit_offset, read_offset, watermark_ms, closed_before_ms, replay_watermark_ms, replay_closed = rows[0]
+        return Checkpoint(partition, commit_offset, read_offset, watermark_ms, closed_before_ms,
+                          replay_watermark_ms=replay_watermark_ms, replay_closed_before_ms=replay_closed)

@@ -4,9 +4,10 @@
 -- again, and indicator_cells folds them only when parts merge, so a materialized view (which sees each insert)
 -- would count a replayed window twice. Instead the worker rolls a partition's hour up from indicator_cells FINAL
 -- once the partition has closed every window of it (late events never reopen a window), and a day from the
--- hourly rows once the day is closed. Rows are keyed by period, dimensions, indicator and source partition, so
--- rolling a period again (a replay, another worker after a rebalance, a session cell that closed later) writes
--- the same key and ReplacingMergeTree keeps the newest roll: read them FINAL or through the views below.
+-- hourly rows once the day is closed (session cells sit in the pane their session ended in and close with it).
+-- Rows are keyed by period, dimensions, indicator and source partition, so rolling a period again (a replay,
+-- another worker after a rebalance) writes the same key and ReplacingMergeTree keeps the newest roll: read them
+-- FINAL or through the views below.
 CREATE TABLE IF NOT EXISTS indicator_rollup_hourly
 (
     period_start DateTime('UTC'),

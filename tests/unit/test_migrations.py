@@ -13,6 +13,8 @@ import pytest
 from pipeline.adapters.clickhouse import (
     DAY_MS,
     HOUR_MS,
+    Migration,
+    added_columns,
     load_migrations,
     rollup_statements,
     sketch_quantile,
@@ -45,10 +47,29 @@ def test_migrations_are_numbered_and_split_into_statements():
     migrations = load_migrations()
     versions = [m.version for m in migrations]
     assert versions == sorted(set(versions)) and versions[:4] == [1, 2, 3, 4]
-    assert {10, 11} <= set(versions)  # the indicator cells and their rollups
+    assert {10, 11, 12} <= set(versions)  # the indicator cells, their rollups, replay points in checkpoints
     assert all(m.statements for m in migrations)
     assert split_statements("-- c;\nCREATE TABLE a (x UInt8) ENGINE = Log;\n\nSELECT ';'\n;") == [
         "CREATE TABLE a (x UInt8) ENGINE = Log", "SELECT ';'"]
+
+
+def test_added_columns_are_recognised_so_the_runner_can_skip_them():
+    assert added_columns("ALTER TABLE t\n    ADD COLUMN a Nullable(Int64) AFTER x,\n    ADD COLUMN b UInt8") == (
+        "t", ["a", "b"])
+    assert added_columns("CREATE TABLE IF NOT EXISTS t (a UInt8) ENGINE = Log") is None
+
+
+def apply(session, migrations: list[Migration]) -> None:
+    """What apply_migrations does, on chdb: ADD COLUMN statements whose columns exist are skipped."""
+    for migration in migrations:
+        for statement in migration.statements:
+            adding = added_columns(statement)
+            if adding is not None:
+                present = {r[0] for r in rows(session, "SELECT name FROM system.columns WHERE database = "
+                                                       f"currentDatabase() AND table = '{adding[0]}'")}
+                if set(adding[1]) <= present:
+                    continue
+            session.query(statement)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +78,7 @@ def modern():
     session = chdb_session.Session()
     session.query("CREATE DATABASE IF NOT EXISTS touchpoint")
     session.query("USE touchpoint")
-    for migration in load_migrations():
-        for statement in migration.statements:
-            session.query(statement)
+    apply(session, load_migrations())
     yield session
     session.close()
 
@@ -87,9 +106,7 @@ def insert_cells(session, cells: list[tuple]) -> None:
 def test_ddl_runs_on_modern_clickhouse_twice(modern):
     version = modern.query("SELECT version()", "CSV").bytes().decode().strip().strip('"')
     assert int(version.split(".")[0]) >= 24
-    for migration in load_migrations():  # the fixture applied them once; again must be a no-op
-        for statement in migration.statements:
-            modern.query(statement)
+    apply(modern, load_migrations())  # the fixture applied them once; again must be a no-op
     columns = modern.query("SELECT name FROM system.columns WHERE database = 'touchpoint' AND "
                            "table = 'touchpoints' ORDER BY position", "CSV").bytes().decode().split()
     assert set(TOUCHPOINT_COLUMNS) <= {c.strip('"') for c in columns}
@@ -219,17 +236,13 @@ def test_migration_copies_the_earlier_windows_into_cells(modern):
     modern.query("USE upgrade")
     try:
         migrations = load_migrations()
-        for migration in (m for m in migrations if m.version < 10):
-            for statement in migration.statements:
-                modern.query(statement)
+        apply(modern, [m for m in migrations if m.version < 10])
         modern.query("INSERT INTO indicator_windows (window_start, window_end, tenant, channel, indicator, family, "
                      "source_partition, numerator, denominator, emitted_at_ms) VALUES "
                      "(60, 120, 'bank', 'WEB', 'csat', 'CX', 0, 3, 4, 1), "
                      "(60, 120, 'bank', 'WEB', 'csat', 'CX', 1, 1, 4, 1)")
         for _ in range(2):  # a half-applied migration that runs again copies nothing twice
-            for migration in (m for m in migrations if m.version >= 10):
-                for statement in migration.statements:
-                    modern.query(statement)
+            apply(modern, [m for m in migrations if m.version >= 10])
         assert rows(modern, "SELECT window_kind, channel, numerator, denominator, value FROM indicator_values") == [
             ["1m", "WEB", "4", "8", "0.5"]]
     finally:
@@ -244,3 +257,11 @@ def test_every_query_of_the_bi_guide_runs_on_modern_clickhouse(modern):
     modern.query("CREATE DATABASE IF NOT EXISTS touchpoint")
     for statement in statements:
         modern.query(statement)  # raises on a syntax or name error
+
+
+def test_checkpoints_keep_the_replay_point_on_modern_clickhouse(modern):
+    modern.query("INSERT INTO pipeline_checkpoints (consumer_group, topic, partition, commit_offset, read_offset, "
+                 "watermark_ms, closed_before_ms, replay_watermark_ms, replay_closed_before_ms, written_at_ms) "
+                 "VALUES ('g', 't', 0, 5, 9, 1000, 960, 700, 660, 1), ('g', 't', 1, 5, 9, 1000, 960, NULL, NULL, 1)")
+    assert rows(modern, "SELECT partition, replay_watermark_ms, replay_closed_before_ms FROM pipeline_checkpoints "
+                        "WHERE consumer_group = 'g' ORDER BY partition") == [["0", "700", "660"], ["1", "\\N", "\\N"]]
