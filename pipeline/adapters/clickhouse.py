@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,16 +105,13 @@ InsertObserver = Callable[[str, float, int], None]  # (table, seconds, rows)
 _CELL_COLUMNS = ("window_kind", "window_start", "window_end", "tenant", "channel", "role", "flow", "device_class",
                  "indicator", "family", "quantile", "source_partition", "count", "total", "sketch_keys",
                  "sketch_counts", "emitted_at_ms")
-_ALERT_COLUMNS = ("alert_id", "rule", "indicator", "family", "severity", "tenant", "channel", "window_start",
-                  "window_end", "value", "threshold", "comparison", "numerator", "denominator", "message",
-                  "fired_at_ms")
+_ALERT_COLUMNS = ("alert_id", "rule", "indicator", "family", "severity", "tenant", "channel", "window_kind",
+                  "window_start", "window_end", "value", "threshold", "comparison", "numerator", "denominator",
+                  "message", "fired_at_ms")
 _CHECKPOINT_COLUMNS = ("consumer_group", "topic", "partition", "commit_offset", "read_offset", "watermark_ms",
                        "closed_before_ms", "replay_watermark_ms", "replay_closed_before_ms", "written_at_ms")
 
 
-# Quantile sketch constants (the spec of pipeline/core/sketch.py), repeated in the SQL of the views.
-SKETCH_GAMMA = (1 + 0.01) / (1 - 0.01)
-SKETCH_ZERO_KEY = -(2**31) + 1
 _QUANTILE_SUFFIX = re.compile(r"_p(\d{2})$")  # lcp_p75 -> 0.75, for indicators the registry gives no q
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
@@ -123,32 +120,11 @@ ROLLUP_KINDS = ("1m", "session")  # '15m' hopping windows overlap: summing them 
 
 def indicator_quantile(indicator_id: str) -> float:
     """q of a quantile indicator (0.0 for ratios and means): from the registry, else from an _pNN suffix."""
-    indicator = BY_ID.get(indicator_id)
-    for attribute in ("q", "quantile"):
-        value = getattr(indicator, attribute, None)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+    q = getattr(BY_ID.get(indicator_id), "q", None)
+    if isinstance(q, int | float) and q > 0:
+        return float(q)
     match = _QUANTILE_SUFFIX.search(indicator_id)
     return int(match[1]) / 100 if match else 0.0
-
-
-def sketch_value(key: int) -> float:
-    """Representative value of a sketch key (0.0 for the zero key)."""
-    return 0.0 if key == SKETCH_ZERO_KEY else 2 * SKETCH_GAMMA**key / (SKETCH_GAMMA + 1)
-
-
-def sketch_quantile(keys: Sequence[int], counts: Sequence[int], q: float) -> float | None:
-    """Lower-rank quantile of merged buckets (keys ascending): what the SQL views compute."""
-    n = sum(counts)
-    if n <= 0:
-        return None
-    rank = q * (n - 1)
-    cumulative = 0
-    for key, count in zip(keys, counts, strict=True):
-        cumulative += count
-        if cumulative > rank:
-            return sketch_value(key)
-    return sketch_value(keys[-1])
 
 
 def rollup_statements(partition: int, hours_from_ms: int, hours_to_ms: int, days_from_ms: int, days_to_ms: int,
@@ -220,12 +196,14 @@ class ClickHouseSink:
         alerts: list[Alert] = []
         if output.judge_before_ms is not None and output.judge_partitions and rules:
             totals = self.window_totals(output.judge_from_ms or 0, output.judge_before_ms, output.judge_partitions,
-                                        {rule.indicator for rule in rules})
+                                        {rule.indicator for rule in rules}, {rule.window_kind for rule in rules})
             alerts = judge(rules, totals)
+            kind_of = {rule.name: rule.window_kind for rule in rules}
             self._insert("alerts", _ALERT_COLUMNS, [
                 [a.alert_id for a in alerts], [a.rule for a in alerts], [a.indicator for a in alerts],
                 [a.family for a in alerts], [a.severity for a in alerts], [a.tenant for a in alerts],
-                [a.channel for a in alerts], [a.window_start_ms // 1000 for a in alerts],
+                [a.channel for a in alerts], [kind_of[a.rule] for a in alerts],
+                [a.window_start_ms // 1000 for a in alerts],
                 [a.window_end_ms // 1000 for a in alerts], [a.value for a in alerts],
                 [a.threshold for a in alerts], [a.comparison for a in alerts], [a.numerator for a in alerts],
                 [a.denominator for a in alerts], [a.message for a in alerts], [now_ms] * len(alerts),
@@ -278,28 +256,24 @@ class ClickHouseSink:
             [c.total for c in cells], keys, counts, [emitted] * len(cells),
         ])
 
-    def window_totals(self, from_ms: int, before_ms: int, partitions: Sequence[int],
-                      indicators: set[str]) -> list[WindowTotal]:
-        """Indicator totals of the '1m' windows starting in [from, before), over the given source partitions,
-        summed over role, flow and device class. A quantile indicator's total is its sketch quantile times its
-        count, so total / count is the quantile the views show."""
+    def window_totals(self, from_ms: int, before_ms: int, partitions: Sequence[int], indicators: set[str],
+                      window_kinds: Collection[str] = ("1m",)) -> list[WindowTotal]:
+        """Indicator totals of the windows of the given kinds ending in (from, before] (every window a closed
+        horizon moving from `from` to `before` closed), over the given source partitions, summed over role, flow
+        and device class; quantile indicators' sketches merged."""
         rows = self.client.execute(
-            "SELECT toUInt32(window_start), toUInt32(any(window_end)), tenant, channel, indicator, "
-            "sum(total), sum(count), max(quantile), sumMap(sketch_keys, sketch_counts) FROM indicator_cells FINAL "
-            "WHERE window_kind = '1m' AND window_start >= toDateTime(%(start)s) "
-            "AND window_start < toDateTime(%(end)s) "
+            "SELECT window_kind, toUInt32(window_start), toUInt32(window_end), tenant, channel, indicator, "
+            "sum(total), sum(count), sumMap(sketch_keys, sketch_counts) FROM indicator_cells FINAL "
+            "WHERE window_kind IN %(kinds)s AND window_end > toDateTime(%(start)s) "
+            "AND window_end <= toDateTime(%(end)s) "
             "AND source_partition IN %(partitions)s AND indicator IN %(indicators)s "
-            "GROUP BY window_start, tenant, channel, indicator",
-            {"start": max(0, from_ms // 1000), "end": max(0, before_ms // 1000), "partitions": tuple(partitions),
-             "indicators": tuple(sorted(indicators))},
+            "GROUP BY window_kind, window_start, window_end, tenant, channel, indicator",
+            {"kinds": tuple(sorted(window_kinds)), "start": max(0, from_ms // 1000), "end": max(0, before_ms // 1000),
+             "partitions": tuple(partitions), "indicators": tuple(sorted(indicators))},
         )
-        totals = []
-        for start, end, tenant, channel, indicator, total, count, q, (keys, counts) in rows:
-            if q > 0:
-                value = sketch_quantile(keys, counts, q)
-                total = 0.0 if value is None else value * count
-            totals.append(WindowTotal(start * 1000, end * 1000, tenant, channel, indicator, total, count))
-        return totals
+        return [WindowTotal(start * 1000, end * 1000, tenant, channel, indicator, total, count, kind,
+                            tuple(zip(keys, counts, strict=True)))
+                for kind, start, end, tenant, channel, indicator, total, count, (keys, counts) in rows]
 
     def recent_panes(self, partition: int, before_ms: int, count: int) -> list[WindowCell]:
         """The cells of a partition's '1m' panes among the last `count` pane slots that start before `before_ms`

@@ -113,23 +113,42 @@ def test_cells_replayed_and_merged_give_ratio_and_quantile_values(sink, db):
     assert q == {"lcp_p75": 0.75, "error_rate": 0.0}
 
 
-def test_window_totals_sum_roles_flows_devices_of_one_minute_panes_only(sink):
+def test_window_totals_sum_roles_flows_devices_per_window_kind(sink):
+    rng = random.Random(2)
+    lcp = [lognormal(rng, 40), lognormal(rng, 25)]
     cells = [
         make_cell(BASE_MS, "error_rate", 0, 10.0, 2.0, role="user", flow="login", device="mobile"),
         make_cell(BASE_MS, "error_rate", 0, 10.0, 1.0, role="prospect", flow="", device=""),
         make_cell(BASE_MS, "error_rate", 1, 5.0, 0.0),
         make_cell(BASE_MS, "error_rate", 2, 50.0, 50.0),  # a partition the caller does not judge
-        make_cell(BASE_MS, "error_rate", 0, 150.0, 30.0, kind="15m", length_ms=900_000),
-        make_cell(BASE_MS + 60_000, "error_rate", 0, 4.0, 1.0),  # the next window: outside the range
+        make_cell(BASE_MS - 840_000, "error_rate", 0, 150.0, 30.0, kind="15m", length_ms=900_000),
+        make_cell(BASE_MS + 60_000, "error_rate", 0, 4.0, 1.0),  # the next window: not closed yet
         make_cell(BASE_MS, "csat", 0, 3.0, 3.0, channel="STORE"),
+        quantile_cell(BASE_MS, 0, lcp[0], role="user"),
+        quantile_cell(BASE_MS, 1, lcp[1], role="prospect"),
+        make_cell(BASE_MS, "channels_per_session", 1, 2.0, 3.0, kind="session", channel="ALL"),
     ]
     sink.write_cells(cells)
     sink.write_cells(cells[:2])  # replayed
-    totals = sink.window_totals(BASE_MS, BASE_MS + 60_000, [0, 1], {"error_rate", "csat"})
-    got = {(t.window_start_ms, t.window_end_ms, t.tenant, t.channel, t.indicator): (t.numerator, t.denominator)
-           for t in totals}
-    assert got == {(BASE_MS, BASE_MS + 60_000, "bank", "MOBILE_APP", "error_rate"): (3.0, 25.0),
-                   (BASE_MS, BASE_MS + 60_000, "bank", "STORE", "csat"): (3.0, 3.0)}
+    # The horizon moved from the start to the end of the pane: exactly the windows ending at its end closed.
+    totals = sink.window_totals(BASE_MS, BASE_MS + 60_000, [0, 1], {"error_rate", "csat", "lcp_p75"})
+    got = {(t.window_kind, t.window_start_ms, t.window_end_ms, t.tenant, t.channel, t.indicator):
+           (t.numerator, t.denominator, t.sketch) for t in totals}
+    merged = Counter(spec_key(v) for v in lcp[0] + lcp[1])
+    assert got == {
+        ("1m", BASE_MS, BASE_MS + 60_000, "bank", "MOBILE_APP", "error_rate"): (3.0, 25.0, ()),
+        ("1m", BASE_MS, BASE_MS + 60_000, "bank", "STORE", "csat"): (3.0, 3.0, ()),
+        ("1m", BASE_MS, BASE_MS + 60_000, "bank", "MOBILE_APP", "lcp_p75"):
+            (sum(lcp[0]) + sum(lcp[1]), 65.0, tuple(sorted(merged.items()))),
+    }
+    [lcp_total] = [t for t in totals if t.indicator == "lcp_p75"]
+    assert math.isclose(lcp_total.value, spec_quantile(merged, 0.75), rel_tol=1e-12)  # what the rule judges
+
+    other_kinds = sink.window_totals(BASE_MS, BASE_MS + 60_000, [0, 1], {"error_rate", "channels_per_session"},
+                                     {"15m", "session"})
+    assert {(t.window_kind, t.window_start_ms, t.channel, t.indicator, t.numerator, t.denominator)
+            for t in other_kinds} == {("15m", BASE_MS - 840_000, "MOBILE_APP", "error_rate", 30.0, 150.0),
+                                      ("session", BASE_MS, "ALL", "channels_per_session", 3.0, 2.0)}
 
 
 def test_recent_panes_restore_the_last_panes_of_a_partition(sink):
@@ -285,3 +304,45 @@ def test_every_query_of_the_bi_guide_runs_on_clickhouse_18(sink, db):
     for block in re.findall(r"```sql\n(.*?)```", guide, re.S):
         for statement in split_statements(block):
             sink.client.execute(statement.replace("touchpoint.", f"{db.clickhouse.database}."))
+
+
+def test_write_judges_rules_of_every_window_kind_and_keeps_the_checkpoint_replay_point(sink):
+    from pipeline.core.evaluate import AlertRule
+    from pipeline.core.processor import Output
+
+    cells = [
+        make_cell(BASE_MS, "error_rate", 0, 40.0, 20.0),
+        make_cell(BASE_MS - 840_000, "error_rate", 0, 400.0, 100.0, kind="15m", length_ms=900_000),
+        make_cell(BASE_MS, "channels_per_session", 0, 10.0, 25.0, kind="session", channel="ALL"),
+    ]
+    rules = [
+        AlertRule("ux_error_rate_high", "error_rate", "above", 0.15, 20, "critical"),
+        AlertRule("ux_error_rate_high_15m", "error_rate", "above", 0.2, 20, "warning", window_kind="15m"),
+        AlertRule("cx_many_channels", "channels_per_session", "above", 2.0, 5, "info", window_kind="session"),
+    ]
+    checkpoint = aggregate.Checkpoint(0, 5, 9, BASE_MS + 65_000, BASE_MS + 60_000, BASE_MS + 40_000, BASE_MS)
+    output = Output(window_cells=cells, judge_from_ms=BASE_MS, judge_before_ms=BASE_MS + 60_000,
+                    judge_partitions=(0,), checkpoints={0: checkpoint})
+    alerts = sink.write(output, rules)
+    assert {(a.rule, a.channel, a.value) for a in alerts} == {
+        ("ux_error_rate_high", "MOBILE_APP", 0.5), ("ux_error_rate_high_15m", "MOBILE_APP", 0.25),
+        ("cx_many_channels", "ALL", 2.5)}
+    sink.write(output, rules)  # a retried write replaces what it wrote
+    stored = sink.client.execute("SELECT rule, window_kind, channel, toUInt32(window_start) FROM alerts FINAL "
+                                 "ORDER BY rule")
+    assert stored == [("cx_many_channels", "session", "ALL", BASE_MS // 1000),
+                      ("ux_error_rate_high", "1m", "MOBILE_APP", BASE_MS // 1000),
+                      ("ux_error_rate_high_15m", "15m", "MOBILE_APP", (BASE_MS - 840_000) // 1000)]
+    assert sink.load_checkpoint(0) == checkpoint
+
+
+def test_migrations_apply_again_after_a_crash_before_they_were_recorded(db):
+    client = connect(db.clickhouse)
+    client.execute("TRUNCATE TABLE schema_migrations")  # as if every file ran but none was recorded
+    again = apply_migrations(db.clickhouse)
+    assert [m.version for m in again][-4:] == [10, 11, 12, 13]
+    assert apply_migrations(db.clickhouse) == []
+    columns = {name for (name,) in client.execute("SELECT name FROM system.columns WHERE database = "
+                                                  "currentDatabase() AND table = 'pipeline_checkpoints'")}
+    assert {"replay_watermark_ms", "replay_closed_before_ms"} <= columns
+    client.disconnect()
