@@ -346,3 +346,84 @@ def test_migrations_apply_again_after_a_crash_before_they_were_recorded(db):
                                                   "currentDatabase() AND table = 'pipeline_checkpoints'")}
     assert {"replay_watermark_ms", "replay_closed_before_ms"} <= columns
     client.disconnect()
+
+
+def random_stream(rng: random.Random, partition: int, count: int) -> list[dict[str, Any]]:
+    """One partition's events over three hours and a half: out of order within the lateness, duplicates, and
+    late events (older than their closed pane)."""
+    from tests.factories import page, survey, task
+
+    events: list[dict[str, Any]] = []
+    span_ms = 3 * HOUR_MS + 30 * 60_000
+    for i in range(count):
+        t = BASE_MS + i * span_ms // count + rng.randrange(-8_000, 8_000)  # jitter within the 10 s lateness
+        person = rng.randrange(150)
+        who: dict[str, Any] = {"event_id": f"p{partition}-{i}", "event_time": max(BASE_MS, t),
+                               "tenant": rng.choice(["bank", "hospital"]),
+                               "user_id": f"u{person}" if person % 3 else None, "anonymous_id": f"a{person}",
+                               "person_id": f"person-{partition}-{person}",
+                               "role": rng.choice(["prospect", "user", "customer"]),
+                               "flow": rng.choice([None, "login", "checkout"]),
+                               "device_class": rng.choice([None, "mobile", "desktop"])}
+        kind = rng.random()
+        if kind < 0.35:
+            events.append(task(rng.choice(["SUCCESS", "SUCCESS", "FAILURE"]), channel="MOBILE_APP", **who))
+        elif kind < 0.55:
+            events.append(survey("CSAT", rng.randint(1, 5), channel="EMAIL",
+                                 about=rng.choice([None, "STORE", "CONTACT_CENTRE"]), **who))
+        else:
+            lcp = None if rng.random() < 0.1 else rng.lognormvariate(7.4, 0.7)
+            events.append(page(lcp_ms=lcp, channel=rng.choice(["WEB", "MOBILE_APP"]), **who))
+        if rng.random() < 0.05:
+            events.append(dict(events[-1]))  # a producer retry: the same event again
+        if rng.random() < 0.02 and i > 200:
+            late = dict(events[rng.randrange(len(events) - 150)])
+            late["event_id"] += "-late"  # an event that arrives after its pane closed
+            events.append(late)
+    return events
+
+
+def test_streamed_cells_equal_the_sql_batch_reference_over_the_raw_touchpoints(sink, db):
+    from pipeline.core.aggregate import DUPLICATE, LATE, PartitionWindows
+    from pipeline.core.processor import Output, touchpoint_row
+
+    rng = random.Random(20)
+    output = Output()
+    fates: Counter[int] = Counter()
+    for partition in (0, 1):
+        events = random_stream(rng, partition, 6_000)
+        windows = PartitionWindows(partition, 60_000, 10_000)
+        for begin in range(0, len(events), 250):  # batches, as a worker fetches them
+            batch = events[begin:begin + 250]
+            offsets = list(range(begin, begin + len(batch)))
+            for event, offset, fate in zip(batch, offsets, windows.add(batch, offsets), strict=True):
+                fates[fate] += 1
+                if fate != DUPLICATE:
+                    output.touchpoints.append(touchpoint_row(event, 1, partition, offset, counted=fate != LATE))
+        windows.advance_idle(BASE_MS + 5 * HOUR_MS)  # an idle partition: everything closes
+        output.window_cells.extend(windows.drain_closed())
+        output.checkpoints[partition] = windows.checkpoint()
+    assert fates[LATE] > 50 and fates[DUPLICATE] > 200  # the stream did exercise both
+
+    sink.write(output, [])
+    replay = ClickHouseSink(db.clickhouse, "it", "touchpoints")  # a restarted worker replays the same output
+    replay.write(output, [])
+    replay.client.disconnect()
+
+    indicators = ("csat", "error_rate", "lcp_p75")
+    assert assert_matches_reference(sink.client, 60_000, indicators) > 300
+    # The hourly rollups (of the 1m panes) equal the reference per hour, summed over roles, flows, devices.
+    rows = sink.client.execute(
+        "SELECT toUInt32(period_start), tenant, channel, indicator, sum(count), sum(total), "
+        "sumMap(sketch_keys, sketch_counts) FROM indicator_rollup_hourly FINAL "
+        "WHERE window_kind = '1m' AND indicator IN %(ids)s GROUP BY period_start, tenant, channel, indicator",
+        {"ids": indicators})
+    hourly = {(start, tenant, channel, indicator): (cnt, tot, tuple(zip(*merged, strict=True)))
+              for start, tenant, channel, indicator, cnt, tot, merged in rows}
+    reference = batch_reference(sink.client, HOUR_MS)
+    assert set(hourly) == set(reference) and len({k[0] for k in hourly}) == 4
+    for key, (cnt, tot, exact) in reference.items():
+        h_cnt, h_tot, sketch = hourly[key]
+        assert h_cnt == cnt and math.isclose(h_tot, tot, rel_tol=1e-9), key
+        if key[3] == "lcp_p75":
+            assert abs(spec_quantile(dict(sketch), 0.75) - exact) <= ALPHA * exact, key
