@@ -4,10 +4,12 @@ judged from stored cells, hourly/daily rollups, pane restore and checkpoints."""
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from clickhouse_driver import Client
 
@@ -163,6 +165,9 @@ class ClickHouseSink:
     def __init__(self, settings: ClickHouseSettings, consumer_group: str, topic: str,
                  observe: InsertObserver | None = None, *, rollup_settle_ms: int = 0) -> None:
         self.client = connect(settings)
+        # The worker writes in the background while it loads checkpoints and panes of newly assigned partitions;
+        # one connection serves one query at a time.
+        self._lock = threading.Lock()
         self.consumer_group = consumer_group
         self.topic = topic
         self.observe = observe
@@ -174,12 +179,16 @@ class ClickHouseSink:
         self._families: dict[str, str] = {}
         self._quantiles: dict[str, float] = {}
 
+    def _execute(self, query: str, params: object = None, **kwargs: object) -> Any:
+        with self._lock:
+            return self.client.execute(query, params, **kwargs)
+
     def _insert(self, table: str, columns: tuple[str, ...], data: list[list[object]]) -> None:
         rows = len(data[0]) if data else 0
         if rows == 0:
             return
         started = time.perf_counter()
-        self.client.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES", data, columnar=True)
+        self._execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES", data, columnar=True)
         if self.observe is not None:
             self.observe(table, time.perf_counter() - started, rows)
 
@@ -261,7 +270,9 @@ class ClickHouseSink:
         """Indicator totals of the windows of the given kinds ending in (from, before] (every window a closed
         horizon moving from `from` to `before` closed), over the given source partitions, summed over role, flow
         and device class; quantile indicators' sketches merged."""
-        rows = self.client.execute(
+        if not partitions or not indicators or not window_kinds:
+            return []
+        rows = self._execute(
             "SELECT window_kind, toUInt32(window_start), toUInt32(window_end), tenant, channel, indicator, "
             "sum(total), sum(count), sumMap(sketch_keys, sketch_counts) FROM indicator_cells FINAL "
             "WHERE window_kind IN %(kinds)s AND window_end > toDateTime(%(start)s) "
@@ -282,7 +293,7 @@ class ClickHouseSink:
         if count <= 0:
             return []
         # A pane is among the last `count` when its start + count * its length reaches before_ms.
-        rows = self.client.execute(
+        rows = self._execute(
             "SELECT toUInt32(window_start), toUInt32(window_end), tenant, channel, role, flow, device_class, "
             "indicator, count, total, sketch_keys, sketch_counts FROM indicator_cells FINAL "
             "WHERE window_kind = '1m' AND source_partition = %(partition)s "
@@ -324,7 +335,7 @@ class ClickHouseSink:
         started = time.perf_counter()
         for statement in rollup_statements(partition, hours_from, hours_to, days_from, days_to,
                                            int(time.time() * 1000) if now_ms is None else now_ms):
-            self.client.execute(statement)
+            self._execute(statement)
         if self.observe is not None:
             self.observe("indicator_rollup_hourly", time.perf_counter() - started, 0)
         self._rolled_until[partition] = hours_to
@@ -332,12 +343,12 @@ class ClickHouseSink:
 
     def _rolled_before(self, partition: int) -> int | None:
         """Where a partition's rolling resumes: its last rolled hour (rolled again), else its first cell's hour."""
-        rows = self.client.execute(
+        rows = self._execute(
             "SELECT toUInt32(max(period_start)), count() FROM indicator_rollup_hourly "
             "WHERE source_partition = %(partition)s", {"partition": partition})
         if rows and rows[0][1]:
             return int(rows[0][0]) * 1000
-        rows = self.client.execute(
+        rows = self._execute(
             "SELECT toUInt32(min(window_start)), count() FROM indicator_cells "
             "WHERE source_partition = %(partition)s AND window_kind IN %(kinds)s",
             {"partition": partition, "kinds": ROLLUP_KINDS})
@@ -348,7 +359,7 @@ class ClickHouseSink:
 
     def load_checkpoint(self, partition: int) -> Checkpoint | None:
         """The furthest-along checkpoint of a partition: any checkpoint is true of its stream prefix."""
-        rows = self.client.execute(
+        rows = self._execute(
             "SELECT commit_offset, read_offset, watermark_ms, closed_before_ms, replay_watermark_ms, "
             "replay_closed_before_ms FROM pipeline_checkpoints "
             "WHERE consumer_group = %(group)s AND topic = %(topic)s AND partition = %(partition)s "
