@@ -332,9 +332,13 @@ class ClickHouseSink:
         hours_from -= hours_from % HOUR_MS
         days_to = closed_before_ms - closed_before_ms % DAY_MS
         days_from = hours_from - hours_from % DAY_MS
+        rolled_at = int(time.time() * 1000) if now_ms is None else now_ms
         started = time.perf_counter()
-        for statement in rollup_statements(partition, hours_from, hours_to, days_from, days_to,
-                                           int(time.time() * 1000) if now_ms is None else now_ms):
+        # A day of hours per statement bounds the memory of a first roll over a long history.
+        for chunk in range(hours_from, hours_to, DAY_MS):
+            for statement in rollup_statements(partition, chunk, min(chunk + DAY_MS, hours_to), 0, 0, rolled_at):
+                self._execute(statement)
+        for statement in rollup_statements(partition, 0, 0, days_from, days_to, rolled_at):
             self._execute(statement)
         if self.observe is not None:
             self.observe("indicator_rollup_hourly", time.perf_counter() - started, 0)
