@@ -427,3 +427,52 @@ def test_streamed_cells_equal_the_sql_batch_reference_over_the_raw_touchpoints(s
         assert h_cnt == cnt and math.isclose(h_tot, tot, rel_tol=1e-9), key
         if key[3] == "lcp_p75":
             assert abs(spec_quantile(dict(sketch), 0.75) - exact) <= ALPHA * exact, key
+
+
+def stored_cells(ch: Any) -> dict[tuple, tuple[float, float, tuple]]:
+    rows = ch.execute("SELECT window_kind, toUInt32(window_start), toUInt32(window_end), tenant, channel, role, flow, "
+                      "device_class, indicator, source_partition, count, total, sketch_keys, sketch_counts "
+                      "FROM indicator_cells FINAL")
+    return {tuple(row[:10]): (row[10], row[11], tuple(zip(row[12], row[13], strict=True))) for row in rows}
+
+
+def test_a_restart_from_the_stored_checkpoint_and_panes_stores_what_an_uninterrupted_run_does(sink, db):
+    from pipeline.core.aggregate import PartitionWindows
+    from pipeline.core.processor import Output
+
+    events = random_stream(random.Random(8), 0, 5_000)
+    offsets = list(range(len(events)))
+
+    def run(windows: PartitionWindows, begin: int, end: int) -> Output:
+        for start in range(begin, end, 200):
+            stop = min(start + 200, end)
+            windows.add(events[start:stop], offsets[start:stop])
+        return Output(window_cells=windows.drain_closed(), checkpoints={0: windows.checkpoint()})
+
+    whole = PartitionWindows(0, 60_000, 10_000)  # the uninterrupted run
+    expected_cells = run(whole, 0, len(events)).window_cells
+    whole.advance_idle(BASE_MS + 6 * HOUR_MS)
+    expected_cells += whole.drain_closed()
+    expected = {(c.window_kind, c.window_start_ms // 1000, c.window_end_ms // 1000, c.tenant, c.channel, c.role,
+                 c.flow, c.device_class, c.indicator, c.partition): (c.count, c.total, c.sketch)
+                for c in expected_cells}
+    assert {k[0] for k in expected} == {"1m", "15m", "session"}
+
+    first = PartitionWindows(0, 60_000, 10_000)
+    sink.write(run(first, 0, 2_900), [])  # then SIGKILL: nothing after this write survives
+
+    checkpoint = sink.load_checkpoint(0)
+    assert checkpoint is not None and checkpoint.commit_offset < 2_900
+    panes = sink.recent_panes(0, checkpoint.closed_before_ms, 14)
+    assert panes and all(c.window_kind == "1m" for c in panes)
+    second = PartitionWindows(0, 60_000, 10_000, checkpoint=checkpoint, recent_panes=panes)
+    output = run(second, checkpoint.commit_offset, len(events))
+    second.advance_idle(BASE_MS + 6 * HOUR_MS)
+    output.window_cells += second.drain_closed()
+    sink.write(output, [])
+
+    stored = stored_cells(sink.client)
+    assert set(stored) == set(expected)
+    for key, (count, total, sketch) in expected.items():
+        assert stored[key][0] == count and stored[key][2] == sketch, key
+        assert math.isclose(stored[key][1], total, rel_tol=1e-9, abs_tol=1e-9), key
