@@ -46,7 +46,7 @@ def test_migrations_are_numbered_and_split_into_statements():
     migrations = load_migrations()
     versions = [m.version for m in migrations]
     assert versions == sorted(set(versions)) and versions[:4] == [1, 2, 3, 4]
-    assert {10, 11, 12} <= set(versions)  # the indicator cells, their rollups, replay points in checkpoints
+    assert {10, 11, 12, 13} <= set(versions)  # cells, rollups, checkpoint replay points, alert window kinds
     assert all(m.statements for m in migrations)
     assert split_statements("-- c;\nCREATE TABLE a (x UInt8) ENGINE = Log;\n\nSELECT ';'\n;") == [
         "CREATE TABLE a (x UInt8) ENGINE = Log", "SELECT ';'"]
