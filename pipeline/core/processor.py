@@ -7,13 +7,14 @@ batches until the adapter flushes it (to ClickHouse) and commits the checkpoints
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pipeline.core.aggregate import DUPLICATE, LATE, NEVER, Checkpoint, PartitionWindows, WindowCell
 from pipeline.core.decode import Rejection, SchemaLookup, decode_batch
 from pipeline.core.enrich import person_and_role
+from pipeline.core.indicators import APDEX_DEFAULT_T_MS, DEFAULT_APDEX_T_MS, Indicator, catalogue
 from pipeline.core.validate import violation
 
 UNKNOWN_CHANNEL = "unknown"
@@ -106,15 +107,24 @@ class Output:
 @dataclass(frozen=True, slots=True)
 class WindowConfig:
     window_ms: int
-    lateness_ms: int
+    lateness_ms: int  # also the grace period: a window closes when the watermark passes its end
     max_future_ms: int
     idle_close_ms: int
+    hopping_ms: int = 15 * 60_000  # hopping windows of this length, one per pane
+    session_gap_ms: int = 30 * 60_000  # a person's session ends after this much inactivity
+    session_max_ms: int = 4 * 3_600_000  # ...and at every multiple of this in event time
+    apdex_t_ms: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_APDEX_T_MS))  # per flow
+    apdex_default_t_ms: int = APDEX_DEFAULT_T_MS
+
+    def indicators(self) -> tuple[Indicator, ...]:
+        return catalogue(self.apdex_t_ms, self.apdex_default_t_ms)
 
 
 class TouchpointProcessor:
     def __init__(self, config: WindowConfig, schema_for: SchemaLookup) -> None:
         self.config = config
         self.schema_for = schema_for
+        self.indicators = config.indicators()
         self._judged_before: int | None = None  # windows starting before this have been judged
         self._caught_up: frozenset[int] = frozenset()  # partitions with nothing left to read, as of the last tick
         self.partitions: dict[int, PartitionWindows] = {}
@@ -124,9 +134,15 @@ class TouchpointProcessor:
     def owns(self, partition: int) -> bool:
         return partition in self.partitions
 
-    def assign(self, partition: int, checkpoint: Checkpoint | None, now_ms: int) -> None:
-        """Start (or resume from a checkpoint) a partition this worker now reads."""
-        windows = PartitionWindows(partition, self.config.window_ms, self.config.lateness_ms, checkpoint=checkpoint)
+    def assign(self, partition: int, checkpoint: Checkpoint | None, now_ms: int,
+               recent_panes: Iterable[WindowCell] = ()) -> None:
+        """Start (or resume from a checkpoint) a partition this worker now reads. recent_panes: the partition's
+        stored "1m" cells of the panes before the checkpoint's closed horizon that hopping windows still cover
+        (hopping_ms / window_ms - 1 panes), so hopping windows after a restart cover them too."""
+        config = self.config
+        windows = PartitionWindows(partition, config.window_ms, config.lateness_ms, self.indicators, checkpoint,
+                                   hopping_ms=config.hopping_ms, session_gap_ms=config.session_gap_ms,
+                                   session_max_ms=config.session_max_ms, recent_panes=recent_panes)
         self.partitions[partition] = windows
         self._activity[partition] = (now_ms, windows.watermark_ms)
         # A restored partition's final windows were judged before; a new one's have all to be judged.
@@ -161,6 +177,8 @@ class TouchpointProcessor:
             offsets.append(records[index].offset)
             schema_ids.append(schema_id)
 
+        if events and "person_id" not in events[0]:
+            _identify(events)
         fates = windows.add(events, offsets)
         if records:
             # Offsets of dead letters advance the partition too, so they are committed like the others.
@@ -220,6 +238,14 @@ class TouchpointProcessor:
     def take_output(self) -> Output:
         out, self.output = self.output, Output()
         return out
+
+
+def _identify(events: list[dict[str, Any]]) -> None:
+    """Until the enrich step sets them: the person and role the identifiers imply, no previous contact known."""
+    for event in events:
+        person_id, role = person_and_role(event["identifiers"])
+        event["person_id"], event["role"] = person_id, role.value
+        event.setdefault("previous_contact_ms", None)
 
 
 def _dead_letter(record: SourceRecord, channel: str, rejection: Rejection) -> DeadLetter:
