@@ -32,13 +32,14 @@ from typing import Any
 
 from pipeline.core.indicators import (
     ALL_CHANNELS,
+    CONTACT_TYPES,
     DIMENSIONS,
+    GROUPS,
+    PRODUCT_INTERACTIONS,
     REGISTRY,
     Indicator,
     Kind,
     SessionSummary,
-    merge_sessions,
-    note_in_session,
 )
 from pipeline.core.sketch import LOG_GAMMA, MIN_POSITIVE, ZERO_KEY, Sketch
 
@@ -97,16 +98,51 @@ class _Pane:
     cells: dict[DimKey, list[list[Any] | None]] = field(default_factory=dict)  # per indicator [count, total(, {})]
 
 
-@dataclass(slots=True)
 class _Session:
-    start: int
-    last: int
-    last_key: tuple[int, str]  # (event time, event id) of its last event: whose role it reports
-    role: str
-    end: int  # last + gap, cut at the block end: closed once the horizon reaches it
-    first_offset: int
-    replay: tuple[int, int]
-    summary: SessionSummary
+    """One open session of one person, kept compact: few container objects, so that the garbage collector,
+    which walks every live container on full collections, stays cheap with many open sessions."""
+
+    __slots__ = ("channels", "crashed", "end", "first_offset", "issues", "last", "last_id", "outcomes", "product",
+                 "replay_horizon", "replay_watermark", "role", "start")
+
+    def __init__(self, event_time: int, event_id: str, role: str, end: int, first_offset: int, replay_watermark: int,
+                 replay_horizon: int) -> None:
+        self.start = self.last = event_time
+        self.last_id = event_id  # with last: the last event, whose role the session reports
+        self.role = role
+        self.end = end  # last + gap, cut at the block end: closed once the horizon reaches it
+        self.first_offset = first_offset
+        self.replay_watermark, self.replay_horizon = replay_watermark, replay_horizon
+        self.channels = 0  # bit set of channel numbers
+        self.issues: dict[str, int] | None = None  # journey_id -> contacts
+        self.outcomes: list[tuple[int, str, bool]] | None = None  # (time, event id, ok) of product results
+        self.crashed = self.product = False
+
+    def absorb(self, other: _Session) -> None:
+        """Take in another open session of the person that an event bridges to this one."""
+        self.start = min(self.start, other.start)
+        if (other.last, other.last_id) > (self.last, self.last_id):
+            self.last, self.last_id, self.role = other.last, other.last_id, other.role
+        if other.first_offset < self.first_offset:
+            self.first_offset = other.first_offset
+            self.replay_watermark, self.replay_horizon = other.replay_watermark, other.replay_horizon
+        self.channels |= other.channels
+        if other.issues:
+            issues = self.issues if self.issues is not None else {}
+            for journey, n in other.issues.items():
+                issues[journey] = issues.get(journey, 0) + n
+            self.issues = issues
+        if other.outcomes:
+            self.outcomes = (self.outcomes or []) + other.outcomes
+        self.crashed = self.crashed or other.crashed
+        self.product = self.product or other.product
+
+    def summary(self, channel_names: list[str]) -> SessionSummary:
+        return SessionSummary(
+            channels={name for bit, name in enumerate(channel_names) if self.channels >> bit & 1},
+            issues=dict(self.issues or {}), outcomes=list(self.outcomes or ()), crashed=self.crashed,
+            product=self.product,
+        )
 
 
 _TENANT, _PERSON, _BLOCK = 0, 1, 2
@@ -136,16 +172,33 @@ class PartitionWindows:
         for ind in self.session_indicators:
             if ind.kind == Kind.QUANTILE:
                 raise ValueError(f"session indicator {ind.id} cannot be a quantile")
-        # event type -> ((slot, observe, is quantile), ...): each event calls only the observers it feeds
+        # event type -> ((slot, observe, is quantile), ...): each event calls only the observers it feeds; a group's
+        # members share one observer: (slots, observe, quantile flags) in group_dispatch
         dispatch: dict[str, list[tuple[int, Any, bool]]] = {}
+        group_dispatch: dict[str, list[tuple[tuple[int | None, ...], Any, tuple[bool, ...]]]] = {}
+        slot_of = {ind.id: slot for slot, ind in enumerate(self.event_indicators)}
         for slot, ind in enumerate(self.event_indicators):
+            if ind.group:
+                continue
             for event_type in ind.fed_by:
                 dispatch.setdefault(event_type, []).append((slot, ind.observe, ind.kind == Kind.QUANTILE))
+        for group in sorted({ind.group for ind in self.event_indicators if ind.group}):
+            members, observe = GROUPS[group]
+            present = [ind for ind in self.event_indicators if ind.group == group]
+            slots = tuple(slot_of.get(member) for member in members)
+            quantiles = tuple(member in slot_of and self.event_indicators[slot_of[member]].kind == Kind.QUANTILE
+                              for member in members)
+            for event_type in sorted({t for ind in present for t in ind.fed_by}):
+                group_dispatch.setdefault(event_type, []).append((slots, observe, quantiles))
         self.dispatch = {event_type: tuple(entries) for event_type, entries in dispatch.items()}
+        self.group_dispatch = {event_type: tuple(entries) for event_type, entries in group_dispatch.items()}
         self.slots = len(self.event_indicators)
 
         self.open: dict[int, _Pane] = {}
-        self.sessions: dict[tuple[str, str, int], list[_Session]] = {}  # (tenant, person, block) -> open sessions
+        # (tenant, person, block) -> its open session, or its open sessions when more than one
+        self.sessions: dict[tuple[str, str, int], _Session | list[_Session]] = {}
+        self.channel_bits: dict[str, int] = {}
+        self.channel_names: list[str] = []
         self.recent: dict[int, dict[CellKey, CellState]] = {}  # closed pane start -> its cells, for hopping
         if checkpoint is None:
             self._watermark = self._restored_watermark = NEVER
@@ -176,7 +229,7 @@ class PartitionWindows:
     def add(self, events: list[dict[str, Any]], offsets: list[int]) -> list[int]:
         """Fold events (in offset order) into their windows; returns ON_TIME, LATE or DUPLICATE per event."""
         window_ms, lateness = self.window_ms, self.lateness_ms
-        dispatch, slots, no_observers = self.dispatch, self.slots, ()
+        dispatch, group_dispatch, slots, no_observers = self.dispatch, self.group_dispatch, self.slots, ()
         open_panes = self.open
         log, ceil = math.log, math.ceil
         add_to_session = self._add_to_session
@@ -202,7 +255,8 @@ class PartitionWindows:
                     if survey is not None and survey.get("about_channel"):
                         channel = survey["about_channel"]  # a survey answer counts for what it was about
                 observers = dispatch.get(event_type, no_observers)
-                if observers:
+                groups = group_dispatch.get(event_type, no_observers)
+                if observers or groups:
                     dims = (event["tenant"], channel, event.get("role") or "", event.get("flow") or "",
                             event.get("device_class") or "")
                     cells = pane.cells.get(dims)
@@ -227,6 +281,28 @@ class PartitionWindows:
                         else:
                             cell[0] += 1.0
                             cell[1] += value
+                    for group_slots, observe_group, quantiles in groups:
+                        group_values = observe_group(event)
+                        if group_values is None:
+                            continue
+                        for slot, value, quantile in zip(group_slots, group_values, quantiles, strict=True):
+                            if value is None or slot is None:
+                                continue
+                            cell = cells[slot]
+                            if quantile:
+                                key = ZERO_KEY if value <= MIN_POSITIVE else ceil(log(value) / LOG_GAMMA)
+                                if cell is None:
+                                    cells[slot] = [1.0, 0.0 + value, {key: 1}]
+                                else:
+                                    cell[0] += 1.0
+                                    cell[1] += value
+                                    buckets = cell[2]
+                                    buckets[key] = buckets.get(key, 0) + 1
+                            elif cell is None:
+                                cells[slot] = [1.0, 0.0 + value]
+                            else:
+                                cell[0] += 1.0
+                                cell[1] += value
                 add_to_session(event, event_time, offsets[i])
             if event_time - lateness > self._watermark:
                 watermark = self._watermark = event_time - lateness
@@ -239,48 +315,72 @@ class PartitionWindows:
         return fates
 
     def _add_to_session(self, event: dict[str, Any], event_time: int, offset: int) -> None:
+        """The person's open session within a gap of the event takes it (two such sessions are bridged by it and
+        become one); otherwise it starts a new session. Mirrors indicators.note_in_session on compact state."""
         gap = self.session_gap_ms
         block = event_time - event_time % self.session_max_ms
         key = (event["tenant"], event["person_id"], block)
-        event_key = (event_time, event["event_id"])
+        event_id = event["event_id"]
         role = event.get("role") or ""
-        sessions = self.sessions.get(key)
-        if sessions is None:
-            session = self._new_session(event_time, event_key, role, block, offset)
-            self.sessions[key] = [session]
+        sessions = self.sessions
+        found = sessions.get(key)
+        session: _Session | None = None
+        if found is None:
+            pass
+        elif isinstance(found, _Session):
+            if event_time - found.last < gap and found.start - event_time < gap:
+                session = found
         else:
-            # The sessions this event falls within a gap of; one is the usual case, two are bridged by it.
-            joined = [s for s in sessions if event_time - s.last < gap and s.start - event_time < gap]
-            if not joined:
-                session = self._new_session(event_time, event_key, role, block, offset)
-                sessions.append(session)
-            else:
+            joined = [s for s in found if event_time - s.last < gap and s.start - event_time < gap]
+            if joined:
                 session = joined[0]
                 for other in joined[1:]:
-                    sessions.remove(other)
-                    merge_sessions(session.summary, other.summary)
-                    self._absorb(session, other.start, other.last, other.last_key, other.role, other.first_offset,
-                                 other.replay)
-                self._absorb(session, event_time, event_time, event_key, role, offset,
-                             (self._watermark, self._horizon))
-                session.end = min(session.last + gap, block + self.session_max_ms)
-        note_in_session(session.summary, event)
-
-    def _new_session(self, event_time: int, event_key: tuple[int, str], role: str, block: int,
-                     offset: int) -> _Session:
-        end = min(event_time + self.session_gap_ms, block + self.session_max_ms)
-        return _Session(event_time, event_time, event_key, role, end, offset, (self._watermark, self._horizon),
-                        SessionSummary())
-
-    @staticmethod
-    def _absorb(session: _Session, start: int, last: int, last_key: tuple[int, str], role: str, first_offset: int,
-                replay: tuple[int, int]) -> None:
-        session.start = min(session.start, start)
-        session.last = max(session.last, last)
-        if last_key > session.last_key:
-            session.last_key, session.role = last_key, role
-        if first_offset < session.first_offset:
-            session.first_offset, session.replay = first_offset, replay
+                    found.remove(other)
+                    session.absorb(other)
+                if len(found) == 1:
+                    sessions[key] = found[0]
+        if session is None:
+            session = _Session(event_time, event_id, role, min(event_time + gap, block + self.session_max_ms), offset,
+                               self._watermark, self._horizon)
+            if found is None:
+                sessions[key] = session
+            elif isinstance(found, _Session):
+                sessions[key] = [found, session]
+            else:
+                found.append(session)
+        else:
+            if event_time < session.start:
+                session.start = event_time
+            if event_time > session.last or (event_time == session.last and event_id > session.last_id):
+                session.last, session.last_id, session.role = event_time, event_id, role
+            session.end = min(session.last + gap, block + self.session_max_ms)
+        channel = event["channel"]
+        bit = self.channel_bits.get(channel)
+        if bit is None:
+            bit = self.channel_bits[channel] = len(self.channel_names)
+            self.channel_names.append(channel)
+        session.channels |= 1 << bit
+        event_type = event["event_type"]
+        if event_type in CONTACT_TYPES:
+            journey = event.get("journey_id")
+            if journey is not None:
+                if session.issues is None:
+                    session.issues = {}
+                session.issues[journey] = session.issues.get(journey, 0) + 1
+        elif event_type in PRODUCT_INTERACTIONS:
+            session.product = True
+            if event_type == "task":
+                outcome = event.get("outcome")
+                if outcome == "SUCCESS" or outcome == "FAILURE":
+                    if session.outcomes is None:
+                        session.outcomes = []
+                    session.outcomes.append((event_time, event_id, outcome == "SUCCESS"))
+            elif event_type != "page_view" and event_type != "screen_view":
+                if session.outcomes is None:
+                    session.outcomes = []
+                session.outcomes.append((event_time, event_id, False))
+                if event_type == "app_crash":
+                    session.crashed = True
 
     def advance_idle(self, watermark_ms: int) -> None:
         """Move the watermark forward without events (an idle partition), closing what it passes."""
@@ -341,8 +441,8 @@ class PartitionWindows:
         """Sessions whose end the horizon reached: no counted event can join them any more."""
         window_ms, final = self.window_ms, self.final_before_ms
         buckets: dict[tuple[int, str, str, str], list[float]] = {}
-        for key in list(self.sessions):
-            sessions = self.sessions[key]
+        for key, found in list(self.sessions.items()):
+            sessions = [found] if isinstance(found, _Session) else found
             still_open = [s for s in sessions if s.end > horizon]
             if len(still_open) == len(sessions):
                 continue
@@ -352,18 +452,19 @@ class PartitionWindows:
                 bucket = (session.end - 1) - (session.end - 1) % window_ms  # the minute the session ended in
                 if bucket + window_ms <= final:
                     continue  # emitted before a restart
+                summary = session.summary(self.channel_names)
                 for indicator in self.session_indicators:
-                    for value in indicator.observe_session(session.summary):  # type: ignore[misc]
+                    for value in indicator.observe_session(summary):  # type: ignore[misc]
                         acc = buckets.get((bucket, key[_TENANT], session.role, indicator.id))
                         if acc is None:
                             buckets[(bucket, key[_TENANT], session.role, indicator.id)] = [1.0, 0.0 + value]
                         else:
                             acc[0] += 1.0
                             acc[1] += value
-            if still_open:
-                self.sessions[key] = still_open
-            else:
+            if not still_open:
                 del self.sessions[key]
+            else:
+                self.sessions[key] = still_open[0] if len(still_open) == 1 else still_open
         for (bucket, tenant, role, indicator), (count, total) in sorted(buckets.items()):
             self.closed.append(WindowCell(SESSION, bucket, bucket + window_ms, tenant, ALL_CHANNELS, role, "", "",
                                           indicator, self.partition, count, total))
@@ -378,9 +479,9 @@ class PartitionWindows:
         for pane in self.open.values():
             if pane.first_offset < commit:
                 commit, replay = pane.first_offset, pane.replay
-        for sessions in self.sessions.values():
-            for session in sessions:
+        for found in self.sessions.values():
+            for session in [found] if isinstance(found, _Session) else found:
                 if session.first_offset < commit:
-                    commit, replay = session.first_offset, session.replay
+                    commit, replay = session.first_offset, (session.replay_watermark, session.replay_horizon)
         return Checkpoint(self.partition, commit, self.next_offset, self.watermark_ms, self.closed_before_ms,
                           replay[0], replay[1])

@@ -87,6 +87,7 @@ class Indicator:
     observe: Callable[[Event], float | None] | None = None  # event indicators
     observe_session: Callable[[SessionSummary], list[float]] | None = None  # session indicators
     q: float = 0.0  # the quantile of a quantile indicator
+    group: str = ""  # indicators of one group are observed together by GROUPS[group] in the stream (speed)
     dimensions: tuple[str, ...] = DIMENSIONS
     windows: tuple[str, ...] = EVENT_WINDOWS
 
@@ -372,6 +373,31 @@ _CONTACTS = ("contact", "ticket_opened", "ticket_resolved")
 _SENTIMENT = ("contact", "social_mention", "survey_response", "ticket_opened", "ticket_resolved")
 
 
+_LCP_GOOD, _LCP_POOR = WEB_VITAL_BANDS["lcp_ms"]
+_INP_GOOD, _INP_POOR = WEB_VITAL_BANDS["inp_ms"]
+_CLS_GOOD, _CLS_POOR = WEB_VITAL_BANDS["cls"]
+
+
+def _web_vitals(event: Event) -> tuple[float | None, ...] | None:
+    """The nine web-vital indicators at once, in GROUPS order: the same values as their own observers."""
+    vitals = event.get("web_vitals")
+    if vitals is None:
+        return None
+    lcp, inp, cls = vitals["lcp_ms"], vitals["inp_ms"], vitals["cls"]
+    return (
+        *((None, None, None) if lcp is None else (lcp, float(lcp <= _LCP_GOOD), float(lcp > _LCP_POOR))),
+        *((None, None, None) if inp is None else (inp, float(inp <= _INP_GOOD), float(inp > _INP_POOR))),
+        *((None, None, None) if cls is None else (cls, float(cls <= _CLS_GOOD), float(cls > _CLS_POOR))),
+    )
+
+
+# group -> (member ids in the order the group's observer returns their values, the observer)
+GROUPS: dict[str, tuple[tuple[str, ...], Callable[[Event], tuple[float | None, ...] | None]]] = {
+    "web_vitals": (tuple(f"{short}_{what}" for short in ("lcp", "inp", "cls")
+                         for what in ("p75", "good_share", "poor_share")), _web_vitals),
+}
+
+
 def _vital_indicators(name: str, label: str, unit: str) -> tuple[Indicator, ...]:
     good, poor = WEB_VITAL_BANDS[name]
     field_name = f"web_vitals.{name}"
@@ -381,21 +407,21 @@ def _vital_indicators(name: str, label: str, unit: str) -> tuple[Indicator, ...]
             id=f"{short}_p75", family=Family.UX, name=f"{label} p75",
             definition=f"75th percentile of {label} ({field_name}) of page and screen views that measured it.",
             formula=f"quantile(0.75)({field_name})", unit=unit, kind=Kind.QUANTILE, q=0.75, fed_by=_VIEWS,
-            observe=_vital(name),
+            observe=_vital(name), group="web_vitals",
         ),
         Indicator(
             id=f"{short}_good_share", family=Family.UX, name=f"{label} good share",
             definition=f"Share of measured page and screen views whose {label} is in the good band "
                        f"(at most {good:g} {unit}).",
             formula=f"count({field_name} <= {good:g}) / count({field_name})", unit="ratio", kind=Kind.RATIO,
-            fed_by=_VIEWS, observe=_vital_band(name, good=True),
+            fed_by=_VIEWS, observe=_vital_band(name, good=True), group="web_vitals",
         ),
         Indicator(
             id=f"{short}_poor_share", family=Family.UX, name=f"{label} poor share",
             definition=f"Share of measured page and screen views whose {label} is in the poor band "
                        f"(above {poor:g} {unit}).",
             formula=f"count({field_name} > {poor:g}) / count({field_name})", unit="ratio", kind=Kind.RATIO,
-            fed_by=_VIEWS, observe=_vital_band(name, good=False),
+            fed_by=_VIEWS, observe=_vital_band(name, good=False), group="web_vitals",
         ),
     )
 

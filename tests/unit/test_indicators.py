@@ -11,6 +11,7 @@ from pipeline.core.aggregate import ON_TIME, PartitionWindows
 from pipeline.core.indicators import (
     BY_ID,
     DIMENSIONS,
+    GROUPS,
     REGISTRY,
     Family,
     Kind,
@@ -134,7 +135,21 @@ def test_windows_call_only_the_observers_an_event_type_feeds():
     assert called["task"] == {"task_success_rate", "time_on_task", "error_rate", "apdex", "rage_click_rate",
                               "funnel_abandonment"}
     assert "identify" not in called
-    assert {"lcp_p75", "cls_poor_share", "error_rate"} <= called["page_view"]
+    assert {"error_rate", "rage_click_rate"} == called["page_view"]
+    grouped = {windows.event_indicators[slot].id for slots, _, _ in windows.group_dispatch["page_view"]
+               for slot in slots}
+    assert grouped == {i.id for i in REGISTRY if i.group == "web_vitals"} and len(grouped) == 9
+    assert "task" not in windows.group_dispatch
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.none(), st.floats(0, 10_000)), st.one_of(st.none(), st.floats(0, 1_000)),
+       st.one_of(st.none(), st.floats(0, 1)))
+def test_a_group_observes_what_its_members_observe_one_by_one(lcp, inp, cls):
+    event = page(lcp_ms=lcp, inp_ms=inp, cls=cls)
+    for group, (members, observe) in GROUPS.items():
+        assert observe(event) == tuple(_value(member, event) for member in members), group
+    assert GROUPS["web_vitals"][1](touchpoint()) is None and _value("lcp_p75", touchpoint()) is None
 
 
 def test_the_documentation_is_generated_from_the_registry():
