@@ -321,39 +321,17 @@ class PartitionWindows:
         block = event_time - event_time % self.session_max_ms
         key = (event["tenant"], event["person_id"], block)
         event_id = event["event_id"]
-        role = event.get("role") or ""
-        sessions = self.sessions
-        found = sessions.get(key)
-        session: _Session | None = None
-        if found is None:
-            pass
-        elif isinstance(found, _Session):
-            if event_time - found.last < gap and found.start - event_time < gap:
-                session = found
-        else:
-            joined = [s for s in found if event_time - s.last < gap and s.start - event_time < gap]
-            if joined:
-                session = joined[0]
-                for other in joined[1:]:
-                    found.remove(other)
-                    session.absorb(other)
-                if len(found) == 1:
-                    sessions[key] = found[0]
-        if session is None:
-            session = _Session(event_time, event_id, role, min(event_time + gap, block + self.session_max_ms), offset,
-                               self._watermark, self._horizon)
-            if found is None:
-                sessions[key] = session
-            elif isinstance(found, _Session):
-                sessions[key] = [found, session]
-            else:
-                found.append(session)
-        else:
+        found = self.sessions.get(key)
+        if type(found) is _Session and event_time - found.last < gap and found.start - event_time < gap:
+            session = found  # the usual case: the person's one open session goes on
             if event_time < session.start:
                 session.start = event_time
             if event_time > session.last or (event_time == session.last and event_id > session.last_id):
-                session.last, session.last_id, session.role = event_time, event_id, role
-            session.end = min(session.last + gap, block + self.session_max_ms)
+                session.last, session.last_id, session.role = event_time, event_id, event.get("role") or ""
+                end = event_time + gap
+                session.end = end if end < block + self.session_max_ms else block + self.session_max_ms
+        else:
+            session = self._place(key, found, event_time, event_id, event.get("role") or "", block, offset)
         channel = event["channel"]
         bit = self.channel_bits.get(channel)
         if bit is None:
@@ -381,6 +359,29 @@ class PartitionWindows:
                 session.outcomes.append((event_time, event_id, False))
                 if event_type == "app_crash":
                     session.crashed = True
+
+    def _place(self, key: tuple[str, str, int], found: _Session | list[_Session] | None, event_time: int,
+               event_id: str, role: str, block: int, offset: int) -> _Session:
+        """A new session, or the person's sessions when there are several open (one bridged by the event)."""
+        gap, block_end, sessions = self.session_gap_ms, block + self.session_max_ms, self.sessions
+        candidates = [] if found is None else [found] if type(found) is _Session else found
+        joined = [s for s in candidates if event_time - s.last < gap and s.start - event_time < gap]
+        if not joined:
+            session = _Session(event_time, event_id, role, min(event_time + gap, block_end), offset, self._watermark,
+                               self._horizon)
+            sessions[key] = session if not candidates else [*candidates, session]
+            return session
+        session = joined[0]
+        for other in joined[1:]:
+            session.absorb(other)
+        rest = [s for s in candidates if s is session or s not in joined]
+        sessions[key] = rest[0] if len(rest) == 1 else rest
+        if event_time < session.start:
+            session.start = event_time
+        if event_time > session.last or (event_time == session.last and event_id > session.last_id):
+            session.last, session.last_id, session.role = event_time, event_id, role
+        session.end = min(session.last + gap, block_end)
+        return session
 
     def advance_idle(self, watermark_ms: int) -> None:
         """Move the watermark forward without events (an idle partition), closing what it passes."""
