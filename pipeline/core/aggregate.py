@@ -95,7 +95,8 @@ class _Pane:
     first_offset: int
     replay: tuple[int, int]  # (watermark, horizon) before its first record
     event_ids: set[str] = field(default_factory=set)
-    cells: dict[DimKey, list[list[Any] | None]] = field(default_factory=dict)  # per indicator [count, total(, {})]
+    # per dimensions: (counts, totals, sketch buckets), each indexed by indicator slot
+    cells: dict[DimKey, tuple[list[float], list[float], list[dict[int, int] | None]]] = field(default_factory=dict)
 
 
 class _Session:
@@ -190,7 +191,10 @@ class PartitionWindows:
                               for member in members)
             for event_type in sorted({t for ind in present for t in ind.fed_by}):
                 group_dispatch.setdefault(event_type, []).append((slots, observe, quantiles))
-        self.dispatch = {event_type: tuple(entries) for event_type, entries in dispatch.items()}
+        # event type -> ((slot, observe) of ratios and means, (slot, observe) of quantiles)
+        self.dispatch = {event_type: (tuple((slot, observe) for slot, observe, quantile in entries if not quantile),
+                                      tuple((slot, observe) for slot, observe, quantile in entries if quantile))
+                         for event_type, entries in dispatch.items()}
         self.group_dispatch = {event_type: tuple(entries) for event_type, entries in group_dispatch.items()}
         self.slots = len(self.event_indicators)
 
@@ -229,7 +233,7 @@ class PartitionWindows:
     def add(self, events: list[dict[str, Any]], offsets: list[int]) -> list[int]:
         """Fold events (in offset order) into their windows; returns ON_TIME, LATE or DUPLICATE per event."""
         window_ms, lateness = self.window_ms, self.lateness_ms
-        dispatch, group_dispatch, slots, no_observers = self.dispatch, self.group_dispatch, self.slots, ()
+        dispatch, group_dispatch, slots, no_observers = self.dispatch, self.group_dispatch, self.slots, ((), ())
         open_panes = self.open
         log, ceil = math.log, math.ceil
         add_to_session = self._add_to_session
@@ -254,55 +258,47 @@ class PartitionWindows:
                     survey = event.get("survey")
                     if survey is not None and survey.get("about_channel"):
                         channel = survey["about_channel"]  # a survey answer counts for what it was about
-                observers = dispatch.get(event_type, no_observers)
-                groups = group_dispatch.get(event_type, no_observers)
-                if observers or groups:
+                plain, quantiles = dispatch.get(event_type, no_observers)
+                groups = group_dispatch.get(event_type, ())
+                if plain or quantiles or groups:
                     dims = (event["tenant"], channel, event.get("role") or "", event.get("flow") or "",
                             event.get("device_class") or "")
                     cells = pane.cells.get(dims)
                     if cells is None:
-                        cells = pane.cells[dims] = [None] * slots
-                    for slot, observe, quantile in observers:
+                        cells = pane.cells[dims] = ([0.0] * slots, [0.0] * slots, [None] * slots)
+                    counts, totals, sketches = cells
+                    for slot, observe in plain:  # count 0 marks a cell without observations
                         value = observe(event)
-                        if value is None:
-                            continue
-                        cell = cells[slot]
-                        if quantile:
+                        if value is not None:
+                            counts[slot] += 1.0
+                            totals[slot] += value
+                    for slot, observe in quantiles:
+                        value = observe(event)
+                        if value is not None:
+                            counts[slot] += 1.0
+                            totals[slot] += value
                             key = ZERO_KEY if value <= MIN_POSITIVE else ceil(log(value) / LOG_GAMMA)
-                            if cell is None:
-                                cells[slot] = [1.0, 0.0 + value, {key: 1}]
+                            buckets = sketches[slot]
+                            if buckets is None:
+                                sketches[slot] = {key: 1}
                             else:
-                                cell[0] += 1.0
-                                cell[1] += value
-                                buckets = cell[2]
                                 buckets[key] = buckets.get(key, 0) + 1
-                        elif cell is None:
-                            cells[slot] = [1.0, 0.0 + value]
-                        else:
-                            cell[0] += 1.0
-                            cell[1] += value
-                    for group_slots, observe_group, quantiles in groups:
+                    for group_slots, observe_group, is_quantile in groups:
                         group_values = observe_group(event)
                         if group_values is None:
                             continue
-                        for slot, value, quantile in zip(group_slots, group_values, quantiles, strict=True):
+                        for slot, value, quantile in zip(group_slots, group_values, is_quantile, strict=True):
                             if value is None or slot is None:
                                 continue
-                            cell = cells[slot]
+                            counts[slot] += 1.0
+                            totals[slot] += value
                             if quantile:
                                 key = ZERO_KEY if value <= MIN_POSITIVE else ceil(log(value) / LOG_GAMMA)
-                                if cell is None:
-                                    cells[slot] = [1.0, 0.0 + value, {key: 1}]
+                                buckets = sketches[slot]
+                                if buckets is None:
+                                    sketches[slot] = {key: 1}
                                 else:
-                                    cell[0] += 1.0
-                                    cell[1] += value
-                                    buckets = cell[2]
                                     buckets[key] = buckets.get(key, 0) + 1
-                            elif cell is None:
-                                cells[slot] = [1.0, 0.0 + value]
-                            else:
-                                cell[0] += 1.0
-                                cell[1] += value
                 add_to_session(event, event_time, offsets[i])
             if event_time - lateness > self._watermark:
                 watermark = self._watermark = event_time - lateness
@@ -398,14 +394,15 @@ class PartitionWindows:
             if start + window_ms <= final:
                 continue  # emitted before a restart; the stored copy is in self.recent
             state: dict[CellKey, CellState] = {}
-            for (tenant, channel, role, flow, device), cells in pane.cells.items():
-                for indicator, cell in zip(self.event_indicators, cells, strict=True):
-                    if cell is None:
+            for (tenant, channel, role, flow, device), (counts, totals, sketches) in pane.cells.items():
+                for indicator, count, total, buckets in zip(self.event_indicators, counts, totals, sketches,
+                                                            strict=True):
+                    if not count:
                         continue
-                    sketch = tuple(sorted(cell[2].items())) if len(cell) == 3 else ()
-                    state[(tenant, channel, role, flow, device, indicator.id)] = (cell[0], cell[1], sketch)
+                    sketch = tuple(sorted(buckets.items())) if buckets is not None else ()
+                    state[(tenant, channel, role, flow, device, indicator.id)] = (count, total, sketch)
                     self.closed.append(WindowCell(PANE, start, start + window_ms, tenant, channel, role, flow,
-                                                  device, indicator.id, partition, cell[0], cell[1], sketch))
+                                                  device, indicator.id, partition, count, total, sketch))
             self.recent[start] = state
         horizon = watermark_ms - watermark_ms % window_ms  # start of the first pane still open
         if horizon > self._horizon:

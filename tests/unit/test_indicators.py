@@ -130,7 +130,7 @@ def test_session_indicators():
 
 def test_windows_call_only_the_observers_an_event_type_feeds():
     windows = PartitionWindows(0, MINUTE, 0)
-    called = {event_type: {windows.event_indicators[slot].id for slot, _, _ in entries}
+    called = {event_type: {windows.event_indicators[slot].id for part in entries for slot, _ in part}
               for event_type, entries in windows.dispatch.items()}
     assert called["task"] == {"task_success_rate", "time_on_task", "error_rate", "apdex", "rage_click_rate",
                               "funnel_abandonment"}
