@@ -44,9 +44,9 @@ def publish_paced(settings: Settings, scenario: str, count: int, *, rate: float,
 
 
 INDICATOR_QUERY = """
-SELECT tenant, channel, indicator, sum(numerator) AS num, sum(denominator) AS den, max(window_start) AS last
-FROM indicator_values
-WHERE window_start >= now() - %(seconds)s
+SELECT tenant, channel, indicator, sum(total) AS num, sum(count) AS den, max(window_start) AS last
+FROM indicator_values_by_channel
+WHERE window_kind = '1m' AND quantile = 0 AND window_start >= now() - %(seconds)s
 GROUP BY tenant, channel, indicator
 ORDER BY tenant, channel
 """

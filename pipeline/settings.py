@@ -50,13 +50,30 @@ class ClickHouseSettings(BaseModel):
     password: str = ""
 
 
+def _default_apdex_t_ms() -> dict[str, int]:
+    from pipeline.core.indicators import DEFAULT_APDEX_T_MS
+
+    return dict(DEFAULT_APDEX_T_MS)
+
+
 class WindowSettings(BaseModel):
-    size_s: int = Field(60, ge=1, description="Tumbling window length in event time.")
-    allowed_lateness_s: int = Field(10, ge=0, description="Watermark = max event time seen - this.")
+    size_s: int = Field(60, ge=1, description="Tumbling window (pane) length in event time.")
+    allowed_lateness_s: int = Field(
+        10, ge=0, description="Grace: watermark = max event time seen - this; a window closes when it passes."
+    )
     max_future_s: int = Field(300, ge=0, description="Events further in the future than this are dead-lettered.")
     idle_close_s: float = Field(
         30.0, ge=0, description="Wall-clock seconds after which an idle partition's open windows are closed."
     )
+    hopping_size_s: int = Field(900, ge=1, description="Hopping window length (a whole number of panes), every pane.")
+    session_gap_s: int = Field(1800, ge=1, description="A person's session ends after this much inactivity.")
+    session_max_s: int = Field(
+        14_400, ge=1, description="Sessions are cut at every multiple of this in event time (a whole number of panes)."
+    )
+    apdex_t_ms: dict[str, int] = Field(
+        default_factory=_default_apdex_t_ms, description="Apdex T per flow, milliseconds (JSON object in env)."
+    )
+    apdex_default_t_ms: int = Field(500, ge=1, description="Apdex T of flows not in apdex_t_ms.")
 
 
 class BatchSettings(BaseModel):
@@ -98,6 +115,7 @@ class AlertRuleSettings(BaseModel):
     threshold: float
     min_denominator: float = Field(20, description="Ignore windows with fewer observations than this.")
     severity: str = "warning"
+    window_kind: str = Field("1m", pattern="^(1m|15m|session)$", description="Which windows the rule judges.")
 
 
 def default_alert_rules() -> list[AlertRuleSettings]:

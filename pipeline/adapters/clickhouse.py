@@ -1,16 +1,19 @@
-"""ClickHouse adapter: versioned migrations, columnar batch inserts, checkpoints."""
+"""ClickHouse adapter: versioned migrations, columnar batch inserts of touchpoints and indicator cells, alerts
+judged from stored cells, hourly/daily rollups, pane restore and checkpoints."""
 
 from __future__ import annotations
 
 import re
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from clickhouse_driver import Client
 
-from pipeline.core.aggregate import Checkpoint
+from pipeline.core.aggregate import Checkpoint, WindowCell
 from pipeline.core.evaluate import Alert, AlertRule, WindowTotal, judge
 from pipeline.core.indicators import BY_ID
 from pipeline.core.processor import TOUCHPOINT_COLUMNS, Output
@@ -57,6 +60,17 @@ def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return migrations
 
 
+_ALTER_ADD = re.compile(r"^\s*ALTER\s+TABLE\s+(\w+)\s+ADD\s+COLUMN\s", re.I)
+_ADDED_COLUMN = re.compile(r"ADD\s+COLUMN\s+(\w+)", re.I)
+
+
+def added_columns(statement: str) -> tuple[str, list[str]] | None:
+    """(table, columns) of an `ALTER TABLE t ADD COLUMN ...` statement, else None. ClickHouse 18.16 has no
+    ADD COLUMN IF NOT EXISTS, so the runner skips such a statement when its columns are already there."""
+    match = _ALTER_ADD.match(statement)
+    return (match[1], _ADDED_COLUMN.findall(statement)) if match else None
+
+
 def apply_migrations(settings: ClickHouseSettings) -> list[Migration]:
     """Create the database and apply every migration not yet recorded; safe to run again and again."""
     server = connect(settings, database="default")
@@ -73,10 +87,14 @@ def apply_migrations(settings: ClickHouseSettings) -> list[Migration]:
         if migration.version in applied:
             continue
         for statement in migration.statements:
-            added = _ADD_COLUMN.match(statement)
-            if added and client.execute("SELECT count() FROM system.columns WHERE database = currentDatabase() "
-                                        "AND table = %(table)s AND name = %(column)s", added.groupdict())[0][0]:
-                continue  # already added by a half-applied run (18.16 has no ADD COLUMN IF NOT EXISTS)
+            adding = added_columns(statement)
+            if adding is not None:
+                table, wanted = adding
+                present = {row[0] for row in client.execute(
+                    "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = %(table)s",
+                    {"table": table})}
+                if set(wanted) <= present:
+                    continue  # applied before the migration was recorded
             client.execute(statement)  # every other statement is IF NOT EXISTS, so a half-applied file can rerun
         client.execute("INSERT INTO schema_migrations (version, name) VALUES",
                        [(migration.version, migration.name)])
@@ -84,64 +102,119 @@ def apply_migrations(settings: ClickHouseSettings) -> list[Migration]:
     return done
 
 
-_ADD_COLUMN = re.compile(r"ALTER TABLE (?P<table>\w+) ADD COLUMN (?P<column>\w+) ", re.IGNORECASE)
-
 InsertObserver = Callable[[str, float, int], None]  # (table, seconds, rows)
 
-_WINDOW_COLUMNS = ("window_start", "window_end", "tenant", "channel", "indicator", "family",
-                   "source_partition", "numerator", "denominator", "emitted_at_ms")
-_ALERT_COLUMNS = ("alert_id", "rule", "indicator", "family", "severity", "tenant", "channel", "window_start",
-                  "window_end", "value", "threshold", "comparison", "numerator", "denominator", "message",
-                  "fired_at_ms")
+_CELL_COLUMNS = ("window_kind", "window_start", "window_end", "tenant", "channel", "role", "flow", "device_class",
+                 "indicator", "family", "quantile", "source_partition", "count", "total", "sketch_keys",
+                 "sketch_counts", "emitted_at_ms")
+_ALERT_COLUMNS = ("alert_id", "rule", "indicator", "family", "severity", "tenant", "channel", "window_kind",
+                  "window_start", "window_end", "value", "threshold", "comparison", "numerator", "denominator",
+                  "message", "fired_at_ms")
 _AUDIT_COLUMNS = ("at_ms", "action", "identifier_a", "identifier_b", "from_person_id", "into_person_id", "reason",
                   "event_id", "recorded_at_ms")
 _CHECKPOINT_COLUMNS = ("consumer_group", "topic", "partition", "commit_offset", "read_offset", "watermark_ms",
-                       "closed_before_ms", "written_at_ms")
+                       "closed_before_ms", "replay_watermark_ms", "replay_closed_before_ms", "written_at_ms")
+
+
+_QUANTILE_SUFFIX = re.compile(r"_p(\d{2})$")  # lcp_p75 -> 0.75, for indicators the registry gives no q
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+ROLLUP_KINDS = ("1m", "session")  # '15m' hopping windows overlap: summing them into a period would overcount
+
+
+def indicator_quantile(indicator_id: str) -> float:
+    """q of a quantile indicator (0.0 for ratios and means): from the registry, else from an _pNN suffix."""
+    q = getattr(BY_ID.get(indicator_id), "q", None)
+    if isinstance(q, int | float) and q > 0:
+        return float(q)
+    match = _QUANTILE_SUFFIX.search(indicator_id)
+    return int(match[1]) / 100 if match else 0.0
+
+
+def rollup_statements(partition: int, hours_from_ms: int, hours_to_ms: int, days_from_ms: int, days_to_ms: int,
+                      now_ms: int) -> list[str]:
+    """INSERT ... SELECT statements that roll one partition's hours [hours_from, hours_to) up from the final cells,
+    then its days [days_from, days_to) from the hourly rows. Arguments are whole numbers, hence inlined (chdb
+    runs the same text in the unit tests)."""
+    statements = []
+    kinds = ", ".join(f"'{kind}'" for kind in ROLLUP_KINDS)
+    columns = ("period_start, window_kind, tenant, channel, role, flow, device_class, indicator, family, quantile, "
+               "source_partition, count, total, sketch_keys, sketch_counts, rolled_at_ms")
+    # Inner names (cnt, tot, ...) differ from the columns: ClickHouse 18.16 misreads `sum(count) AS count`.
+    select = ("SELECT period, window_kind, tenant, channel, role, flow, device_class, indicator, fam, q, "
+              f"source_partition, cnt, tot, merged.1, merged.2, {int(now_ms)} FROM (SELECT {{period}} AS period, "
+              "window_kind, tenant, channel, role, flow, device_class, indicator, source_partition, "
+              "any(family) AS fam, max(quantile) AS q, sum(count) AS cnt, sum(total) AS tot, "
+              "sumMap(sketch_keys, sketch_counts) AS merged FROM {source} FINAL WHERE source_partition = "
+              f"{int(partition)} AND {{where}} GROUP BY period, window_kind, tenant, channel, role, flow, "
+              "device_class, indicator, source_partition)")
+    if hours_to_ms > hours_from_ms:
+        where = (f"window_kind IN ({kinds}) AND window_start >= toDateTime({int(hours_from_ms) // 1000}) "
+                 f"AND window_start < toDateTime({int(hours_to_ms) // 1000})")
+        statements.append(f"INSERT INTO indicator_rollup_hourly ({columns}) " + select.format(
+            period="toStartOfHour(window_start)", source="indicator_cells", where=where))
+    if days_to_ms > days_from_ms:
+        where = (f"period_start >= toDateTime({int(days_from_ms) // 1000}) "
+                 f"AND period_start < toDateTime({int(days_to_ms) // 1000})")
+        statements.append(f"INSERT INTO indicator_rollup_daily ({columns}) " + select.format(
+            period="toStartOfDay(period_start)", source="indicator_rollup_hourly", where=where))
+    return statements
 
 
 class ClickHouseSink:
     """Writes a flush of core output; checkpoints go last, so they never claim rows that are not there."""
 
     def __init__(self, settings: ClickHouseSettings, consumer_group: str, topic: str,
-                 observe: InsertObserver | None = None) -> None:
+                 observe: InsertObserver | None = None, *, rollup_settle_ms: int = 0) -> None:
         self.client = connect(settings)
+        # The worker writes in the background while it loads checkpoints and panes of newly assigned partitions;
+        # one connection serves one query at a time.
+        self._lock = threading.Lock()
         self.consumer_group = consumer_group
         self.topic = topic
         self.observe = observe
+        # Session cells sit in the pane their session ended in and close with it, so a closed hour is final; a
+        # core that emitted cells after their pane closed would set how far back hours are rolled again.
+        self.rollup_settle_ms = rollup_settle_ms
+        self._rolled_until: dict[int, int] = {}  # partition -> end of the last hour rolled up (ms)
+        self._hour_seen: dict[int, int] = {}  # partition -> hour of its closed horizon at the last roll_up
+        self._families: dict[str, str] = {}
+        self._quantiles: dict[str, float] = {}
+
+    def _execute(self, query: str, params: object = None, **kwargs: object) -> Any:
+        with self._lock:
+            return self.client.execute(query, params, **kwargs)
 
     def _insert(self, table: str, columns: tuple[str, ...], data: list[list[object]]) -> None:
         rows = len(data[0]) if data else 0
         if rows == 0:
             return
         started = time.perf_counter()
-        self.client.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES", data, columnar=True)
+        self._execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES", data, columnar=True)
         if self.observe is not None:
             self.observe(table, time.perf_counter() - started, rows)
 
     def write(self, output: Output, rules: Sequence[AlertRule]) -> list[Alert]:
-        """Rows and windows, then the alerts of windows now closed everywhere (judged from the stored rows, so
-        partials written before a crash count), then the checkpoints. Returns the alerts raised."""
+        """Rows and cells, then the alerts of windows now closed everywhere (judged from the stored cells, so
+        partials written before a crash count), then the checkpoints, then the rollups of hours and days the
+        checkpoints closed. Returns the alerts raised."""
         now_ms = int(time.time() * 1000)
         if output.touchpoints:
             columns = [list(column) for column in zip(*output.touchpoints, strict=True)]
             self._insert("touchpoints", TOUCHPOINT_COLUMNS, columns)
         if output.window_cells:
-            cells = output.window_cells
-            self._insert("indicator_windows", _WINDOW_COLUMNS, [
-                [c.window_start_ms // 1000 for c in cells], [c.window_end_ms // 1000 for c in cells],
-                [c.tenant for c in cells], [c.channel for c in cells], [c.indicator for c in cells],
-                [BY_ID[c.indicator].family.value for c in cells], [c.partition for c in cells],
-                [c.numerator for c in cells], [c.denominator for c in cells], [now_ms] * len(cells),
-            ])
+            self.write_cells(output.window_cells, now_ms, whole_windows=True)
         alerts: list[Alert] = []
         if output.judge_before_ms is not None and output.judge_partitions and rules:
             totals = self.window_totals(output.judge_from_ms or 0, output.judge_before_ms, output.judge_partitions,
-                                        {rule.indicator for rule in rules})
+                                        {rule.indicator for rule in rules}, {rule.window_kind for rule in rules})
             alerts = judge(rules, totals)
+            kind_of = {rule.name: rule.window_kind for rule in rules}
             self._insert("alerts", _ALERT_COLUMNS, [
                 [a.alert_id for a in alerts], [a.rule for a in alerts], [a.indicator for a in alerts],
                 [a.family for a in alerts], [a.severity for a in alerts], [a.tenant for a in alerts],
-                [a.channel for a in alerts], [a.window_start_ms // 1000 for a in alerts],
+                [a.channel for a in alerts], [kind_of[a.rule] for a in alerts],
+                [a.window_start_ms // 1000 for a in alerts],
                 [a.window_end_ms // 1000 for a in alerts], [a.value for a in alerts],
                 [a.threshold for a in alerts], [a.comparison for a in alerts], [a.numerator for a in alerts],
                 [a.denominator for a in alerts], [a.message for a in alerts], [now_ms] * len(alerts),
@@ -152,8 +225,15 @@ class ClickHouseSink:
             self._insert("pipeline_checkpoints", _CHECKPOINT_COLUMNS, [
                 [self.consumer_group] * len(cps), [self.topic] * len(cps), [c.partition for c in cps],
                 [c.commit_offset for c in cps], [c.read_offset for c in cps], [c.watermark_ms for c in cps],
-                [c.closed_before_ms for c in cps], [now_ms] * len(cps),
+                [c.closed_before_ms for c in cps], [c.replay_watermark_ms for c in cps],
+                [c.replay_closed_before_ms for c in cps], [now_ms] * len(cps),
             ])
+            for cp in cps:
+                # Rolling needs a query or two: only when the partition's closed horizon entered a new hour.
+                hour = cp.closed_before_ms - cp.closed_before_ms % HOUR_MS
+                if self._hour_seen.get(cp.partition) != hour:
+                    self.roll_up(cp.partition, cp.closed_before_ms, now_ms)
+                    self._hour_seen[cp.partition] = hour
         return alerts
 
     def _write_identity(self, output: Output, now_ms: int) -> None:
@@ -174,30 +254,167 @@ class ClickHouseSink:
                 [a.identifier_b for a in au], [a.from_person_id for a in au], [a.into_person_id for a in au],
                 [a.reason for a in au], [a.event_id for a in au], [now_ms] * len(au)])
 
-    def window_totals(self, from_ms: int, before_ms: int, partitions: Sequence[int],
-                      indicators: set[str]) -> list[WindowTotal]:
-        """Indicator totals of the windows starting in [from, before), over the given source partitions."""
-        rows = self.client.execute(
-            "SELECT toUInt32(window_start), toUInt32(any(window_end)), tenant, toString(channel), indicator, "
-            "sum(numerator), sum(denominator) FROM indicator_windows FINAL "
-            "WHERE window_start >= toDateTime(%(start)s) AND window_start < toDateTime(%(end)s) "
+    def _family(self, indicator: str) -> str:
+        family = self._families.get(indicator)
+        if family is None:
+            family = self._families[indicator] = BY_ID[indicator].family.value
+        return family
+
+    def _quantile(self, indicator: str) -> float:
+        q = self._quantiles.get(indicator)
+        if q is None:
+            q = self._quantiles[indicator] = indicator_quantile(indicator)
+        return q
+
+    def write_cells(self, cells: Sequence[WindowCell], now_ms: int | None = None, *,
+                    whole_windows: bool = False) -> None:
+        """One columnar insert of closed cells; a replayed cell has the same key and replaces the first copy.
+        whole_windows: the cells are every cell of their panes and hopping windows (as the core emits them), so
+        stored cells of those windows missing here are emptied."""
+        if not cells:
+            return
+        family, quantile = self._family, self._quantile
+        keys: list[list[int]] = []
+        counts: list[list[int]] = []
+        for c in cells:
+            keys.append([k for k, _ in c.sketch])
+            counts.append([n for _, n in c.sketch])
+        emitted = int(time.time() * 1000) if now_ms is None else now_ms
+        data = [
+            [c.window_kind for c in cells], [c.window_start_ms // 1000 for c in cells],
+            [c.window_end_ms // 1000 for c in cells], [c.tenant for c in cells], [c.channel for c in cells],
+            [c.role for c in cells], [c.flow for c in cells], [c.device_class for c in cells],
+            [c.indicator for c in cells], [family(c.indicator) for c in cells],
+            [quantile(c.indicator) for c in cells], [c.partition for c in cells], [c.count for c in cells],
+            [c.total for c in cells], keys, counts, [emitted] * len(cells),
+        ]
+        whole = [c for c in cells if c.window_kind != "session"] if whole_windows else []
+        for stale in self._stale_cells(whole) if whole else ():  # emptied in the same insert as the replay
+            for column, value in zip(data, (*stale, 0.0, 0.0, [], [], emitted), strict=True):
+                column.append(value)
+        self._insert("indicator_cells", _CELL_COLUMNS, data)
+
+    def _stale_cells(self, cells: Sequence[WindowCell]) -> list[tuple[Any, ...]]:
+        """Stored cells of the windows being written (same kind, start and partition) that this emission does
+        not have. A replay can put an event under another role than the first run did (identity learnt more in
+        between); the earlier cell must then count nothing, or the event would count twice."""
+        groups = {(c.window_kind, c.window_start_ms // 1000, c.partition) for c in cells}
+        written = {(c.window_kind, c.window_start_ms // 1000, c.tenant, c.channel, c.role, c.flow, c.device_class,
+                    c.indicator, c.partition) for c in cells}
+        stored = self._execute(
+            "SELECT window_kind, toUInt32(window_start), toUInt32(window_end), tenant, channel, role, flow, "
+            "device_class, indicator, family, quantile, source_partition FROM indicator_cells FINAL "
+            "WHERE (window_kind, toUInt32(window_start), source_partition) IN %(groups)s AND count > 0",
+            {"groups": tuple(groups)})
+        return [row for row in stored if (*row[:2], *row[3:9], row[11]) not in written]
+
+    def window_totals(self, from_ms: int, before_ms: int, partitions: Sequence[int], indicators: set[str],
+                      window_kinds: Collection[str] = ("1m",)) -> list[WindowTotal]:
+        """Indicator totals of the windows of the given kinds ending in (from, before] (every window a closed
+        horizon moving from `from` to `before` closed), over the given source partitions, summed over role, flow
+        and device class; quantile indicators' sketches merged."""
+        if not partitions or not indicators or not window_kinds:
+            return []
+        rows = self._execute(
+            "SELECT window_kind, toUInt32(window_start), toUInt32(window_end), tenant, channel, indicator, "
+            "sum(total), sum(count), sumMap(sketch_keys, sketch_counts) FROM indicator_cells FINAL "
+            "WHERE window_kind IN %(kinds)s AND window_end > toDateTime(%(start)s) "
+            "AND window_end <= toDateTime(%(end)s) "
             "AND source_partition IN %(partitions)s AND indicator IN %(indicators)s "
-            "GROUP BY window_start, tenant, channel, indicator",
-            {"start": max(0, from_ms // 1000), "end": max(0, before_ms // 1000), "partitions": tuple(partitions),
-             "indicators": tuple(sorted(indicators))},
+            "GROUP BY window_kind, window_start, window_end, tenant, channel, indicator",
+            {"kinds": tuple(sorted(window_kinds)), "start": max(0, from_ms // 1000), "end": max(0, before_ms // 1000),
+             "partitions": tuple(partitions), "indicators": tuple(sorted(indicators))},
         )
-        return [WindowTotal(start * 1000, end * 1000, tenant, channel, indicator, num, den)
-                for start, end, tenant, channel, indicator, num, den in rows]
+        return [WindowTotal(start * 1000, end * 1000, tenant, channel, indicator, total, count, kind,
+                            tuple(zip(keys, counts, strict=True)))
+                for kind, start, end, tenant, channel, indicator, total, count, (keys, counts) in rows]
+
+    def recent_panes(self, partition: int, before_ms: int, count: int) -> list[WindowCell]:
+        """The cells of a partition's '1m' panes among the last `count` pane slots that start before `before_ms`
+        (its closed horizon): what a restarted worker needs to rebuild its hopping windows. Empty panes have no
+        cells, so fewer than `count` panes may come back; ordered by window start."""
+        if count <= 0:
+            return []
+        # A pane is among the last `count` when its start + count * its length reaches before_ms.
+        rows = self._execute(
+            "SELECT toUInt32(window_start), toUInt32(window_end), tenant, channel, role, flow, device_class, "
+            "indicator, count, total, sketch_keys, sketch_counts FROM indicator_cells FINAL "
+            "WHERE window_kind = '1m' AND source_partition = %(partition)s "
+            "AND window_start < toDateTime(%(before)s) AND window_start >= toDateTime(%(earliest)s) "
+            "AND toUInt32(window_start) + %(count)s * (toUInt32(window_end) - toUInt32(window_start)) "
+            ">= %(before)s "
+            "ORDER BY window_start, tenant, channel, indicator, role, flow, device_class",
+            {"partition": partition, "before": max(0, before_ms // 1000), "count": count,
+             # Bounds the scan: no pane is longer than a day.
+             "earliest": max(0, before_ms // 1000 - count * DAY_MS // 1000)},
+        )
+        return [
+            WindowCell(window_kind="1m", window_start_ms=start * 1000, window_end_ms=end * 1000, tenant=tenant,
+                       channel=channel, role=role, flow=flow, device_class=device_class, indicator=indicator,
+                       partition=partition, count=cnt, total=total,
+                       sketch=tuple(zip(keys, counts, strict=True)))
+            for start, end, tenant, channel, role, flow, device_class, indicator, cnt, total, keys, counts in rows
+        ]
+
+    def roll_up(self, partition: int, closed_before_ms: int, now_ms: int | None = None) -> tuple[int, int] | None:
+        """Roll a partition's hours (and days) closed since the last roll into the rollup tables: every window
+        ending at or before `closed_before_ms` is final. The last hour rolled (and those within the settle time)
+        is rolled again, which replaces its rows. Returns the hour range rolled, or None if no hour closed."""
+        if closed_before_ms <= 0:
+            return None
+        hours_to = closed_before_ms - closed_before_ms % HOUR_MS
+        rolled = self._rolled_until.get(partition)
+        if rolled is None:
+            rolled = self._rolled_before(partition)
+            if rolled is None:
+                return None  # no cell of this partition yet
+            self._rolled_until[partition] = rolled
+        if hours_to <= rolled:
+            return None
+        hours_from = max(0, min(rolled, hours_to - self.rollup_settle_ms))
+        hours_from -= hours_from % HOUR_MS
+        days_to = closed_before_ms - closed_before_ms % DAY_MS
+        days_from = hours_from - hours_from % DAY_MS
+        rolled_at = int(time.time() * 1000) if now_ms is None else now_ms
+        started = time.perf_counter()
+        # A day of hours per statement bounds the memory of a first roll over a long history.
+        for chunk in range(hours_from, hours_to, DAY_MS):
+            for statement in rollup_statements(partition, chunk, min(chunk + DAY_MS, hours_to), 0, 0, rolled_at):
+                self._execute(statement)
+        for statement in rollup_statements(partition, 0, 0, days_from, days_to, rolled_at):
+            self._execute(statement)
+        if self.observe is not None:
+            self.observe("indicator_rollup_hourly", time.perf_counter() - started, 0)
+        self._rolled_until[partition] = hours_to
+        return hours_from, hours_to
+
+    def _rolled_before(self, partition: int) -> int | None:
+        """Where a partition's rolling resumes: its last rolled hour (rolled again), else its first cell's hour."""
+        rows = self._execute(
+            "SELECT toUInt32(max(period_start)), count() FROM indicator_rollup_hourly "
+            "WHERE source_partition = %(partition)s", {"partition": partition})
+        if rows and rows[0][1]:
+            return int(rows[0][0]) * 1000
+        rows = self._execute(
+            "SELECT toUInt32(min(window_start)), count() FROM indicator_cells "
+            "WHERE source_partition = %(partition)s AND window_kind IN %(kinds)s",
+            {"partition": partition, "kinds": ROLLUP_KINDS})
+        if rows and rows[0][1]:
+            first = int(rows[0][0]) * 1000
+            return first - first % HOUR_MS
+        return None
 
     def load_checkpoint(self, partition: int) -> Checkpoint | None:
         """The furthest-along checkpoint of a partition: any checkpoint is true of its stream prefix."""
-        rows = self.client.execute(
-            "SELECT commit_offset, read_offset, watermark_ms, closed_before_ms FROM pipeline_checkpoints "
+        rows = self._execute(
+            "SELECT commit_offset, read_offset, watermark_ms, closed_before_ms, replay_watermark_ms, "
+            "replay_closed_before_ms FROM pipeline_checkpoints "
             "WHERE consumer_group = %(group)s AND topic = %(topic)s AND partition = %(partition)s "
             "ORDER BY read_offset DESC, watermark_ms DESC LIMIT 1",
             {"group": self.consumer_group, "topic": self.topic, "partition": partition},
         )
         if not rows:
             return None
-        commit_offset, read_offset, watermark_ms, closed_before_ms = rows[0]
-        return Checkpoint(partition, commit_offset, read_offset, watermark_ms, closed_before_ms)
+        commit_offset, read_offset, watermark_ms, closed_before_ms, replay_watermark_ms, replay_closed = rows[0]
+        return Checkpoint(partition, commit_offset, read_offset, watermark_ms, closed_before_ms,
+                          replay_watermark_ms=replay_watermark_ms, replay_closed_before_ms=replay_closed)

@@ -49,7 +49,9 @@ class TouchpointHandler:
         window = settings.window
         self.processor = TouchpointProcessor(
             WindowConfig(window.size_s * 1000, window.allowed_lateness_s * 1000, window.max_future_s * 1000,
-                         int(window.idle_close_s * 1000)),
+                         int(window.idle_close_s * 1000), hopping_ms=window.hopping_size_s * 1000,
+                         session_gap_ms=window.session_gap_s * 1000, session_max_ms=window.session_max_s * 1000,
+                         apdex_t_ms=dict(window.apdex_t_ms), apdex_default_t_ms=window.apdex_default_t_ms),
             self.schema_for,
             settings.identity.core(),
             identity_enabled=settings.identity.enabled,
@@ -109,9 +111,16 @@ class TouchpointHandler:
             return
         async with self._storage_lock:
             await self.drain(consumer)
+            loop = asyncio.get_running_loop()
+            config = self.processor.config
             for partition in new:
                 tp = TP(self.topic, partition)
-                self.processor.assign(partition, await self._restore(consumer, tp), int(time.time() * 1000))
+                checkpoint = await self._restore(consumer, tp)
+                # Hopping windows span panes closed before the restart: their stored cells come back too.
+                panes = [] if checkpoint is None else await loop.run_in_executor(
+                    None, self.sink.recent_panes, partition, checkpoint.closed_before_ms,
+                    config.hopping_ms // config.window_ms - 1)
+                self.processor.assign(partition, checkpoint, int(time.time() * 1000), panes)
 
     async def on_records(self, consumer: BatchConsumer, batches: Mapping[TP, Sequence[Any]]) -> None:
         await self.sync_assignment(consumer)
@@ -342,7 +351,8 @@ def create_app(settings: Settings) -> TouchpointApp:
         broker_commit_every=None,
         broker_session_timeout=settings.kafka.session_timeout_s,
         broker_heartbeat_interval=max(1.0, settings.kafka.session_timeout_s / 4),
-        datadir=str(settings.stack.state_dir / "faust"),
+        # Per group: Faust keeps table stores under datadir/v<version>/, so groups must not share it.
+        datadir=str(settings.stack.state_dir / "faust" / settings.kafka.consumer_group),
         store=settings.identity.store,
     )
     app.topics.add(app.topic(settings.kafka.topic, value_serializer="raw", key_serializer="raw"))

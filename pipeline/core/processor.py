@@ -7,7 +7,7 @@ batches until the adapter flushes it (to ClickHouse) and commits the checkpoints
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -15,6 +15,7 @@ from pipeline.core.aggregate import DUPLICATE, LATE, NEVER, Checkpoint, Partitio
 from pipeline.core.decode import Rejection, SchemaLookup, decode_batch
 from pipeline.core.enrich import Enricher, IdentityOutput
 from pipeline.core.identity import IdentityConfig, Operation
+from pipeline.core.indicators import APDEX_DEFAULT_T_MS, DEFAULT_APDEX_T_MS, Indicator, catalogue
 from pipeline.core.validate import violation
 
 UNKNOWN_CHANNEL = "unknown"
@@ -111,9 +112,17 @@ class Output:
 @dataclass(frozen=True, slots=True)
 class WindowConfig:
     window_ms: int
-    lateness_ms: int
+    lateness_ms: int  # also the grace period: a window closes when the watermark passes its end
     max_future_ms: int
     idle_close_ms: int
+    hopping_ms: int = 15 * 60_000  # hopping windows of this length, one per pane
+    session_gap_ms: int = 30 * 60_000  # a person's session ends after this much inactivity
+    session_max_ms: int = 4 * 3_600_000  # ...and at every multiple of this in event time
+    apdex_t_ms: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_APDEX_T_MS))  # per flow
+    apdex_default_t_ms: int = APDEX_DEFAULT_T_MS
+
+    def indicators(self) -> tuple[Indicator, ...]:
+        return catalogue(self.apdex_t_ms, self.apdex_default_t_ms)
 
 
 class TouchpointProcessor:
@@ -122,6 +131,7 @@ class TouchpointProcessor:
         self.config = config
         self.schema_for = schema_for
         self.enricher = Enricher(identity, enabled=identity_enabled)
+        self.indicators = config.indicators()
         self._judged_before: int | None = None  # windows starting before this have been judged
         self._caught_up: frozenset[int] = frozenset()  # partitions with nothing left to read, as of the last tick
         self.partitions: dict[int, PartitionWindows] = {}
@@ -131,9 +141,15 @@ class TouchpointProcessor:
     def owns(self, partition: int) -> bool:
         return partition in self.partitions
 
-    def assign(self, partition: int, checkpoint: Checkpoint | None, now_ms: int) -> None:
-        """Start (or resume from a checkpoint) a partition this worker now reads."""
-        windows = PartitionWindows(partition, self.config.window_ms, self.config.lateness_ms, checkpoint=checkpoint)
+    def assign(self, partition: int, checkpoint: Checkpoint | None, now_ms: int,
+               recent_panes: Iterable[WindowCell] = ()) -> None:
+        """Start (or resume from a checkpoint) a partition this worker now reads. recent_panes: the partition's
+        stored "1m" cells of the panes before the checkpoint's closed horizon that hopping windows still cover
+        (hopping_ms / window_ms - 1 panes), so hopping windows after a restart cover them too."""
+        config = self.config
+        windows = PartitionWindows(partition, config.window_ms, config.lateness_ms, self.indicators, checkpoint,
+                                   hopping_ms=config.hopping_ms, session_gap_ms=config.session_gap_ms,
+                                   session_max_ms=config.session_max_ms, recent_panes=recent_panes)
         self.partitions[partition] = windows
         self._activity[partition] = (now_ms, windows.watermark_ms)
         # A restored partition's final windows were judged before; a new one's have all to be judged.

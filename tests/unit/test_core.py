@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from pipeline.core.aggregate import DUPLICATE, LATE, NEVER, ON_TIME, Checkpoint, PartitionWindows
 from pipeline.core.enrich import Enricher
 from pipeline.core.evaluate import AlertRule, judge, totals_of
-from pipeline.core.indicators import BY_ID
+from pipeline.core.indicators import BY_ID, observation
 from pipeline.core.processor import TOUCHPOINT_COLUMNS, TouchpointProcessor, WindowConfig
 from pipeline.core.validate import CONTRACT_VIOLATION, FUTURE_EVENT_TIME, violation
-from tests.factories import BASE_MS, csat, encode, schema_for, task, touchpoint
+from tests.factories import BASE_MS, csat, encode, schema_for, stream_event, streams, task, touchpoint
 
 MINUTE = 60_000
 
@@ -39,17 +39,17 @@ def test_without_the_identity_graph_the_strongest_identifier_names_the_person_an
 
 
 def test_indicators_observe_what_their_definition_says():
-    assert BY_ID["csat"].observe(csat(4, about="STORE")) == ("STORE", 1.0, 1.0)
-    assert BY_ID["csat"].observe(csat(3)) == ("SURVEY", 0.0, 1.0)
-    assert BY_ID["task_success_rate"].observe(task("ABANDONED")) == ("WEB", 0.0, 1.0)
-    assert BY_ID["error_rate"].observe(task("FAILURE")) == ("WEB", 1.0, 1.0)
-    assert BY_ID["error_rate"].observe(touchpoint(event_type="app_crash", channel="MOBILE_APP")) == (
-        "MOBILE_APP", 1.0, 1.0)
-    assert BY_ID["error_rate"].observe(csat(5)) is None
+    assert observation(BY_ID["csat"], csat(4, about="STORE")) == ("STORE", 1.0)
+    assert observation(BY_ID["csat"], csat(3)) == ("SURVEY", 0.0)
+    assert observation(BY_ID["task_success_rate"], task("ABANDONED")) == ("WEB", 0.0)
+    assert observation(BY_ID["error_rate"], task("FAILURE")) == ("WEB", 1.0)
+    assert observation(BY_ID["error_rate"], touchpoint(event_type="app_crash", channel="MOBILE_APP")) == (
+        "MOBILE_APP", 1.0)
+    assert observation(BY_ID["error_rate"], csat(5)) is None
 
 
 def _cells(windows_cells):
-    return {(c.window_start_ms, c.tenant, c.channel, c.indicator): (c.numerator, c.denominator)
+    return {(c.window_kind, c.window_start_ms, c.window_end_ms, c.key): (c.count, c.total, c.sketch)
             for c in windows_cells}
 
 
@@ -63,74 +63,117 @@ def test_window_closes_when_watermark_passes_and_late_events_are_not_counted():
     fates = windows.add(events, list(range(5)))
     assert fates == [ON_TIME, ON_TIME, DUPLICATE, ON_TIME, LATE]
     cells = _cells(windows.drain_closed())
-    assert cells[(BASE_MS, "bank", "WEB", "task_success_rate")] == (1.0, 2.0)
-    assert cells[(BASE_MS, "bank", "WEB", "error_rate")] == (1.0, 2.0)
+    pane = ("1m", BASE_MS, BASE_MS + MINUTE)
+    assert cells[(*pane, ("bank", "WEB", "prospect", "", "", "task_success_rate"))] == (2.0, 1.0, ())
+    assert cells[(*pane, ("bank", "WEB", "prospect", "", "", "error_rate"))] == (2.0, 1.0, ())
     checkpoint = windows.checkpoint()
-    assert checkpoint.commit_offset == 3 and checkpoint.read_offset == 5
+    assert checkpoint.commit_offset == 0 and checkpoint.read_offset == 5  # the person's session is open
     assert checkpoint.closed_before_ms == BASE_MS + MINUTE
 
 
-Stream = list[tuple[int, int]]  # (event id number, seconds after BASE)
+HOPPING, GAP, BLOCK = 5 * MINUTE, 3 * MINUTE, 30 * MINUTE  # short, so small streams close many of each
 
 
-@st.composite
-def streams(draw) -> Stream:
-    """Mostly increasing event times with out-of-order, late and duplicate events."""
-    n = draw(st.integers(1, 120))
-    out, clock = [], 0
-    for i in range(n):
-        clock += draw(st.integers(0, 20))
-        jitter = draw(st.integers(-90, 5))
-        event_id = draw(st.sampled_from([i, i, i, max(0, i - draw(st.integers(1, 5)))]))  # some duplicates
-        out.append((event_id, max(0, clock + jitter)))
-    return out
+def _windows(checkpoint=None, recent_panes=()):
+    return PartitionWindows(0, MINUTE, 10_000, checkpoint=checkpoint, hopping_ms=HOPPING, session_gap_ms=GAP,
+                            session_max_ms=BLOCK, recent_panes=recent_panes)
 
 
-def _events(stream: Stream):
-    return [task("FAILURE" if eid % 3 == 0 else "SUCCESS", event_id=str(eid), event_time=BASE_MS + s * 1000,
-                 tenant="t", channel="WEB") for eid, s in stream]
-
-
-def _run(stream: Stream, cuts: list[int]):
-    """Run in batches split at cuts, then close everything; emitted cells by key."""
-    windows = PartitionWindows(0, MINUTE, 10_000)
-    events, offsets = _events(stream), list(range(len(stream)))
+def _run(stream, cuts: list[int]):
+    """Run in batches split at cuts, then close everything; emitted cells by key, and the fates."""
+    windows = _windows()
+    events, offsets = [stream_event(s) for s in stream], list(range(len(stream)))
     bounds = [0, *sorted(c % (len(stream) + 1) for c in cuts), len(stream)]
+    fates = []
     for a, b in itertools.pairwise(bounds):
-        windows.add(events[a:b], offsets[a:b])
+        fates += windows.add(events[a:b], offsets[a:b])
     windows.advance_idle(BASE_MS + 10**9)
-    return _cells(windows.drain_closed())
+    return _cells(windows.drain_closed()), fates
 
 
 @settings(max_examples=200, deadline=None)
 @given(streams(), st.lists(st.integers(0, 10_000), max_size=6))
 def test_results_do_not_depend_on_how_the_stream_is_batched(stream, cuts):
-    assert _run(stream, cuts) == _run(stream, [])
+    cells, fates = _run(stream, cuts)
+    assert (cells, fates) == _run(stream, [])
+    assert {kind for kind, *_ in cells} <= {"1m", "15m", "session"}
+
+
+def test_every_window_kind_is_emitted():
+    stream = [(i, i * 40, i % 2, i % 10, i) for i in range(30)]
+    kinds = {kind for kind, *_ in _run(stream, [])[0]}
+    assert kinds == {"1m", "15m", "session"}
 
 
 @settings(max_examples=200, deadline=None)
 @given(streams(), st.integers(0, 10_000), st.integers(0, 10_000))
 def test_crash_and_replay_from_checkpoint_emits_what_an_uninterrupted_run_emits(stream, crash_at, flush_at):
-    """A worker flushes (writes closed windows + checkpoint) at flush_at, processes on to crash_at, dies;
-    a new one restores the checkpoint and replays from its commit offset. Rows are keyed like the
-    ReplacingMergeTree table, so a rewritten row replaces its earlier copy."""
-    expected = _run(stream, [])
-    events, offsets = _events(stream), list(range(len(stream)))
+    """A worker flushes (writes closed cells + checkpoint) at flush_at, processes on to crash_at, dies; a new one
+    restores the checkpoint and the stored panes hopping windows still need, and replays from the commit offset.
+    Rows are keyed like the ReplacingMergeTree table, so a rewritten row replaces its earlier copy."""
+    expected, _ = _run(stream, [])
+    events, offsets = [stream_event(s) for s in stream], list(range(len(stream)))
     flush_at = flush_at % (len(stream) + 1)
     crash_at = max(flush_at, crash_at % (len(stream) + 1))
-    first = PartitionWindows(0, MINUTE, 10_000)
+    first = _windows()
     first.add(events[:flush_at], offsets[:flush_at])
-    table = _cells(first.drain_closed())
+    stored = first.drain_closed()
     checkpoint = first.checkpoint()
     first.add(events[flush_at:crash_at], offsets[flush_at:crash_at])
-    table.update(_cells(first.drain_closed()))  # rows written after the checkpoint, then the crash
+    stored += first.drain_closed()  # rows written after the checkpoint, then the crash
 
-    second = PartitionWindows(0, MINUTE, 10_000, checkpoint=checkpoint)
+    recent = [c for c in stored if c.window_kind == "1m" and c.window_start_ms < checkpoint.closed_before_ms]
+    second = _windows(checkpoint, recent)
     start = checkpoint.commit_offset
     second.add(events[start:], offsets[start:])
     second.advance_idle(BASE_MS + 10**9)
+    table = _cells(stored)
     table.update(_cells(second.drain_closed()))
     assert table == expected
+
+
+def test_open_sessions_hold_the_commit_offset_back():
+    windows = PartitionWindows(0, MINUTE, 0, session_gap_ms=10 * MINUTE)
+    first = touchpoint("a", BASE_MS, person_id="p")
+    later = [touchpoint(f"b{i}", BASE_MS + (i + 1) * MINUTE, person_id="q") for i in range(3)]
+    windows.add([first, *later], [7, 8, 9, 10])
+    checkpoint = windows.checkpoint()
+    assert checkpoint.closed_before_ms == BASE_MS + 3 * MINUTE  # three panes are final...
+    assert checkpoint.commit_offset == 7  # ...but p's session is open: replay from its first event
+    assert (checkpoint.replay_watermark_ms, checkpoint.replay_closed_before_ms) == (NEVER, NEVER)
+    windows.advance_idle(BASE_MS + 13 * MINUTE)  # past the end of both sessions
+    sessions = [c for c in windows.drain_closed() if c.window_kind == "session"]
+    by_bucket = {(c.window_start_ms, c.indicator): (c.count, c.total) for c in sessions}
+    assert by_bucket[(BASE_MS + 9 * MINUTE, "channels_per_session")] == (1.0, 1.0)  # p: ended at 10 min
+    assert by_bucket[(BASE_MS + 12 * MINUTE, "channels_per_session")] == (1.0, 1.0)  # q: ended at 3 + 10 min
+    assert windows.checkpoint().commit_offset == 11
+
+
+def test_an_event_that_bridges_two_sessions_joins_them():
+    windows = PartitionWindows(0, MINUTE, 120_000, session_gap_ms=2 * MINUTE)
+    events = [task("SUCCESS", event_id="1", event_time=BASE_MS, person_id="p"),
+              task("SUCCESS", event_id="2", event_time=BASE_MS + 3 * MINUTE, person_id="p"),  # a gap: 2 sessions
+              task("FAILURE", event_id="3", event_time=BASE_MS + 90_000, person_id="p")]  # out of order: bridges
+    assert windows.add(events, [0, 1, 2]) == [ON_TIME, ON_TIME, ON_TIME]
+    windows.advance_idle(BASE_MS + 60 * MINUTE)
+    sessions = {c.indicator: (c.count, c.total) for c in windows.drain_closed() if c.window_kind == "session"}
+    assert sessions["channels_per_session"] == (1.0, 1.0)  # one session, not two
+    assert sessions["intermittency"] == (1.0, 1.0)  # in event time: success, failure, success
+
+
+def test_hopping_window_merges_the_panes_it_covers():
+    windows = PartitionWindows(0, MINUTE, 0, hopping_ms=3 * MINUTE)
+    events = [task("FAILURE" if i == 1 else "SUCCESS", event_id=str(i), event_time=BASE_MS + i * MINUTE,
+                   duration_ms=1_000 * (i + 1)) for i in range(4)]
+    windows.add(events, [0, 1, 2, 3])
+    windows.advance_idle(BASE_MS + 10 * MINUTE)
+    hopping = {(c.window_start_ms, c.indicator): c for c in windows.drain_closed() if c.window_kind == "15m"}
+    cell = hopping[(BASE_MS, "task_success_rate")]  # panes 0, 1, 2
+    assert (cell.window_end_ms, cell.count, cell.total) == (BASE_MS + 3 * MINUTE, 3.0, 2.0)
+    assert hopping[(BASE_MS + MINUTE, "task_success_rate")].total == 2.0  # panes 1, 2, 3
+    assert hopping[(BASE_MS + MINUTE, "time_on_task")].count == 2.0  # successes only
+    assert hopping[(BASE_MS - 2 * MINUTE, "task_success_rate")].count == 1.0  # the first pane alone
+    assert (BASE_MS + 4 * MINUTE, "task_success_rate") not in hopping  # no pane with data in it
 
 
 def test_alert_fires_when_a_closed_window_breaks_the_rule():
@@ -148,7 +191,9 @@ def test_alert_fires_when_a_closed_window_breaks_the_rule():
 
 def test_alert_rule_rejects_unknown_indicator():
     with pytest.raises(ValueError, match="unknown indicator"):
-        AlertRule("x", "nps", "below", 0.1, 1, "warning")
+        AlertRule("x", "nope", "below", 0.1, 1, "warning")
+    with pytest.raises(ValueError, match="not 'session'"):
+        AlertRule("x", "csat", "below", 0.1, 1, "warning", window_kind="session")
 
 
 @dataclass
@@ -193,7 +238,12 @@ def test_processor_tells_bad_ux_good_cx_from_good_ux_bad_cx():
     fired = {(a.rule, a.tenant, a.channel) for a in judge(RULES, totals_of(out.window_cells))}
     assert fired == {("ux_error_rate_high", "bank", "MOBILE_APP"), ("cx_csat_low", "hospital", "STORE")}
     assert len(out.touchpoints) == 40 and len(out.touchpoints[0]) == len(TOUCHPOINT_COLUMNS)
+    assert out.checkpoints[0].commit_offset == 0  # the persons' sessions are still open
+    processor.tick(now_ms=BASE_MS + 20_000 + 32 * MINUTE, caught_up={0})  # idle past the session gap
+    out = processor.take_output()
     assert out.checkpoints[0].commit_offset == 40
+    sessions = [c for c in out.window_cells if c.window_kind == "session" and c.indicator == "channels_per_session"]
+    assert sum(c.count for c in sessions) == 30  # 10 app users, 10 customers surveyed, 10 patients (task + survey)
 
 
 def test_processor_dead_letters_bad_records_and_goes_on():

@@ -8,7 +8,7 @@ import fastavro.validation
 import pytest
 
 from pipeline.contract.registry import contract_schemas
-from pipeline.core.indicators import BY_ID
+from pipeline.core.indicators import BY_ID, observation
 from pipeline.generate.scenarios import SCENARIOS, generate
 from tests.factories import BASE_MS
 
@@ -63,9 +63,9 @@ def _indicator(batch, indicator: str, tenant: str, channel: str) -> tuple[float,
     """(value, denominator) of an indicator over the batch, as the pipeline computes it."""
     num = den = 0.0
     for e in batch:
-        seen = BY_ID[indicator].observe(e) if e["tenant"] == tenant else None
+        seen = observation(BY_ID[indicator], e) if e["tenant"] == tenant else None
         if seen is not None and seen[0] == channel:
-            num, den = num + seen[1], den + seen[2]
+            num, den = num + seen[1], den + 1.0
     return num / den, den
 
 
