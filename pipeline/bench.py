@@ -39,6 +39,7 @@ class BenchResult:
     preloaded_identifiers: int = 0
     worker_rss_mib: float = 0.0
     graph_bytes_per_identifier: float = 0.0
+    drain: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,7 +147,9 @@ def _wait_rows(client: Any, expected: int, timeout_s: float) -> float:
 
 
 def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: float = 600, identity: bool = True,
-              preload_identities: int = 0) -> BenchResult:
+              preload_identities: int = 0, drain: bool = False) -> BenchResult:
+    """drain: the worker is paused (SIGSTOP) while every event is published, then resumed, and the clock runs
+    from resuming to the last row: the worker's own rate, without the publisher on the same cores."""
     from pipeline.adapters.clickhouse import connect
     from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher, partition_key
     from pipeline.bootstrap import initialise
@@ -175,6 +178,8 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
 
     bench.metrics_port = 0
     bench.window.idle_close_s = 2
+    if drain:
+        bench.kafka.session_timeout_s = 60  # a paused member must not be evicted (Faust caps it at 90 s)
     env = {**os.environ, **to_env(bench)}
     log_path = settings.stack.state_dir / f"bench-worker-{run}.log"
     settings.stack.state_dir.mkdir(parents=True, exist_ok=True)
@@ -187,17 +192,24 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
         publisher.publish(warmup)  # the clock starts once the worker has joined and written a row
         publisher.flush()
         _wait_rows(client, 1, 120)
-        started = time.perf_counter()
+        if drain:
+            os.kill(worker.pid, signal.SIGSTOP)
+        publish_started = started = time.perf_counter()
         for key, value in zip(keys, values, strict=True):
             publisher.publish_raw(value, key)
         publisher.flush()
         published = time.perf_counter()
+        if drain:
+            started = time.perf_counter()
+            os.kill(worker.pid, signal.SIGCONT)
         finished = _wait_rows(client, events + 1, timeout_s)
         worker_rss = _worker_rss_mib(worker.pid)
         publisher.close()
         raw_rate = asyncio.run(_raw_consume_rate(bench.kafka.bootstrap_servers, bench.kafka.topic,
                                                  bench.kafka.partitions, events + 1))
     finally:
+        if drain:
+            os.kill(worker.pid, signal.SIGCONT)
         worker.send_signal(signal.SIGTERM)
         _, per_identifier = graph_bytes_per_identifier(preload) if preload else (0, 0.0)
         try:
@@ -207,6 +219,6 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
         client.execute(f"DROP DATABASE IF EXISTS {bench.clickhouse.database}")
     return BenchResult(events=events, partitions=bench.kafka.partitions,
                        e2e_events_per_s=events / (finished - started), raw_consume_events_per_s=raw_rate,
-                       decode_events_per_s=decode_rate, publish_events_per_s=events / (published - started),
+                       decode_events_per_s=decode_rate, publish_events_per_s=events / (published - publish_started),
                        e2e_seconds=finished - started, identity=identity, preloaded_identifiers=len(preload) * 2 // 3,
-                       worker_rss_mib=worker_rss, graph_bytes_per_identifier=per_identifier)
+                       worker_rss_mib=worker_rss, graph_bytes_per_identifier=per_identifier, drain=drain)
