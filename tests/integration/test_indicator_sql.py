@@ -24,27 +24,11 @@ from pipeline.adapters.clickhouse import (
 )
 from pipeline.core import aggregate
 from pipeline.settings import PROJECT_ROOT, Settings
+from tests.sketch_spec import ALPHA, spec_key, spec_quantile
 
 pytestmark = pytest.mark.integration
 
-ALPHA = 0.01
-GAMMA = (1 + ALPHA) / (1 - ALPHA)
-ZERO_KEY = -(2**31) + 1
 BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z, a UTC midnight
-
-
-def spec_key(x: float) -> int:
-    return ZERO_KEY if x <= 1e-9 else math.ceil(math.log(x) / math.log(GAMMA))
-
-
-def spec_quantile(buckets: dict[int, int], q: float) -> float:
-    n = sum(buckets.values())
-    cumulative = 0
-    for key in sorted(buckets):
-        cumulative += buckets[key]
-        if cumulative > q * (n - 1):
-            return 0.0 if key == ZERO_KEY else 2 * GAMMA**key / (GAMMA + 1)
-    raise AssertionError("unreachable")
 
 
 def exact_quantile(values: list[float], q: float) -> float:

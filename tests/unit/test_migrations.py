@@ -20,26 +20,10 @@ from pipeline.adapters.clickhouse import (
     split_statements,
 )
 from pipeline.core.processor import TOUCHPOINT_COLUMNS
+from tests.sketch_spec import ALPHA, spec_key, spec_quantile
 
 # The sketch as the spec defines it (pipeline/core/sketch.py), restated here so the SQL is checked against the
 # definition rather than against the code under test.
-ALPHA = 0.01
-GAMMA = (1 + ALPHA) / (1 - ALPHA)
-ZERO_KEY = -(2**31) + 1
-
-
-def spec_key(x: float) -> int:
-    return ZERO_KEY if x <= 1e-9 else math.ceil(math.log(x) / math.log(GAMMA))
-
-
-def spec_quantile(buckets: dict[int, int], q: float) -> float:
-    n = sum(buckets.values())
-    cumulative = 0
-    for key in sorted(buckets):
-        cumulative += buckets[key]
-        if cumulative > q * (n - 1):
-            return 0.0 if key == ZERO_KEY else 2 * GAMMA**key / (GAMMA + 1)
-    raise AssertionError("unreachable: the last key's cumulative count is n")
 
 
 def test_migrations_are_numbered_and_split_into_statements():
