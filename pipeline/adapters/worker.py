@@ -344,7 +344,8 @@ class TouchpointApp(faust.App):
 
 
 def create_app(settings: Settings) -> TouchpointApp:
-    settings.stack.state_dir.mkdir(parents=True, exist_ok=True)
+    datadir = settings.stack.state_dir / "faust" / settings.kafka.consumer_group
+    datadir.mkdir(parents=True, exist_ok=True)
     brokers = [f"kafka://{server.strip()}" for server in settings.kafka.bootstrap_servers.split(",")]
     app = TouchpointApp(
         settings.kafka.consumer_group,
@@ -357,8 +358,7 @@ def create_app(settings: Settings) -> TouchpointApp:
         broker_commit_every=None,
         broker_session_timeout=settings.kafka.session_timeout_s,
         broker_heartbeat_interval=max(1.0, settings.kafka.session_timeout_s / 4),
-        # Per group: Faust keeps table stores under datadir/v<version>/, so groups must not share it.
-        datadir=str(settings.stack.state_dir / "faust" / settings.kafka.consumer_group),
+        datadir=str(datadir),  # per group: Faust keeps table stores under datadir/v<version>/
         store=settings.identity.store,
     )
     app.topics.add(app.topic(settings.kafka.topic, value_serializer="raw", key_serializer="raw"))
