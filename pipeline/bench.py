@@ -102,19 +102,13 @@ def _preload_operations(count: int) -> list[Any]:
     return ops
 
 
-def _preload(bench: Settings, ops: list[Any]) -> None:
-    from pipeline.adapters.identity_log import encode_chunks, write_chunks
-
-    write_chunks(bench, encode_chunks(ops), "preload")
-
-
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def graph_bytes_per_identifier(ops: list[Any]) -> tuple[int, float]:
-    """Identifiers in a graph built from the operations, and the resident memory it added per identifier."""
+def graph_bytes_per_identifier(ops: list[Any]) -> float:
+    """The resident memory a graph built from the operations added, per identifier."""
     from pipeline.core.identity import IdentityGraph
 
     gc.collect()
@@ -124,8 +118,7 @@ def graph_bytes_per_identifier(ops: list[Any]) -> tuple[int, float]:
         graph.apply(ops[i:i + 10_000])
         graph.take_changes()
     gc.collect()
-    size = len(graph)
-    return size, (_rss_bytes() - before) / max(size, 1)
+    return (_rss_bytes() - before) / max(len(graph), 1)
 
 
 def _worker_rss_mib(pid: int) -> float:
@@ -165,7 +158,9 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
     initialise(bench)
     preload = _preload_operations(preload_identities) if identity and preload_identities else []
     if preload:
-        _preload(bench, preload)
+        from pipeline.adapters.identity_log import encode_chunks, write_chunks
+
+        write_chunks(bench, encode_chunks(preload), "preload")
 
     registry = open_registry(bench.registry.url)
     encoder = TouchpointEncoder(registry, bench.registry.subject, 1)
@@ -211,12 +206,12 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
         if drain:
             os.kill(worker.pid, signal.SIGCONT)
         worker.send_signal(signal.SIGTERM)
-        _, per_identifier = graph_bytes_per_identifier(preload) if preload else (0, 0.0)
         try:
             worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker.kill()
         client.execute(f"DROP DATABASE IF EXISTS {bench.clickhouse.database}")
+    per_identifier = graph_bytes_per_identifier(preload) if preload else 0.0
     return BenchResult(events=events, partitions=bench.kafka.partitions,
                        e2e_events_per_s=events / (finished - started), raw_consume_events_per_s=raw_rate,
                        decode_events_per_s=decode_rate, publish_events_per_s=events / (published - publish_started),

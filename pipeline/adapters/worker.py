@@ -84,20 +84,16 @@ class TouchpointHandler:
         """Build the graph from the whole table before the first touchpoint (Faust has recovered the table by
         then); afterwards apply other workers' operations as the table receives them."""
         table = self.identity_table
-        if not self._identity_ready and table is None:
-            self._identity_ready = True
-            gc.freeze()  # what start-up built lives as long as the worker
-        if table is None:
-            return
         if not self._identity_ready:
-            started = time.monotonic()
-            self.processor.apply_identity(table.all_operations(), replay=True)
-            self._identity_pending.clear()  # recovery handed these over too; they are in the table
+            if table is not None:
+                started = time.monotonic()
+                self.processor.apply_identity(table.all_operations(), replay=True)
+                self._identity_pending.clear()  # recovery handed these over too; they are in the table
+                log.info("Identity graph ready: %d identifiers in %.1f s",
+                         len(self.processor.enricher.graph or ()), time.monotonic() - started)
             self._identity_ready = True
             gc.collect()
-            gc.freeze()  # the graph lives as long as the worker: full collections need not walk it again
-            log.info("Identity graph ready: %d identifiers in %.1f s", len(self.processor.enricher.graph or ()),
-                     time.monotonic() - started)
+            gc.freeze()  # what start-up built (the graph) lives as long as the worker: collections skip it
             return
         if self._identity_pending:
             operations, self._identity_pending = self._identity_pending, []
