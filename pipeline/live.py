@@ -61,7 +61,7 @@ VOLUME_QUERY = "SELECT count(), uniqExact(person_id) FROM touchpoints WHERE even
 
 
 def _percent(num: float | None, den: float | None) -> str:
-    return "-" if not den else f"{num / den:.0%} [dim]({den:.0f})[/]"
+    return "-" if not den or num is None else f"{num / den:.0%} [dim]({den:.0f})[/]"
 
 
 def _pooled(cells: dict[tuple[str, str], dict[str, tuple[float, float]]], tenant: str, indicator: str) -> float | None:

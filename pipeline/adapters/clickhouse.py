@@ -275,7 +275,7 @@ class ClickHouseSink:
             keys.append([k for k, _ in c.sketch])
             counts.append([n for _, n in c.sketch])
         emitted = int(time.time() * 1000) if now_ms is None else now_ms
-        data = [
+        data: list[list[Any]] = [
             [c.window_kind for c in cells], [c.window_start_ms // 1000 for c in cells],
             [c.window_end_ms // 1000 for c in cells], [c.tenant for c in cells], [c.channel for c in cells],
             [c.role for c in cells], [c.flow for c in cells], [c.device_class for c in cells],

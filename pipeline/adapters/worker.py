@@ -26,7 +26,7 @@ from faust.streams import _current_event  # private: see IdentityTable.write
 from faust.tables.globaltable import GlobalTable
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP
-from mode import Service
+from mode import ServiceT
 
 from pipeline.adapters import metrics
 from pipeline.adapters.clickhouse import ClickHouseSink
@@ -181,7 +181,7 @@ def new_identity_table(app: faust.App, settings: Settings) -> IdentityTable:
 class BatchConsumer(aiokafka_driver.Consumer):
     """Faust's aiokafka consumer, with a fetch loop that hands the touchpoint topic to the app's runner in batches."""
 
-    async def _drain_messages(self, fetcher: Service) -> None:
+    async def _drain_messages(self, fetcher: ServiceT) -> None:
         # Private override: Faust's fetch loop (`_drain_messages`), replaced for the touchpoint topic only.
         app = self.app
         if not isinstance(app, TouchpointApp):
@@ -190,13 +190,14 @@ class BatchConsumer(aiokafka_driver.Consumer):
         runner = app.start_runner(KafkaOffsets(self, app.touchpoint_topic))
         topic = app.touchpoint_topic
         # Private: the consumer's and the fetcher's stop flags (mode Services), checked every fetch.
-        stopped = self._stopped.is_set  # type: ignore[attr-defined]
+        stopped = self._stopped.is_set
         fetcher_stopped = fetcher._stopped.is_set  # type: ignore[attr-defined]
         try:
             while not (stopped() or fetcher_stopped()):
                 generation = app.consumer_generation_id
                 # Private: aiokafka's fetch as a {TP: [records]} map, the batch this whole module exists for.
-                records, _active = await self._wait_next_records(timeout=0.2)
+                fetched, _active = await self._wait_next_records(timeout=0.2)
+                records = fetched or {}
                 if self._recovering():
                     # Faust is recovering the identity table: when done it seeks every partition to its committed
                     # offset (a partition without one keeps its position, hence the seek back below); nothing may
@@ -221,7 +222,8 @@ class BatchConsumer(aiokafka_driver.Consumer):
                 log.exception("Final flush failed; the next start replays from the last committed offset")
 
     def _recovering(self) -> bool:
-        return bool(self.app.in_recovery) or not self.app.tables.recovery.completed.is_set()
+        # recovery: Faust's table recovery service (public attribute, missing from TableManagerT's type).
+        return bool(self.app.in_recovery) or not self.app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
 
     async def _dispatch(self, runner: Runner, topic: str, records: Mapping[TP, Sequence[Any]]) -> None:
         assignment = self.assignment()
@@ -318,7 +320,7 @@ def create_app(settings: Settings) -> TouchpointApp:
 
     app.make_runner = make_runner
 
-    @app.on_partitions_revoked.connect
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # Faust's signal type wants a `signal` keyword
     async def _on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
         if app.runner is not None:
             app.runner.revoke({tp.partition for tp in revoked if tp.topic == settings.kafka.topic})
