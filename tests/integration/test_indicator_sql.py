@@ -404,7 +404,7 @@ def test_streamed_cells_equal_the_sql_batch_reference_over_the_raw_touchpoints(s
 
     sink.write(output)
     replay = ClickHouseSink(db.clickhouse, "it", "touchpoints")  # a restarted worker replays the same output
-    replay.write(output, [])
+    replay.write(output)
     replay.client.disconnect()
 
     indicators = ("csat", "error_rate", "lcp_p75")
