@@ -103,6 +103,27 @@ def apply_migrations(settings: ClickHouseSettings) -> list[Migration]:
     return done
 
 
+class DatabaseInUse(RuntimeError):
+    """The database holds another pipeline's cells and checkpoints."""
+
+
+def claim_database(settings: ClickHouseSettings, consumer_group: str, topic: str) -> None:
+    """Make this pipeline (group, topic) the database's owner, or refuse if another pipeline owns it: cells and
+    rollups are keyed by source partition, so two pipelines sharing a database would replace each other's."""
+    client = connect(settings)
+    rows = client.execute("SELECT consumer_group, topic FROM pipeline_owner ORDER BY claimed_at_ms LIMIT 1")
+    if not rows:
+        client.execute("INSERT INTO pipeline_owner (consumer_group, topic, claimed_at_ms) VALUES",
+                       [(consumer_group, topic, int(time.time() * 1000))])
+        rows = client.execute("SELECT consumer_group, topic FROM pipeline_owner ORDER BY claimed_at_ms LIMIT 1")
+    owner_group, owner_topic = rows[0]
+    if (owner_group, owner_topic) != (consumer_group, topic):
+        raise DatabaseInUse(
+            f"ClickHouse database {settings.database!r} holds the pipeline of consumer group {owner_group!r} and "
+            f"topic {owner_topic!r}, not {consumer_group!r}/{topic!r}: give this pipeline its own database "
+            "(TOUCHPOINT_CLICKHOUSE__DATABASE)")
+
+
 InsertObserver = Callable[[str, float, int], None]  # (table, seconds, rows)
 
 _CELL_COLUMNS = ("window_kind", "window_start", "window_end", "tenant", "channel", "role", "flow", "device_class",

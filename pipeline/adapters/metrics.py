@@ -22,6 +22,10 @@ LATE = Counter("touchpoint_events_late",
                "Touchpoints whose window had already closed: kept in the raw table, not in indicators.",
                ["channel"])
 DUPLICATES = Counter("touchpoint_events_duplicate", "Touchpoints whose event_id was already counted.", ["channel"])
+CROSS_PARTITION_DUPLICATES = Counter(
+    "touchpoint_events_cross_partition_duplicate",
+    "Touchpoints whose event_id this worker also counted on another partition in the same window: counted twice. "
+    "A sender keyed a retry differently; see the README's dedup guarantee.", ["channel"])
 BATCH_SIZE = Histogram("touchpoint_batch_size_events", "Records per flush to ClickHouse.",
                        buckets=(10, 100, 500, 1_000, 2_500, 5_000, 10_000, 20_000, 50_000, 100_000))
 INSERT_SECONDS = Histogram("touchpoint_clickhouse_insert_duration_seconds",
@@ -68,6 +72,8 @@ class PrometheusObserver:
             LATE.labels(channel).inc(n)
         for channel, n in output.duplicates.items():
             DUPLICATES.labels(channel).inc(n)
+        for channel, n in output.cross_partition_duplicates.items():
+            CROSS_PARTITION_DUPLICATES.labels(channel).inc(n)
         for record in output.identity.audit:
             IDENTITY_DECISIONS.labels(record.action).inc()
         for transition in output.identity.transitions:

@@ -11,7 +11,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
-from pipeline.core.aggregate import DUPLICATE, LATE, NEVER, Checkpoint, PartitionWindows, WindowCell
+from pipeline.core.aggregate import DUPLICATE, LATE, NEVER, ON_TIME, Checkpoint, PartitionWindows, WindowCell
 from pipeline.core.decode import Rejection, SchemaLookup, decode_batch
 from pipeline.core.enrich import Enricher, IdentityOutput
 from pipeline.core.identity import IdentityConfig, Operation
@@ -149,6 +149,9 @@ class Output:
     events_in: Counter[str] = field(default_factory=Counter)  # by channel
     late: Counter[str] = field(default_factory=Counter)
     duplicates: Counter[str] = field(default_factory=Counter)
+    # Counted events whose id is also counted on another partition of this worker (a sender that keyed a retry
+    # differently): counted twice, so reported.
+    cross_partition_duplicates: Counter[str] = field(default_factory=Counter)
     records: int = 0
 
     def __len__(self) -> int:
@@ -248,7 +251,25 @@ class TouchpointProcessor:
                 late[channel] += 1
             rows.append(touchpoint_row(event, schema_id, partition, offset, counted=fate != LATE))
         self._activity[partition] = (now_ms, windows.watermark_ms)
+        if len(self.partitions) > 1:
+            self._find_cross_partition_duplicates(partition, events, fates)
         self._collect(partition)
+
+    def _find_cross_partition_duplicates(self, partition: int, events: Sequence[dict[str, Any]],
+                                         fates: Sequence[int]) -> None:
+        """Ids counted here that another partition of this worker counted in the same pane (while it is open)."""
+        others = [w.open for p, w in self.partitions.items() if p != partition]
+        window_ms, found = self.config.window_ms, self.output.cross_partition_duplicates
+        for event, fate in zip(events, fates, strict=True):
+            if fate != ON_TIME:
+                continue
+            event_time, event_id = event["event_time"], event["event_id"]
+            start = event_time - event_time % window_ms
+            for panes in others:
+                pane = panes.get(start)
+                if pane is not None and event_id in pane.event_ids:
+                    found[event["channel"]] += 1
+                    break
 
     def tick(self, now_ms: int, caught_up: Collection[int]) -> None:
         """Let event time flow on idle partitions, so the last windows of a quiet stream still close. Idle means

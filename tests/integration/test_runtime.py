@@ -113,3 +113,17 @@ def test_the_demos_worker_ends_when_the_demo_is_hung_up(isolated, tmp_path):
             demo.kill()
         for pid in _children(demo.pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_second_pipeline_is_refused_a_database_that_holds_another_pipelines_cells(isolated, tmp_path):
+    other = isolated.model_copy(deep=True)
+    other.kafka.topic, other.kafka.consumer_group = f"{isolated.kafka.topic}-b", f"{isolated.kafka.consumer_group}-b"
+    env = {**os.environ, **to_env(other)}
+    for command in (["init"], ["worker"]):
+        result = subprocess.run([sys.executable, "-m", "pipeline.cli", *command], env=env, capture_output=True,
+                                text=True, timeout=60)
+        output = (result.stdout + result.stderr).strip()
+        assert result.returncode == 2, output
+        assert "Traceback" not in output
+        assert isolated.kafka.consumer_group in output and "TOUCHPOINT_CLICKHOUSE__DATABASE" in output
+    initialise(isolated)  # the owner itself is welcome again
