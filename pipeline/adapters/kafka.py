@@ -166,14 +166,15 @@ def end_offsets(bootstrap_servers: str, topic: str) -> dict[int, int]:
 
 
 def read_records(bootstrap_servers: str, topic: str, newest: int, timeout_s: float = 10.0) -> list[StoredRecord]:
-    """The newest `newest` records of every partition of a topic, oldest first per partition (a manually assigned
-    consumer: kafka-python's group consumer gets no assignment on the local Tansu broker)."""
+    """About the newest `newest` records of every partition of a topic, oldest first per partition (a manually
+    assigned consumer: kafka-python's group consumer gets no assignment on the local Tansu broker). Reads on
+    until the topic goes quiet, not to the end offset: Tansu reports a batch's base offset + 1 as the end."""
     import time
 
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
-                             client_id="touchpoint-deadletters", consumer_timeout_ms=500)
+                             client_id="touchpoint-deadletters", consumer_timeout_ms=700)
     try:
         parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         if not parts:
@@ -181,27 +182,21 @@ def read_records(bootstrap_servers: str, topic: str, newest: int, timeout_s: flo
         consumer.assign(parts)
         ends = consumer.end_offsets(parts)
         starts = consumer.beginning_offsets(parts)
-        wanted = {}
         for tp in parts:
-            first = max(starts[tp], ends[tp] - newest)
-            if ends[tp] > first:
-                consumer.seek(tp, first)
-                wanted[tp.partition] = ends[tp]
-            else:
-                consumer.pause(tp)
-        records: list[StoredRecord] = []
+            consumer.seek(tp, max(starts[tp], ends[tp] - newest))
+        by_partition: dict[int, list[StoredRecord]] = {tp.partition: [] for tp in parts}
         deadline = time.monotonic() + timeout_s
-        done: set[int] = set()
-        while len(done) < len(wanted) and time.monotonic() < deadline:
-            for message in consumer:
-                if message.offset >= wanted[message.partition]:
-                    continue
-                records.append(StoredRecord(message.partition, message.offset, message.timestamp, message.key,
-                                            message.value, tuple((k, bytes(v or b"")) for k, v in message.headers)))
-                if message.offset + 1 >= wanted[message.partition]:
-                    done.add(message.partition)
-        records.sort(key=lambda r: (r.partition, r.offset))
-        return records
+        while time.monotonic() < deadline:
+            before = sum(len(v) for v in by_partition.values())
+            for message in consumer:  # ends after consumer_timeout_ms without a record
+                by_partition[message.partition].append(StoredRecord(
+                    message.partition, message.offset, message.timestamp, message.key, message.value,
+                    tuple((k, bytes(v or b"")) for k, v in message.headers)))
+                if time.monotonic() > deadline:
+                    break
+            if sum(len(v) for v in by_partition.values()) == before:
+                break  # quiet for a whole timeout: caught up
+        return [r for partition in sorted(by_partition) for r in by_partition[partition][-newest:]]
     finally:
         consumer.close()
 

@@ -172,7 +172,6 @@ def create_app(settings: Settings, *, queries: ConsoleQueries | None = None, ale
         cells = queries.series(tenant, channel, indicator, window_kind, minutes * 60)
         checkpoints = queries.checkpoints(settings.kafka.consumer_group, settings.kafka.topic)
         closed = min((c.closed_before_ms for c in checkpoints), default=0)
-        partitions = len(checkpoints)
         late: dict[int, int] = {}
         if cells:
             pane_ms = settings.window.size_s * 1000
@@ -192,7 +191,7 @@ def create_app(settings: Settings, *, queries: ConsoleQueries | None = None, ale
             late_here = sum(n for start, n in late.items() if cell.window_start_ms <= start < cell.window_end_ms)
             points.append(SeriesPoint(window_start_ms=cell.window_start_ms, window_end_ms=cell.window_end_ms,
                                       value=value, n=cell.count, low=low, high=high, late=late_here,
-                                      complete=cell.window_end_ms <= closed and cell.partitions <= partitions))
+                                      complete=cell.window_end_ms <= closed))
         return Series(tenant=tenant, channel=channel, indicator=indicator, name=definition.name,
                       family=definition.family.value, unit=definition.unit, kind=definition.kind.value,
                       window_kind=window_kind, points=points)
@@ -201,14 +200,14 @@ def create_app(settings: Settings, *, queries: ConsoleQueries | None = None, ale
     def list_alerts(minutes: int = Query(24 * 60, ge=1, le=30 * 24 * 60)) -> list[dict[str, Any]]:
         return store.list(minutes * 60, _now_ms())
 
-    @app.get("/api/alerts/{alert_id}", summary="One alert with the history of actions on it")
+    @app.get("/api/alerts/{alert_id:path}", summary="One alert with the history of actions on it")
     def get_alert(alert_id: str) -> dict[str, Any]:
         found = store.get(alert_id, _now_ms())
         if found is None:
             raise HTTPException(404, f"no alert {alert_id!r}")
         return found
 
-    @app.post("/api/alerts/{alert_id}/{action}", dependencies=[token],
+    @app.post("/api/alerts/{alert_id:path}/{action}", dependencies=[token],
               summary="Acknowledge, silence (for `minutes`) or resolve an alert (token needed)")
     def act(alert_id: str, action: str, body: AlertAction | None = None) -> dict[str, Any]:
         if action not in ACTIONS:

@@ -128,23 +128,32 @@ async function loadSeries() {
   chart = new uPlot(opts, data, el);
   const newest = s.points.slice(-15).reverse().map((p) =>
     `<tr><td>${utc(p.window_start_ms)}</td><td>${hhmm(p.window_end_ms)}</td><td>${fmt(p.value, s.unit)}</td><td>${p.n}</td>` +
-    `<td>${p.low === null ? "-" : fmt(p.low, s.unit) + " – " + fmt(p.high, s.unit)}</td><td>${p.late || ""}</td><td>${p.complete ? "" : "incomplete"}</td></tr>`).join("");
+    `<td>${p.low === null ? "-" : fmt(p.low, s.unit) + " to " + fmt(p.high, s.unit)}</td><td>${p.late || ""}</td><td>${p.complete ? "" : "incomplete"}</td></tr>`).join("");
   $("series-table").innerHTML = `<table><tr><th>window start</th><th>end</th><th>value</th><th>n</th><th>95 % interval</th><th>late arrivals</th><th></th></tr>${newest}</table>`;
 }
 
 // --- alerts ------------------------------------------------------------------------------------------------
 async function loadAlerts() {
   const alerts = await api("/api/alerts");
-  const rows = alerts.map((a) => {
+  // One row per rule, tenant and channel: its newest breach (the one actions apply to) and its history.
+  const groups = new Map();
+  for (const a of alerts) {
+    const key = `${a.rule}|${a.tenant}|${a.channel}`;
+    if (!groups.has(key)) groups.set(key, {newest: a, breaches: []});
+    groups.get(key).breaches.push(a);
+  }
+  const rows = [...groups.values()].map(({newest: a, breaches}) => {
     const last = a.last_action ? `${esc(a.last_action.action)} by ${esc(a.last_action.actor)} at ${hhmm(a.last_action.at_ms)}` +
       (a.last_action.action === "silence" ? ` until ${hhmm(a.last_action.silenced_until_ms)}` : "") +
       ` (${a.last_action.actions} action${a.last_action.actions > 1 ? "s" : ""})` : "";
+    const first = breaches[breaches.length - 1];
+    const history = `${breaches.length} window${breaches.length > 1 ? "s" : ""} broke the rule since ${hhmm(first.window_start_ms)}`;
     return `<tr data-alert-id="${esc(a.alert_id)}" data-state="${esc(a.state)}"><td><span class="badge state-${esc(a.state)}">${esc(a.state)}</span></td>` +
       `<td>${utc(a.window_start_ms)}</td><td>${esc(a.severity)}</td><td>${esc(a.rule)}</td><td>${esc(a.tenant)}</td><td>${esc(a.channel)}</td>` +
-      `<td>${esc(a.message)}</td><td>${last}</td><td>` +
+      `<td>${esc(a.message)}<br><small>${history}</small></td><td>${last}</td><td>` +
       `<button data-action="acknowledge">Acknowledge</button> <button data-action="silence">Silence 1 h</button> <button data-action="resolve">Resolve</button></td></tr>`;
   }).join("");
-  $("alerts-table").innerHTML = `<table><tr><th>state</th><th>window</th><th>severity</th><th>rule</th><th>tenant</th><th>channel</th><th>message</th><th>last action</th><th>actions</th></tr>${rows || '<tr><td colspan="9">no alerts in the last day</td></tr>'}</table>`;
+  $("alerts-table").innerHTML = `<table><tr><th>state</th><th>newest window</th><th>severity</th><th>rule</th><th>tenant</th><th>channel</th><th>message, history</th><th>last action</th><th>actions</th></tr>${rows || '<tr><td colspan="9">no alerts in the last day</td></tr>'}</table>`;
 }
 
 async function alertAction(alertId, action) {
