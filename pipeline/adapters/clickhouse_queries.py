@@ -201,8 +201,8 @@ class ConsoleQueries:
         journey.transitions = [
             {"at_ms": at, "from_role": f, "to_role": t, "cause": cause}
             for at, f, t, cause in self.execute(
-                "SELECT at_ms, from_role, to_role, cause FROM role_transitions FINAL WHERE person_id IN %(p)s "
-                "ORDER BY at_ms", {"p": persons})]
+                "SELECT DISTINCT at_ms, from_role, to_role, cause FROM role_transitions FINAL "
+                "WHERE person_id IN %(p)s ORDER BY at_ms", {"p": persons})]
         return journey
 
     # --- pipeline health ------------------------------------------------------------------------------------

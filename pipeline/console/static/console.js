@@ -213,6 +213,7 @@ async function loadHealth() {
   const rows = h.partitions.map((p) => `<tr><td>${p.partition}</td><td>${p.end_offset ?? "-"}</td><td>${p.read_offset ?? "-"}</td><td>${p.lag_events ?? "-"}</td>` +
     `<td>${utc(p.watermark_ms)}</td><td>${p.watermark_lag_s === null ? "-" : p.watermark_lag_s.toFixed(0) + " s"}</td><td>${utc(p.closed_before_ms)}</td><td>${utc(p.checkpoint_at_ms)}</td></tr>`).join("");
   $("health-partitions").innerHTML = `<table><tr><th>partition</th><th>end offset</th><th>read offset</th><th>lag (events)</th><th>watermark</th><th>watermark lag</th><th>closed before</th><th>checkpoint</th></tr>${rows || '<tr><td colspan="8">no checkpoints yet</td></tr>'}</table>`;
+  $("health-partitions").insertAdjacentHTML("beforeend", '<p class="note">Lag = end offset (as the broker reports it; the local Tansu broker reports a batch\'s first offset + 1, so lag reads low there) - the checkpoint\'s read offset. Watermark lag = now - the partition\'s event-time watermark.</p>');
   const dead = h.dead_letters;
   const reasons = Object.entries(dead.by_reason).map(([reason, n]) => {
     const examples = (dead.examples[reason] || []).map((d) => `<div class="dead-letter" data-decoded="${d.event ? 1 : 0}">` +
