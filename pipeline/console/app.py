@@ -212,7 +212,7 @@ def create_app(settings: Settings, *, queries: ConsoleQueries | None = None, ale
     def act(alert_id: str, action: str, body: AlertAction | None = None) -> dict[str, Any]:
         if action not in ACTIONS:
             raise HTTPException(404, f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
-        body = body or AlertAction()
+        body = body or AlertAction(note="", actor="console", minutes=60)
         now_ms = _now_ms()
         until = now_ms + body.minutes * 60_000 if action == "silence" else 0
         try:
