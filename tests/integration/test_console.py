@@ -272,3 +272,26 @@ def test_the_api_is_described_by_its_openapi_schema_and_actions_need_the_token(c
     assert done["state"] == "silenced"
     dead = httpx.get(f"{base}/api/deadletters", params={"reason": "undecodable"}).json()
     assert [d["reason"] for d in dead["dead_letters"]] == ["undecodable"] and dead["by_reason"]["unknown_schema"] == 1
+
+
+def test_the_erase_button_erases_the_person_with_the_token_and_audits_it(console_stack, browser, tmp_path):
+    # Last in the module: it deletes the conversion journey the journey test reads.
+    ch = console_stack["ch"]
+    identifier = f"user_id:{CONVERSION[1]}"
+    assert ch.execute("SELECT count() FROM touchpoints WHERE has(resolved_from, %(i)s)", {"i": identifier})[0][0] > 0
+    browser.get(console_stack["base"] + "/#journey")
+    browser.execute_script(f"const t = document.getElementById('token'); t.value = '{TOKEN}';"
+                           "t.dispatchEvent(new Event('change'));")
+    browser.find_element("id", "j-identifier").send_keys(identifier)
+    browser.find_element("id", "j-search").click()
+    _until(browser, "return document.querySelectorAll('#journey-touchpoints tr.touchpoint').length == 3")
+    browser.find_element("id", "j-erase").click()
+    browser.switch_to.alert.accept()  # the page asks before erasing
+    _until(browser, "return document.getElementById('status').textContent.startsWith('erased')", 150)
+    _until(browser, "return document.getElementById('journey-result').textContent.includes('No touchpoints')")
+    persons = ch.execute("SELECT count() FROM touchpoints WHERE hasAny(resolved_from, %(ids)s)",
+                         {"ids": [f"anonymous_id:{CONVERSION[0]}", identifier, f"customer_id:{CONVERSION[2]}"]})
+    assert persons[0][0] == 0
+    audit = ch.execute("SELECT reason FROM identity_audit WHERE action = 'erasure'")
+    assert len(audit) == 1 and "3 touchpoints" in audit[0][0]
+    _screenshot(browser, tmp_path / "erased.png", "journey")
