@@ -67,9 +67,17 @@ def init(
     """Create the Kafka topics, register the Avro schemas and apply ClickHouse migrations (idempotent)."""
     settings = get_settings()
     if status or dry_run:
+        import logging
+
+        from clickhouse_driver.errors import Error as ClickHouseError
+
         from pipeline.adapters.clickhouse import added_columns, migration_status
 
-        states = migration_status(settings.clickhouse)
+        logging.getLogger("clickhouse_driver").setLevel(logging.CRITICAL)  # the one line below says it all
+        try:
+            states = migration_status(settings.clickhouse)
+        except (ClickHouseError, OSError) as exc:
+            raise _unreachable(exc, f"ClickHouse at {settings.clickhouse.host}:{settings.clickhouse.port}") from None
         if status:
             print(f"{'version':<8} {'name':<28} {'state':<22} {'checksum':<17} {'applied at (UTC)':<20} "
                   "checksum when applied")
@@ -203,6 +211,13 @@ def console_server(
     serve(settings, host=host or None, port=port or None)
 
 
+def _unreachable(exc: Exception, what: str) -> typer.Exit:
+    """A server that does not answer: one line naming it, no traceback."""
+    console.print(f"[red]{what} did not answer: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                  "[/]", highlight=False)
+    return typer.Exit(1)
+
+
 def _dead_letter_filters(reason: str | None, since: str | None) -> int | None:
     from pipeline.deadletters import DeadLetterError, parse_since
 
@@ -223,10 +238,16 @@ def deadletters_list(
     """List dead letters with their reason, decoded where they decode (hex where not)."""
     import json
 
+    from kafka.errors import KafkaError
+
     from pipeline.deadletters import list_dead_letters
 
     settings = get_settings()
-    listing = list_dead_letters(settings, reason=reason, since_ms=_dead_letter_filters(reason, since), newest=newest)
+    try:
+        listing = list_dead_letters(settings, reason=reason, since_ms=_dead_letter_filters(reason, since),
+                                    newest=newest)
+    except KafkaError as exc:
+        raise _unreachable(exc, f"Kafka at {settings.kafka.bootstrap_servers}") from None
     if as_json:
         for letter in listing.dead_letters:
             print(json.dumps(letter.as_dict()))

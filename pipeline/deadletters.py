@@ -18,7 +18,6 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Any
 
 from pipeline.adapters.clickhouse_queries import ConsoleQueries
@@ -73,13 +72,9 @@ class DeadLetter:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
-@lru_cache(maxsize=8)
-def _registry(url: str) -> Any:
-    return open_registry(url)
-
-
 def _schema_lookup(url: str) -> Any:
-    registry = _registry(url)
+    """Schemas by id from the registry as it is now (opened per listing: fixing the registry is a usual cause)."""
+    registry = open_registry(url)
     cache: dict[int, Any] = {}
 
     def schema_for(schema_id: int) -> Any:
@@ -105,7 +100,7 @@ def _jsonable(value: Any) -> Any:
 
 def describe(records: list[StoredRecord], settings: Settings, now_ms: int) -> list[DeadLetter]:
     """Each record with its reason headers, decoded with today's registry where it decodes."""
-    decoded = decode_batch([r.value for r in records], _schema_lookup(settings.registry.url))
+    decoded = decode_batch([r.value or b"" for r in records], _schema_lookup(settings.registry.url))
     events = dict(zip(decoded.indexes, decoded.events, strict=True))
     still_bad = {r.index: f"{r.reason}: {r.detail}" for r in decoded.rejections}
     out = []
