@@ -172,3 +172,28 @@ def test_actions_need_the_token_and_record_the_action():
     assert api.post("/api/alerts/r/bank/MOBILE_APP/1/explode",
                     headers={"Authorization": "Bearer s3cret"}).status_code == 404
     assert api.post("/api/persons/erase", json={"identifier": "user_id:x"}).status_code == 401
+
+
+def test_dead_letters_are_decoded_where_they_decode_and_shown_in_hex_where_not():
+    from pipeline.adapters.kafka import StoredRecord, TouchpointEncoder
+    from pipeline.contract.registry import open_registry
+    from pipeline.deadletters import describe
+    from tests.factories import BASE_MS, touchpoint
+
+    settings = Settings()
+    encoder = TouchpointEncoder(open_registry(settings.registry.url), settings.registry.subject, 1)
+    good = encoder.encode(touchpoint("e-ok", BASE_MS))
+    future = encoder.encode(touchpoint("e-future", BASE_MS + 3_600_000))
+    headers = (("reason", b"unknown_schema"), ("detail", b"schema id 1 was missing"), ("source.topic", b"t"),
+               ("source.partition", b"2"), ("source.offset", b"40"))
+    records = [StoredRecord(0, 0, BASE_MS, b"k", good, headers),
+               StoredRecord(0, 1, BASE_MS, b"k", future, (("reason", b"future_event_time"),)),
+               StoredRecord(0, 2, BASE_MS, None, b"\x01junk", (("reason", b"undecodable"),)),
+               StoredRecord(0, 3, BASE_MS, None, None, ())]
+    ok, late, junk, empty = describe(records, settings, now_ms=BASE_MS)
+    assert (ok.event_id, ok.hex, ok.problem_now, ok.reason, ok.source) == ("e-ok", None, None, "unknown_schema",
+                                                                           "t/2/40")
+    assert ok.event is not None and ok.event["tenant"] == "bank"
+    assert late.event_id == "e-future" and late.problem_now is not None and "future" in late.problem_now
+    assert (junk.event, junk.hex, junk.size) == (None, "016a756e6b", 5) and junk.problem_now.startswith("undecodable")
+    assert empty.reason == "unknown" and empty.hex == "" and empty.problem_now is not None
