@@ -74,6 +74,7 @@ function drawQuadrant(data) {
 // --- indicator series --------------------------------------------------------------------------------------
 let channelList = [];
 let chart = null;
+let chartKey = "";
 
 async function loadChannels() {
   channelList = await api("/api/channels?minutes=" + $("s-minutes").value);
@@ -124,8 +125,14 @@ async function loadSeries() {
       {label: "incomplete", stroke: "transparent", points: {show: true, size: 9, stroke: "#ef6c00", fill: "#fff"}}],
     bands: [{series: [3, 2], fill: "rgba(144,202,249,0.25)"}],
   };
-  if (chart) chart.destroy();
-  chart = new uPlot(opts, data, el);
+  const key = [s.tenant, s.channel, s.indicator, s.window_kind, width].join("|");
+  if (chart && key === chartKey) {
+    chart.setData(data);  // a poll with the same choice: new points, no rebuilt chart
+  } else {
+    if (chart) chart.destroy();
+    chart = new uPlot(opts, data, el);
+    chartKey = key;
+  }
   const newest = s.points.slice(-15).reverse().map((p) =>
     `<tr><td>${utc(p.window_start_ms)}</td><td>${hhmm(p.window_end_ms)}</td><td>${fmt(p.value, s.unit)}</td><td>${p.n}</td>` +
     `<td>${p.low === null ? "-" : fmt(p.low, s.unit) + " to " + fmt(p.high, s.unit)}</td><td>${p.late || ""}</td><td>${p.complete ? "" : "incomplete"}</td></tr>`).join("");
