@@ -67,6 +67,7 @@ class DeadLetter:
     size: int
     replayed: bool = False
     problem_now: str | None = None  # why it would be dead-lettered again if replayed now (None: it would pass)
+    payload_omitted: bool = False  # too large to carry: only its source offset says where the bytes are
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -112,6 +113,8 @@ def describe(records: list[StoredRecord], settings: Settings, now_ms: int) -> li
             found = violation(event, now_ms, settings.window.max_future_s * 1000)
             problem = None if found is None else f"{found[0]}: {found[1]}"
         value = record.value or b""
+        if "payload" in headers:
+            problem = f"payload {headers['payload']}"
         out.append(DeadLetter(
             partition=record.partition, offset=record.offset, timestamp_ms=record.timestamp_ms,
             reason=headers.get("reason", "unknown"), detail=headers.get("detail", ""),
@@ -120,7 +123,9 @@ def describe(records: list[StoredRecord], settings: Settings, now_ms: int) -> li
             key=(record.key or b"").decode(errors="replace"),
             event_id=None if event is None else str(event.get("event_id")),
             event=None if event is None else _jsonable(event),
-            hex=None if event is not None else value[:HEX_BYTES].hex(), size=len(value), problem_now=problem))
+            hex=None if event is not None else value[:HEX_BYTES].hex(),
+            size=int(headers.get("source.size", len(value))) if "payload" in headers else len(value),
+            problem_now=problem, payload_omitted="payload" in headers))
     return out
 
 
@@ -182,7 +187,7 @@ def replay(settings: Settings, *, reason: str | None = None, since_ms: int | Non
         for letter in chosen:
             if letter.replayed and not again:
                 report.already_replayed.append(letter)
-            elif letter.problem_now is not None and not force:
+            elif letter.payload_omitted or (letter.problem_now is not None and not force):
                 report.would_fail.append(letter)
             else:
                 report.replayed.append(letter)

@@ -127,7 +127,6 @@ def create_app(settings: Settings, *, queries: ConsoleQueries | None = None, ale
 
     queries = queries or ConsoleQueries(settings.clickhouse)
     store: AlertStore = alerts or ClickHouseAlertStore(queries, settings.console.firing_for_s * 1000)
-    health_source = health or HealthSource(settings, queries)
     app = FastAPI(title="Touchpoint operations console", version="1",
                   description="Live CX and UX indicators, alerts, journeys and pipeline health. Reads are open; "
                               "actions need `Authorization: Bearer <console.token>`.",
@@ -139,6 +138,48 @@ def create_app(settings: Settings, *, queries: ConsoleQueries | None = None, ale
     def page() -> str:
         return _page(settings)
 
+    _indicator_routes(app, settings, queries)
+    _alert_routes(app, store, token)
+    _person_routes(app, settings, queries, token)
+    _health_routes(app, settings, queries, health or HealthSource(settings, queries))
+    return app
+
+
+def _axis_definitions(items: tuple[Any, ...]) -> list[AxisDefinition]:
+    return [AxisDefinition(indicator=a.indicator, name=BY_ID[a.indicator].name, family=BY_ID[a.indicator].family.value,
+                           unit=BY_ID[a.indicator].unit, bad=a.bad, good=a.good) for a in items]
+
+
+def _series_points(settings: Settings, queries: ConsoleQueries, definition: Any, tenant: str, channel: str,
+                   window_kind: str, minutes: int) -> list[SeriesPoint]:
+    """Each window's value (sketch quantile, or total / count), n, a Wilson interval for rates, the late arrivals
+    in it, and whether every partition has closed it."""
+    cells = queries.series(tenant, channel, definition.id, window_kind, minutes * 60)
+    if not cells:
+        return []
+    checkpoints = queries.checkpoints(settings.kafka.consumer_group, settings.kafka.topic)
+    closed = min((c.closed_before_ms for c in checkpoints), default=0)
+    late = queries.late_events(tenant, channel, minutes * 60 + settings.window.hopping_size_s,
+                               settings.window.size_s * 1000)
+    points = []
+    for cell in cells:
+        value: float | None
+        low = high = None
+        if definition.kind is Kind.QUANTILE:
+            value = quantile(cell.sketch, definition.q)
+        else:
+            value = cell.total / cell.count if cell.count else None
+            interval = wilson_interval(cell.total, cell.count) if definition.kind is Kind.RATIO else None
+            if interval is not None:
+                low, high = interval
+        late_here = sum(n for start, n in late.items() if cell.window_start_ms <= start < cell.window_end_ms)
+        points.append(SeriesPoint(window_start_ms=cell.window_start_ms, window_end_ms=cell.window_end_ms,
+                                  value=value, n=cell.count, low=low, high=high, late=late_here,
+                                  complete=cell.window_end_ms <= closed))
+    return points
+
+
+def _indicator_routes(app: FastAPI, settings: Settings, queries: ConsoleQueries) -> None:
     @app.get("/api/overview", response_model=Overview, summary="Each tenant's place on UX against CX")
     def overview(minutes: int = Query(settings.console.overview_minutes, ge=1, le=7 * 24 * 60)) -> Overview:
         pooled = queries.pooled_by_tenant(minutes * 60)
@@ -149,13 +190,8 @@ def create_app(settings: Settings, *, queries: ConsoleQueries | None = None, ale
                 tenant=tenant, ux=p.ux, cx=p.cx, quadrant=p.quadrant,
                 ux_indicators=[AxisPart(**_fields(part)) for part in p.ux_indicators],
                 cx_indicators=[AxisPart(**_fields(part)) for part in p.cx_indicators]))
-
-        def axis(items: tuple[Any, ...]) -> list[AxisDefinition]:
-            return [AxisDefinition(indicator=a.indicator, name=BY_ID[a.indicator].name,
-                                   family=BY_ID[a.indicator].family.value, unit=BY_ID[a.indicator].unit,
-                                   bad=a.bad, good=a.good) for a in items]
-
-        return Overview(minutes=minutes, split=SPLIT, ux_axis=axis(UX_AXIS), cx_axis=axis(CX_AXIS), tenants=tenants)
+        return Overview(minutes=minutes, split=SPLIT, ux_axis=_axis_definitions(UX_AXIS),
+                        cx_axis=_axis_definitions(CX_AXIS), tenants=tenants)
 
     @app.get("/api/channels", response_model=list[ChannelIndicators],
              summary="Tenants and channels with indicator windows")
@@ -169,33 +205,13 @@ def create_app(settings: Settings, *, queries: ConsoleQueries | None = None, ale
         definition = BY_ID.get(indicator)
         if definition is None:
             raise HTTPException(404, f"unknown indicator {indicator!r}")
-        cells = queries.series(tenant, channel, indicator, window_kind, minutes * 60)
-        checkpoints = queries.checkpoints(settings.kafka.consumer_group, settings.kafka.topic)
-        closed = min((c.closed_before_ms for c in checkpoints), default=0)
-        late: dict[int, int] = {}
-        if cells:
-            pane_ms = settings.window.size_s * 1000
-            late = queries.late_events(tenant, channel, minutes * 60 + settings.window.hopping_size_s, pane_ms)
-        points = []
-        for cell in cells:
-            value: float | None
-            low = high = None
-            if definition.kind is Kind.QUANTILE:
-                value = quantile(cell.sketch, definition.q)
-            else:
-                value = cell.total / cell.count if cell.count else None
-                if definition.kind is Kind.RATIO:
-                    interval = wilson_interval(cell.total, cell.count)
-                    if interval is not None:
-                        low, high = interval
-            late_here = sum(n for start, n in late.items() if cell.window_start_ms <= start < cell.window_end_ms)
-            points.append(SeriesPoint(window_start_ms=cell.window_start_ms, window_end_ms=cell.window_end_ms,
-                                      value=value, n=cell.count, low=low, high=high, late=late_here,
-                                      complete=cell.window_end_ms <= closed))
+        points = _series_points(settings, queries, definition, tenant, channel, window_kind, minutes)
         return Series(tenant=tenant, channel=channel, indicator=indicator, name=definition.name,
                       family=definition.family.value, unit=definition.unit, kind=definition.kind.value,
                       window_kind=window_kind, points=points)
 
+
+def _alert_routes(app: FastAPI, store: AlertStore, token: Any) -> None:
     @app.get("/api/alerts", summary="Alerts of the last minutes, with their state and the newest action")
     def list_alerts(minutes: int = Query(24 * 60, ge=1, le=30 * 24 * 60)) -> list[dict[str, Any]]:
         return store.list(minutes * 60, _now_ms())
@@ -226,6 +242,8 @@ def create_app(settings: Settings, *, queries: ConsoleQueries | None = None, ale
                 "note": "Follow-up cases with SLA countdowns come with the alert lifecycle engine; this build "
                         "has none yet."}
 
+
+def _person_routes(app: FastAPI, settings: Settings, queries: ConsoleQueries, token: Any) -> None:
     @app.get("/api/journey", summary="A person's touchpoints across channels, with roles and merges")
     def journey(identifier: str = Query(min_length=1)) -> dict[str, Any]:
         from pipeline.erasure import candidates
@@ -243,9 +261,12 @@ def create_app(settings: Settings, *, queries: ConsoleQueries | None = None, ale
         return {"identifiers": report.identifiers, "person_ids": report.person_ids,
                 "touchpoints_deleted": report.rows_before}
 
+
+def _health_routes(app: FastAPI, settings: Settings, queries: ConsoleQueries,
+                   health: Callable[[], dict[str, Any]]) -> None:
     @app.get("/api/health", summary="Per-partition lag and watermark, last flush, dead letters by reason")
     def pipeline_health() -> dict[str, Any]:
-        return health_source()
+        return health()
 
     @app.get("/api/deadletters", summary="Dead letters (decoded where they decode, hex where not)")
     def dead_letters(reason: str | None = None, since: str | None = None,
@@ -261,8 +282,6 @@ def create_app(settings: Settings, *, queries: ConsoleQueries | None = None, ale
         newest_first = sorted(listing.dead_letters, key=lambda d: (d.timestamp_ms, d.offset), reverse=True)
         return {"scanned": listing.scanned, "by_reason": listing.by_reason,
                 "dead_letters": [d.as_dict() for d in newest_first[:limit]]}
-
-    return app
 
 
 def _fields(obj: Any) -> dict[str, Any]:

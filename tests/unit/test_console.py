@@ -189,11 +189,14 @@ def test_dead_letters_are_decoded_where_they_decode_and_shown_in_hex_where_not()
     records = [StoredRecord(0, 0, BASE_MS, b"k", good, headers),
                StoredRecord(0, 1, BASE_MS, b"k", future, (("reason", b"future_event_time"),)),
                StoredRecord(0, 2, BASE_MS, None, b"\x01junk", (("reason", b"undecodable"),)),
-               StoredRecord(0, 3, BASE_MS, None, None, ())]
-    ok, late, junk, empty = describe(records, settings, now_ms=BASE_MS)
+               StoredRecord(0, 3, BASE_MS, None, None, ()),
+               StoredRecord(0, 4, BASE_MS, None, None, (("reason", b"undecodable"), ("source.size", b"9000000"),
+                                                        ("payload", b"omitted: larger than the topic takes")))]
+    ok, late, junk, empty, huge = describe(records, settings, now_ms=BASE_MS)
     assert (ok.event_id, ok.hex, ok.problem_now, ok.reason, ok.source) == ("e-ok", None, None, "unknown_schema",
                                                                            "t/2/40")
     assert ok.event is not None and ok.event["tenant"] == "bank"
     assert late.event_id == "e-future" and late.problem_now is not None and "future" in late.problem_now
     assert (junk.event, junk.hex, junk.size) == (None, "016a756e6b", 5) and junk.problem_now.startswith("undecodable")
     assert empty.reason == "unknown" and empty.hex == "" and empty.problem_now is not None
+    assert huge.payload_omitted and huge.size == 9_000_000 and huge.problem_now.startswith("payload omitted")
