@@ -131,6 +131,16 @@ def default_alert_rules() -> list[AlertRuleSettings]:
     ]
 
 
+class ConsoleSettings(BaseModel):
+    host: str = Field("127.0.0.1", description="Address the operations console listens on (loopback by default).")
+    port: int = Field(8088, ge=0, le=65535, description="Port of the operations console.")
+    token: str = Field("", description="Bearer token for the console's actions (acknowledge, silence, resolve, "
+                                       "erase); empty = actions refused.")
+    overview_minutes: int = Field(15, ge=1, description="Minutes of closed 1-minute windows the overview pools.")
+    firing_for_s: int = Field(300, ge=1, description="An alert whose window ended this recently is firing.")
+    dead_letters_scanned: int = Field(1000, ge=1, description="The console reads this many newest dead letters.")
+
+
 class StackSettings(BaseModel):
     state_dir: Path = PROJECT_ROOT / ".touchpoint"
     tansu_sha256: str = "38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723"
@@ -149,6 +159,7 @@ class Settings(BaseSettings):
     identity: IdentitySettings = IdentitySettings()
     alert_rules: list[AlertRuleSettings] = Field(default_factory=default_alert_rules)
     stack: StackSettings = StackSettings()
+    console: ConsoleSettings = ConsoleSettings()
     metrics_port: int = Field(9108, ge=0, le=65_535, description="Prometheus /metrics port of a worker; 0 disables it.")
     metrics_host: str = Field("127.0.0.1", description="Address /metrics listens on (0.0.0.0 in a container).")
     log_level: str = "info"

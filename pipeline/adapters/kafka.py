@@ -137,3 +137,81 @@ def read_jsonl(path: Path, encoder: TouchpointEncoder, now_ms: int, max_future_m
                 continue
             good.append(event)
     return good, bad
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """A record as it sits in a topic (dead letters: the original key and bytes, and the reason in headers)."""
+
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+
+
+def end_offsets(bootstrap_servers: str, topic: str) -> dict[int, int]:
+    """Partition -> offset of the next record to be written (the high watermark); {} if the topic is missing."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
+                             client_id="touchpoint-console")
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        ends = consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+        return {tp.partition: int(offset) for tp, offset in ends.items()}
+    finally:
+        consumer.close()
+
+
+def read_records(bootstrap_servers: str, topic: str, newest: int, timeout_s: float = 10.0) -> list[StoredRecord]:
+    """About the newest `newest` records of every partition of a topic, oldest first per partition (a manually
+    assigned consumer: kafka-python's group consumer gets no assignment on the local Tansu broker). Reads on
+    until the topic goes quiet, not to the end offset: Tansu reports a batch's base offset + 1 as the end."""
+    import time
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
+                             client_id="touchpoint-deadletters", consumer_timeout_ms=700)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not parts:
+            return []
+        consumer.assign(parts)
+        ends = consumer.end_offsets(parts)
+        starts = consumer.beginning_offsets(parts)
+        for tp in parts:
+            consumer.seek(tp, max(starts[tp], ends[tp] - newest))
+        by_partition: dict[int, list[StoredRecord]] = {tp.partition: [] for tp in parts}
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            before = sum(len(v) for v in by_partition.values())
+            for message in consumer:  # ends after consumer_timeout_ms without a record
+                by_partition[message.partition].append(StoredRecord(
+                    message.partition, message.offset, message.timestamp, message.key, message.value,
+                    tuple((k, bytes(v or b"")) for k, v in message.headers)))
+                if time.monotonic() > deadline:
+                    break
+            if sum(len(v) for v in by_partition.values()) == before:
+                break  # quiet for a whole timeout: caught up
+        return [r for partition in sorted(by_partition) for r in by_partition[partition][-newest:]]
+    finally:
+        consumer.close()
+
+
+def publish_records(bootstrap_servers: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None,
+                    list[tuple[str, bytes]]]]) -> int:
+    """Send (key, value, headers) as they are and wait until the broker has them all."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap_servers, client_id="touchpoint-replay", acks="all")
+    count = 0
+    try:
+        futures = [producer.send(topic, key=key, value=value, headers=headers) for key, value, headers in records]
+        producer.flush()
+        for future in futures:
+            future.get(timeout=30)  # raises if the broker refused one
+            count += 1
+    finally:
+        producer.close()
+    return count
