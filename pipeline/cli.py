@@ -76,6 +76,28 @@ def worker() -> None:
 
 
 @app.command()
+def collector() -> None:
+    """Serve the HTTP collector: touchpoints, webhooks and the browser snippet in, Avro on Kafka out."""
+    from pipeline.collector.app import run
+
+    run(get_settings())
+
+
+@app.command("collector-key")
+def collector_key(
+    tenant: str = typer.Argument(..., help="The tenant the key writes."),
+    key_id: str = typer.Option("key-1", help="A name for the key (shown in answers and logs)."),
+) -> None:
+    """Make a new write key: prints the key once and the settings entry that holds only its SHA-256."""
+    from pipeline.collector.keys import key_digest, new_key
+
+    key = new_key()
+    print(f"write key (give it to the sender; it is not stored): {key}")
+    print(f'\n[[collector.tenants]]\nname = "{tenant}"\ncors_origins = []\n[[collector.tenants.keys]]\n'
+          f'id = "{key_id}"\nsha256 = "{key_digest(key)}"\nevents_per_s = 2000\nburst = 10000')
+
+
+@app.command()
 def forget(
     identifier: str = typer.Argument(..., help="kind:value (e.g. user_id:u-42), or a bare value to try every kind."),
 ) -> None:

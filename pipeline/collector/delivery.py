@@ -1,0 +1,127 @@
+"""Thin Kafka adapter of the collector: produce a request's records with acks=all from an idempotent producer
+and wait, within a bounded time, until the broker has acknowledged each one.
+
+kafka-python's producer, not aiokafka's: aiokafka asks for a producer id with InitProducerId v0, which the local
+Tansu broker refuses, while kafka-python's v2+ request works. Its send() can block (metadata, full buffer), so it
+runs on a small thread pool and its acknowledgements come back to the event loop once per request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from kafka import KafkaProducer
+
+log = logging.getLogger("touchpoint.collector")
+
+
+class _Countdown:
+    """Resolves an asyncio future once `pending` acknowledgements (or failures) have come in."""
+
+    def __init__(self, pending: int, loop: asyncio.AbstractEventLoop, done: asyncio.Future[None]) -> None:
+        self.pending = pending
+        self.loop = loop
+        self.done = done
+        self.lock = threading.Lock()
+
+    def one(self, _result: Any = None) -> None:
+        self.many(1)
+
+    def many(self, count: int) -> None:
+        with self.lock:
+            self.pending -= count
+            finished = self.pending <= 0
+        if finished:
+            self.loop.call_soon_threadsafe(_resolve, self.done)
+
+
+def _resolve(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
+class Delivery:
+    def __init__(self, bootstrap_servers: str, topic: str, *, buffer_memory: int, ack_timeout_s: float,
+                 client_id: str = "touchpoint-collector") -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.topic = topic
+        self.ack_timeout_s = ack_timeout_s
+        self.config: dict[str, Any] = {
+            "acks": "all", "enable_idempotence": True, "linger_ms": 5, "batch_size": 256 * 1024,
+            "buffer_memory": buffer_memory, "max_block_ms": int(ack_timeout_s * 1000),
+            "request_timeout_ms": 10_000, "delivery_timeout_ms": 30_000, "max_request_size": 4 * 1024 * 1024,
+            "client_id": client_id,
+        }
+        self.producer: KafkaProducer | None = None
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="collector-send")
+        self._connecting = threading.Event()
+        self._closed = False
+
+    @property
+    def ready(self) -> bool:
+        return self.producer is not None
+
+    def connect(self) -> None:
+        """Create the producer in the background, retrying while the broker does not answer; until then every
+        request gets 503."""
+        if self._connecting.is_set():
+            return
+        self._connecting.set()
+
+        def attempt() -> None:
+            while not self._closed and self.producer is None:
+                try:
+                    self.producer = KafkaProducer(bootstrap_servers=self.bootstrap_servers, **self.config)
+                    log.info("producer connected to %s", self.bootstrap_servers)
+                except Exception as exc:  # broker down or unreachable: keep trying, answer 503 meanwhile
+                    log.warning("broker %s not reachable (%s); retrying", self.bootstrap_servers, exc)
+                    time.sleep(1.0)
+
+        threading.Thread(target=attempt, name="collector-connect", daemon=True).start()
+
+    def _send_all(self, keys: Sequence[bytes], values: Sequence[bytes], countdown: _Countdown) -> list[Any]:
+        producer = self.producer
+        futures: list[Any] = []
+        assert producer is not None
+        for key, value in zip(keys, values, strict=True):
+            try:
+                future = producer.send(self.topic, key=key, value=value)
+            except Exception as exc:  # buffer full or no metadata within max_block_ms: the rest is not sent
+                log.warning("send failed after %d of %d records: %s", len(futures), len(values), exc)
+                countdown.many(len(values) - len(futures))
+                break
+            future.add_both(countdown.one)
+            futures.append(future)
+        return futures
+
+    async def deliver(self, keys: Sequence[bytes], values: Sequence[bytes]) -> list[bool]:
+        """Send the records; returns, per record, whether the broker acknowledged it within ack_timeout_s."""
+        if not values:
+            return []
+        if self.producer is None:
+            return [False] * len(values)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        done: asyncio.Future[None] = loop.create_future()
+        countdown = _Countdown(len(values), loop, done)
+        futures = await loop.run_in_executor(self.executor, self._send_all, keys, values, countdown)
+        remaining = self.ack_timeout_s - (loop.time() - started)
+        if remaining > 0:
+            try:
+                await asyncio.wait_for(done, remaining)
+            except TimeoutError:
+                pass
+        acked = [bool(f.is_done and f.succeeded()) for f in futures]
+        return acked + [False] * (len(values) - len(futures))
+
+    def close(self) -> None:
+        self._closed = True
+        if self.producer is not None:
+            self.producer.close(timeout=self.ack_timeout_s)
+            self.producer = None
+        self.executor.shutdown(wait=False, cancel_futures=True)
