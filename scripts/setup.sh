@@ -8,6 +8,11 @@ if ! command -v clickhouse-server >/dev/null 2>&1 && [ ! -x /usr/sbin/clickhouse
     # The package's own service is never started: the stack runs its own server from .touchpoint/.
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q clickhouse-server clickhouse-client >/dev/null
 fi
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    echo "setup: installing headless Chromium and its driver from Debian's packages (the collector's browser test)"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null
+fi
 echo "setup: installing the Python package and its test tools"
 python3 -m pip install -q --disable-pip-version-check -e '.[stack,test]' 2>&1 \
     | grep -v -E "^WARNING: (Running pip as the 'root' user|Location .* is ignored)" || true

@@ -207,6 +207,9 @@ class Collector:
         return Response(self.snippet, media_type="application/javascript",
                         headers={"Cache-Control": "public, max-age=3600", "Access-Control-Allow-Origin": "*"})
 
+    async def snippet_licence(self, request: Request) -> Response:
+        return Response((SNIPPET.parent / "web-vitals.LICENSE").read_bytes(), media_type="text/plain")
+
     async def health(self, request: Request) -> Response:
         ready = self.delivery.ready
         return _json({"broker": "connected" if ready else "not reachable", "sources": sorted(self.mappings)},
@@ -235,6 +238,7 @@ def create_app(settings: Settings | None = None, delivery: Deliverer | None = No
         Route("/v1/webhooks/{source}", collector.webhook, methods=["POST"]),
         Route("/v1/webhooks/{source}", collector.preflight, methods=["OPTIONS"]),
         Route("/v1/snippet.js", collector.snippet_js, methods=["GET"]),
+        Route("/v1/web-vitals.LICENSE", collector.snippet_licence, methods=["GET"]),
         Route("/healthz", collector.health, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

@@ -20,7 +20,7 @@ from pipeline.core.validate import CONTRACT_VIOLATION, FUTURE_EVENT_TIME
 from pipeline.settings import Settings, TenantSettings, WriteKeySettings
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "webhooks"
-NOW_S = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+NOW_S = 1_768_435_200.0  # 2026-01-15T00:00:00Z, after the webhook fixtures
 BANK_KEY, HOSPITAL_KEY, REVOKED_KEY, SLOW_KEY = "tpk_bank", "tpk_hospital", "tpk_old", "tpk_slow"
 
 
@@ -271,7 +271,7 @@ def test_mapping_files_are_checked_against_the_contract() -> None:
     with pytest.raises(MappingError, match="not a contract field"):
         parse_mapping('[touchpoint]\nevent_idd = "x"\n', "bad.toml", fields)
     with pytest.raises(MappingError, match="unknown keys"):
-        parse_mapping('[touchpoint]\nevent_id = { pth = "x" }\n', "bad.toml", fields)
+        parse_mapping('[touchpoint]\nevent_id = { path = "x", pth = 1 }\n', "bad.toml", fields)
     mapping = parse_mapping('[touchpoint]\nevent_id = "{a.b}"\nattributes.any = { path = "c", as = "string" }\n',
                             "ok.toml", fields)
     assert mapping.touchpoints({"a": {"b": 7}, "c": True}) == [{"event_id": "7", "attributes": {"any": "true"}}]
