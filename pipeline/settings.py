@@ -154,8 +154,8 @@ class CollectorSettings(BaseModel):
                                                         "events before answering 503.")
     max_pending_requests: int = Field(256, ge=1, description="Requests waiting for the broker at once; more wait "
                                                              "up to ack_timeout_s, then get 503 (bounded memory).")
-    buffer_memory_bytes: int = Field(33_554_432, ge=1_048_576, description="Producer buffer for events not yet "
-                                                                           "acknowledged.")
+    max_unacked_events: int = Field(50_000, ge=100, description="Events handed to the producer and not yet "
+                                                                "acknowledged or failed; more wait, then 503.")
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503.")
     webhook_dirs: list[Path] = Field([], description="Extra folders of webhook mappings (<source>.toml); they "
                                                      "override the shipped ones of the same name.")

@@ -65,7 +65,7 @@ class Collector:
             from pipeline.collector.delivery import Delivery
 
             delivery = Delivery(settings.kafka.bootstrap_servers, settings.kafka.topic,
-                                buffer_memory=self.config.buffer_memory_bytes, ack_timeout_s=self.config.ack_timeout_s)
+                                max_unacked=self.config.max_unacked_events, ack_timeout_s=self.config.ack_timeout_s)
         self.delivery = delivery
         self.clock = clock
         self.pending = asyncio.Semaphore(self.config.max_pending_requests)
@@ -252,6 +252,7 @@ def run(settings: Settings) -> None:
 
     config = settings.collector
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # connection chatter, not the collector's story
     if not config.tenants:
         log.warning("no tenants configured (collector.tenants): every request will get 401")
     uvicorn.run("pipeline.collector.app:create_app", factory=True, host=config.host, port=config.port,

@@ -11,11 +11,12 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kafka import KafkaProducer
+from kafka.errors import KafkaError
 
 log = logging.getLogger("touchpoint.collector")
 
@@ -23,16 +24,19 @@ log = logging.getLogger("touchpoint.collector")
 class _Countdown:
     """Resolves an asyncio future once `pending` acknowledgements (or failures) have come in."""
 
-    def __init__(self, pending: int, loop: asyncio.AbstractEventLoop, done: asyncio.Future[None]) -> None:
+    def __init__(self, pending: int, loop: asyncio.AbstractEventLoop, done: asyncio.Future[None],
+                 settled: Callable[[int], None]) -> None:
         self.pending = pending
         self.loop = loop
         self.done = done
+        self.settled = settled
         self.lock = threading.Lock()
 
     def one(self, _result: Any = None) -> None:
         self.many(1)
 
     def many(self, count: int) -> None:
+        self.settled(count)
         with self.lock:
             self.pending -= count
             finished = self.pending <= 0
@@ -46,14 +50,18 @@ def _resolve(done: asyncio.Future[None]) -> None:
 
 
 class Delivery:
-    def __init__(self, bootstrap_servers: str, topic: str, *, buffer_memory: int, ack_timeout_s: float,
+    def __init__(self, bootstrap_servers: str, topic: str, *, max_unacked: int, ack_timeout_s: float,
                  client_id: str = "touchpoint-collector") -> None:
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.ack_timeout_s = ack_timeout_s
+        # kafka-python 3 has no buffer_memory: the records the producer holds are bounded here instead.
+        self.max_unacked = max_unacked
+        self.unacked = 0
+        self._unacked_lock = threading.Lock()
         self.config: dict[str, Any] = {
             "acks": "all", "enable_idempotence": True, "linger_ms": 5, "batch_size": 256 * 1024,
-            "buffer_memory": buffer_memory, "max_block_ms": int(ack_timeout_s * 1000),
+            "max_block_ms": int(ack_timeout_s * 1000),
             "request_timeout_ms": 10_000, "delivery_timeout_ms": 30_000, "max_request_size": 4 * 1024 * 1024,
             "client_id": client_id,
         }
@@ -78,9 +86,12 @@ class Delivery:
                 try:
                     self.producer = KafkaProducer(bootstrap_servers=self.bootstrap_servers, **self.config)
                     log.info("producer connected to %s", self.bootstrap_servers)
-                except Exception as exc:  # broker down or unreachable: keep trying, answer 503 meanwhile
+                except (KafkaError, OSError) as exc:  # broker down or unreachable: retry, answer 503 meanwhile
                     log.warning("broker %s not reachable (%s); retrying", self.bootstrap_servers, exc)
                     time.sleep(1.0)
+                except Exception as exc:  # a wrong setting: retrying cannot help
+                    log.error("cannot create the Kafka producer: %s", exc)
+                    return
 
         threading.Thread(target=attempt, name="collector-connect", daemon=True).start()
 
@@ -99,6 +110,10 @@ class Delivery:
             futures.append(future)
         return futures
 
+    def _settled(self, count: int) -> None:
+        with self._unacked_lock:
+            self.unacked -= count
+
     async def deliver(self, keys: Sequence[bytes], values: Sequence[bytes]) -> list[bool]:
         """Send the records; returns, per record, whether the broker acknowledged it within ack_timeout_s."""
         if not values:
@@ -107,8 +122,17 @@ class Delivery:
             return [False] * len(values)
         loop = asyncio.get_running_loop()
         started = loop.time()
+        # Room for these records among the unacknowledged ones, or nothing is sent (bounded memory).
+        while True:
+            with self._unacked_lock:
+                if self.unacked + len(values) <= max(self.max_unacked, len(values)):
+                    self.unacked += len(values)
+                    break
+            if loop.time() - started >= self.ack_timeout_s:
+                return [False] * len(values)
+            await asyncio.sleep(0.01)
         done: asyncio.Future[None] = loop.create_future()
-        countdown = _Countdown(len(values), loop, done)
+        countdown = _Countdown(len(values), loop, done, self._settled)
         futures = await loop.run_in_executor(self.executor, self._send_all, keys, values, countdown)
         remaining = self.ack_timeout_s - (loop.time() - started)
         if remaining > 0:
