@@ -188,6 +188,10 @@ def bench(
     drain: bool = typer.Option(False, help="Publish the events while the worker is paused, then time the worker "
                                            "draining them (its own rate, publisher off the cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    collector: bool = typer.Option(False, "--collector", help="Instead: HTTP load on a collector on loopback "
+                                                               "(--events touchpoints, 100 per request)."),
+    concurrency: int = typer.Option(8, help="--collector: keep-alive connections posting at once."),
+    collector_workers: int = typer.Option(1, help="--collector: collector server processes."),
 ) -> None:
     """Measure end-to-end, raw consume and decode-only rates of the same events in one run."""
     import json
@@ -197,6 +201,22 @@ def bench(
 
     settings = get_settings()
     local.up(settings)
+    if collector:
+        from pipeline.collector.bench import run_collector_bench
+
+        figures = run_collector_bench(settings, events, batch=100, concurrency=concurrency,
+                                      workers=collector_workers)
+        if as_json:
+            print(json.dumps(figures.as_dict()))
+            return
+        console.print(f"collector: {figures.accepted:,} of {figures.events:,} touchpoints accepted in "
+                      f"{figures.seconds:.1f} s = [bold]{figures.accepted_events_per_s:,.0f} events/s[/] "
+                      f"({figures.requests_per_s:,.0f} requests/s of {figures.batch}, {figures.concurrency} "
+                      f"connections, {collector_workers} worker(s)); latency p50 {figures.p50_ms:.0f} ms, "
+                      f"p99 {figures.p99_ms:.0f} ms, max {figures.max_ms:.0f} ms; answers {figures.statuses}; "
+                      f"{figures.records_on_topic:,} records on the topic; collector RSS "
+                      f"{figures.collector_rss_mib:,.0f} MiB")
+        return
     if compare:
         runs = [run_bench(settings, events, identity=False, drain=drain),
                 run_bench(settings, events, identity=True, preload_identities=preload_identities, drain=drain)]
