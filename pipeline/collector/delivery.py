@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
 
 log = logging.getLogger("touchpoint.collector")
 
@@ -66,7 +66,8 @@ class Delivery:
             "client_id": client_id,
         }
         self.producer: KafkaProducer | None = None
-        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="collector-send")
+        self.generation = 0  # a new producer starts a new count of unacknowledged records
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collector-send")
         self._connecting = threading.Event()
         self._closed = False
 
@@ -95,36 +96,60 @@ class Delivery:
 
         threading.Thread(target=attempt, name="collector-connect", daemon=True).start()
 
+    def _reset(self, producer: KafkaProducer, reason: BaseException) -> None:
+        """A producer in a fatal state (e.g. a restarted broker refused to renew its producer id) never recovers:
+        drop it and connect a new one, with a new producer id and a fresh count of unacknowledged records."""
+        with self._unacked_lock:
+            if self.producer is not producer:
+                return  # another request already replaced it
+            self.producer = None
+            self.generation += 1
+            self.unacked = 0
+        log.warning("the producer failed (%s: %s); starting a new one", type(reason).__name__, reason)
+        threading.Thread(target=producer.close, kwargs={"timeout": 0}, daemon=True).start()
+        self._connecting.clear()
+        self.connect()
+
     def _send_all(self, keys: Sequence[bytes], values: Sequence[bytes], countdown: _Countdown) -> list[Any]:
         producer = self.producer
         futures: list[Any] = []
-        assert producer is not None
+        if producer is None:
+            countdown.many(len(values))
+            return futures
         for key, value in zip(keys, values, strict=True):
             try:
                 future = producer.send(self.topic, key=key, value=value)
             except Exception as exc:  # buffer full or no metadata within max_block_ms: the rest is not sent
                 log.warning("send failed after %d of %d records: %s", len(futures), len(values), exc)
                 countdown.many(len(values) - len(futures))
+                if not isinstance(exc, KafkaTimeoutError):
+                    self._reset(producer, exc)
                 break
             future.add_both(countdown.one)
             futures.append(future)
         return futures
 
-    def _settled(self, count: int) -> None:
-        with self._unacked_lock:
-            self.unacked -= count
+    def _settler(self, generation: int) -> Callable[[int], None]:
+        def settled(count: int) -> None:
+            with self._unacked_lock:
+                if self.generation == generation:
+                    self.unacked -= count
+
+        return settled
 
     async def deliver(self, keys: Sequence[bytes], values: Sequence[bytes]) -> list[bool]:
         """Send the records; returns, per record, whether the broker acknowledged it within ack_timeout_s."""
         if not values:
             return []
-        if self.producer is None:
+        producer = self.producer
+        if producer is None:
             return [False] * len(values)
         loop = asyncio.get_running_loop()
         started = loop.time()
         # Room for these records among the unacknowledged ones, or nothing is sent (bounded memory).
         while True:
             with self._unacked_lock:
+                generation = self.generation
                 if self.unacked + len(values) <= max(self.max_unacked, len(values)):
                     self.unacked += len(values)
                     break
@@ -132,7 +157,7 @@ class Delivery:
                 return [False] * len(values)
             await asyncio.sleep(0.01)
         done: asyncio.Future[None] = loop.create_future()
-        countdown = _Countdown(len(values), loop, done, self._settled)
+        countdown = _Countdown(len(values), loop, done, self._settler(generation))
         futures = await loop.run_in_executor(self.executor, self._send_all, keys, values, countdown)
         remaining = self.ack_timeout_s - (loop.time() - started)
         if remaining > 0:
@@ -141,6 +166,10 @@ class Delivery:
             except TimeoutError:
                 pass
         acked = [bool(f.is_done and f.succeeded()) for f in futures]
+        fatal = next((f.exception for f in futures if f.is_done and f.failed()
+                      and not isinstance(f.exception, KafkaTimeoutError)), None)
+        if fatal is not None:
+            self._reset(producer, fatal)
         return acked + [False] * (len(values) - len(futures))
 
     def close(self) -> None:
