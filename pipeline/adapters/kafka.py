@@ -188,5 +188,7 @@ def read_jsonl(path: Path, encoder: TouchpointEncoder, now_ms: int, max_future_m
                 continue
             assert value is not None
             # Fill the optional fields the line left out, exactly as Avro readers will see them.
-            good.append(fastavro.schemaless_reader(io.BytesIO(value[5:]), encoder.decoding_schema, None))
+            filled: dict[str, Any] = fastavro.schemaless_reader(  # type: ignore[assignment]
+                io.BytesIO(value[5:]), encoder.decoding_schema, None)
+            good.append(filled)
     return good, bad

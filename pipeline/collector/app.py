@@ -35,7 +35,8 @@ PREFLIGHT_HEADERS = {
 
 
 class Deliverer(Protocol):
-    ready: bool
+    @property
+    def ready(self) -> bool: ...
 
     def connect(self) -> None: ...
 
@@ -66,7 +67,7 @@ class Collector:
 
             delivery = Delivery(settings.kafka.bootstrap_servers, settings.kafka.topic,
                                 max_unacked=self.config.max_unacked_events, ack_timeout_s=self.config.ack_timeout_s)
-        self.delivery = delivery
+        self.delivery: Deliverer = delivery
         self.clock = clock
         self.pending = asyncio.Semaphore(self.config.max_pending_requests)
         self.snippet = SNIPPET.read_bytes() if SNIPPET.exists() else b""
@@ -180,7 +181,10 @@ class Collector:
             failures: list[tuple[str, str]] = []
             for payload in payloads:
                 for made in mapping.touchpoints(payload):
-                    (failures if isinstance(made, tuple) else mapped).append(made)
+                    if isinstance(made, tuple):
+                        failures.append(made)
+                    else:
+                        mapped.append(made)
             self.keys.admit(grant, max(1, len(mapped)), self.clock())
             checked = self._check(grant, mapped)
             extra = [{"index": len(mapped) + i, "event_id": None, "status": "rejected", "reason": reason,

@@ -101,7 +101,7 @@ def run_collector_bench(settings: Settings, events: int = 100_000, batch: int = 
     key = new_key()
     bench.collector.port = free_port()
     bench.collector.workers = workers
-    bench.collector.tenants = [TenantSettings(name="bench", keys=[
+    bench.collector.tenants = [TenantSettings(name="bench", cors_origins=[], keys=[
         WriteKeySettings(id="bench", sha256=key_digest(key), events_per_s=1e9, burst=1_000_000_000)])]
     bench.log_level = "warning"
     ensure_topics(bench.kafka.bootstrap_servers, {bench.kafka.topic: bench.kafka.partitions})

@@ -275,8 +275,8 @@ def test_frozen_broker_gets_503_and_nothing_unacknowledged_is_accepted(start_col
     accepted = {r["event_id"] for status, body, _, _ in answers for r in body.get("results", [])
                 if r["status"] == "accepted"}
     records = read_topic(broker_settings, broker_settings.kafka.topic, 2, expected=len(accepted), timeout_s=30)
-    from pipeline.core.decode import decode_batch
     from pipeline.contract.registry import open_registry, parse_for_decoding
+    from pipeline.core.decode import decode_batch
 
     registry = open_registry(broker_settings.registry.url)
     on_topic = {e["event_id"] for e in decode_batch(
