@@ -215,7 +215,8 @@ def bench(
                       f"connections, {collector_workers} worker(s)); latency p50 {figures.p50_ms:.0f} ms, "
                       f"p99 {figures.p99_ms:.0f} ms, max {figures.max_ms:.0f} ms; answers {figures.statuses}; "
                       f"{figures.records_on_topic:,} records on the topic; collector RSS "
-                      f"{figures.collector_rss_mib:,.0f} MiB")
+                      f"{figures.collector_rss_mib:,.0f} MiB, CPU {figures.collector_cpu_s:.1f} s = "
+                      f"{figures.events_per_cpu_s:,.0f} events per CPU-second")
         return
     if compare:
         runs = [run_bench(settings, events, identity=False, drain=drain),

@@ -4,9 +4,11 @@ reports the events per second the broker acknowledged and the request latency pe
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -29,6 +31,9 @@ class CollectorBenchResult:
     statuses: dict[str, int]
     records_on_topic: int
     collector_rss_mib: float
+    collector_cpu_s: float  # CPU time the collector's processes used during the load (all threads)
+    events_per_cpu_s: float  # accepted events per second of collector CPU: the rate on an idle core
+
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,6 +71,22 @@ async def _load(url: str, key: str, bodies: list[bytes], concurrency: int
         await asyncio.gather(*(one_connection(session) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
     return latencies, statuses, accepted, elapsed
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its direct children (uvicorn workers), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
 
 
 def _records_on_topic(bootstrap: str, topic: str, partitions: int, expected: int, timeout_s: float = 60) -> int:
@@ -119,7 +140,9 @@ def run_collector_bench(settings: Settings, events: int = 100_000, batch: int = 
         collector.wait_ready()
         url = collector.url + "/v1/touchpoints"
         asyncio.run(_load(url, key, warmup, 2))  # warm-up: connections, metadata, first batches
+        cpu_before = _cpu_seconds(collector.process.pid)
         latencies, statuses, accepted, elapsed = asyncio.run(_load(url, key, bodies, concurrency))
+        cpu = _cpu_seconds(collector.process.pid) - cpu_before
         rss = collector.rss_mib()
     finally:
         collector.stop()
@@ -129,4 +152,5 @@ def run_collector_bench(settings: Settings, events: int = 100_000, batch: int = 
         events=events, batch=batch, concurrency=concurrency, accepted=accepted, seconds=elapsed,
         accepted_events_per_s=accepted / elapsed, requests_per_s=len(bodies) / elapsed,
         p50_ms=_percentile(latencies, 0.50), p99_ms=_percentile(latencies, 0.99), max_ms=max(latencies),
-        statuses=statuses, records_on_topic=on_topic, collector_rss_mib=rss)
+        statuses=statuses, records_on_topic=on_topic, collector_rss_mib=rss, collector_cpu_s=cpu,
+        events_per_cpu_s=accepted / cpu if cpu else 0.0)
