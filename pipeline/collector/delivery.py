@@ -51,7 +51,8 @@ def _resolve(done: asyncio.Future[None]) -> None:
 
 class Delivery:
     def __init__(self, bootstrap_servers: str, topic: str, *, max_unacked: int, ack_timeout_s: float,
-                 client_id: str = "touchpoint-collector") -> None:
+                 client_id: str = "touchpoint-collector", producer_factory: Callable[..., Any] = KafkaProducer) -> None:
+        self.producer_factory = producer_factory
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.ack_timeout_s = ack_timeout_s
@@ -65,7 +66,7 @@ class Delivery:
             "request_timeout_ms": 10_000, "delivery_timeout_ms": 30_000, "max_request_size": 4 * 1024 * 1024,
             "client_id": client_id,
         }
-        self.producer: KafkaProducer | None = None
+        self.producer: Any = None
         self.generation = 0  # a new producer starts a new count of unacknowledged records
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collector-send")
         self._connecting = threading.Event()
@@ -85,7 +86,7 @@ class Delivery:
         def attempt() -> None:
             while not self._closed and self.producer is None:
                 try:
-                    self.producer = KafkaProducer(bootstrap_servers=self.bootstrap_servers, **self.config)
+                    self.producer = self.producer_factory(bootstrap_servers=self.bootstrap_servers, **self.config)
                     log.info("producer connected to %s", self.bootstrap_servers)
                 except (KafkaError, OSError) as exc:  # broker down or unreachable: retry, answer 503 meanwhile
                     log.warning("broker %s not reachable (%s); retrying", self.bootstrap_servers, exc)
@@ -96,7 +97,7 @@ class Delivery:
 
         threading.Thread(target=attempt, name="collector-connect", daemon=True).start()
 
-    def _reset(self, producer: KafkaProducer, reason: BaseException) -> None:
+    def _reset(self, producer: Any, reason: BaseException) -> None:
         """A producer in a fatal state (e.g. a restarted broker refused to renew its producer id) never recovers:
         drop it and connect a new one, with a new producer id and a fresh count of unacknowledged records."""
         with self._unacked_lock:
