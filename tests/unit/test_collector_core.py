@@ -7,7 +7,7 @@ import asyncio
 import gzip
 import hashlib
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from kafka.errors import KafkaError, KafkaTimeoutError
@@ -95,7 +95,7 @@ class FakeFuture:
 class FakeProducer:
     """Answers each send as told: 'ack', 'fail' (a fatal error), or 'silent' (the broker never answers)."""
 
-    made: list[FakeProducer] = []
+    made: ClassVar[list[FakeProducer]] = []
     behaviour = "ack"
 
     def __init__(self, **config: Any) -> None:
