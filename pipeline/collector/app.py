@@ -40,7 +40,7 @@ class Deliverer(Protocol):
 
     def connect(self) -> None: ...
 
-    async def deliver(self, keys: list[bytes], values: list[bytes]) -> list[bool]: ...
+    async def deliver(self, keys: list[bytes], values: list[bytes], timeout_s: float) -> list[bool]: ...
 
     def close(self) -> None: ...
 
@@ -114,13 +114,16 @@ class Collector:
         results = checked.results + extra
         acked: list[bool] = []
         if checked.indexes:
+            # One deadline for the whole wait: a place among the pending requests, then the acknowledgements.
+            started = time.monotonic()
             try:
                 await asyncio.wait_for(self.pending.acquire(), self.config.ack_timeout_s)
             except TimeoutError:
                 acked = [False] * checked.accepted
             else:
                 try:
-                    acked = await self.delivery.deliver(checked.keys, checked.values)
+                    remaining = self.config.ack_timeout_s - (time.monotonic() - started)
+                    acked = await self.delivery.deliver(checked.keys, checked.values, remaining)
                 finally:
                     self.pending.release()
         missing = 0

@@ -138,10 +138,13 @@ class Delivery:
 
         return settled
 
-    async def deliver(self, keys: Sequence[bytes], values: Sequence[bytes]) -> list[bool]:
-        """Send the records; returns, per record, whether the broker acknowledged it within ack_timeout_s."""
-        if not values:
-            return []
+    async def deliver(self, keys: Sequence[bytes], values: Sequence[bytes], timeout_s: float | None = None
+                      ) -> list[bool]:
+        """Send the records; returns, per record, whether the broker acknowledged it within `timeout_s`
+        (ack_timeout_s when None)."""
+        budget = self.ack_timeout_s if timeout_s is None else timeout_s
+        if not values or budget <= 0:
+            return [False] * len(values)
         producer = self.producer
         if producer is None:
             return [False] * len(values)
@@ -154,13 +157,13 @@ class Delivery:
                 if self.unacked + len(values) <= max(self.max_unacked, len(values)):
                     self.unacked += len(values)
                     break
-            if loop.time() - started >= self.ack_timeout_s:
+            if loop.time() - started >= budget:
                 return [False] * len(values)
             await asyncio.sleep(0.01)
         done: asyncio.Future[None] = loop.create_future()
         countdown = _Countdown(len(values), loop, done, self._settler(generation))
         futures = await loop.run_in_executor(self.executor, self._send_all, keys, values, countdown)
-        remaining = self.ack_timeout_s - (loop.time() - started)
+        remaining = budget - (loop.time() - started)
         if remaining > 0:
             try:
                 await asyncio.wait_for(done, remaining)

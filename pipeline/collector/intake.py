@@ -74,7 +74,7 @@ def check_batch(items: list[Any], tenant: str, encoder: TouchpointEncoder, now_m
     for index, item in enumerate(items):
         if isinstance(item, dict):
             named = item.get("tenant")
-            if named is None:
+            if named is None or named == "":
                 item["tenant"] = tenant
             elif named != tenant:
                 raise Refused(403, f"touchpoint {index} is for tenant {named!r}; this key writes tenant {tenant!r}")

@@ -35,7 +35,7 @@ class FakeDelivery:
     def connect(self) -> None:
         pass
 
-    async def deliver(self, keys: list[bytes], values: list[bytes]) -> list[bool]:
+    async def deliver(self, keys: list[bytes], values: list[bytes], timeout_s: float) -> list[bool]:
         if not self.acknowledge:
             return [False] * len(values)
         self.sent += list(zip(keys, values, strict=True))
