@@ -216,10 +216,13 @@ def _own_broker(tmp_path: Path) -> Settings:
     return settings
 
 
-def _load(url: str, batches: list[list[dict[str, Any]]], pause: Callable[[int], None]) -> list[tuple[int, Any, float,
-                                                                                                        str | None]]:
-    """Post the batches from four senders; returns (status, body, seconds, Retry-After) per request."""
-    answers: list[tuple[int, Any, float, str | None]] = []
+Answer = tuple[int, Any, float, str | None]
+
+
+def _load(url: str, batches: list[list[dict[str, Any]]], pause: Callable[[int], None]) -> list[Answer]:
+    """Post the batches from four senders; returns (status, body, seconds, Retry-After) per request, in the
+    order of the batches."""
+    answers: dict[int, Answer] = {}
     lock = threading.Lock()
 
     def send(number: int) -> None:
@@ -228,12 +231,12 @@ def _load(url: str, batches: list[list[dict[str, Any]]], pause: Callable[[int], 
         response = httpx.post(url, content=json.dumps(batches[number]).encode(), timeout=60,
                               headers={"Authorization": f"Bearer {BANK_KEY}"})
         with lock:
-            answers.append((response.status_code, response.json(), time.monotonic() - started,
-                            response.headers.get("retry-after")))
+            answers[number] = (response.status_code, response.json(), time.monotonic() - started,
+                               response.headers.get("retry-after"))
 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(send, range(len(batches))))
-    return answers
+    return [answers[number] for number in range(len(batches))]
 
 
 def _batches(count: int) -> list[list[dict[str, Any]]]:
@@ -269,8 +272,9 @@ def test_frozen_broker_gets_503_and_nothing_unacknowledged_is_accepted(start_col
     refused = [a for a in answers if a[0] == 503]
     assert refused, "some requests met the frozen broker"
     assert all(a[3] == "3" for a in refused), "503 carries Retry-After"
-    assert max(a[2] for a in answers) < 2.0 + 2.0 + 1.0, "bounded wait: ack timeout (+ admission wait) and slack"
-    assert any(a[0] == 200 for a in answers[-5:]) or any(a[0] == 200 for a in answers), "it recovers"
+    assert max(a[2] for a in answers) < 2.0 + 1.5, "bounded wait: the ack timeout and some slack"
+    assert all(a[0] == 200 for a in answers[:16]), "before the freeze every request is delivered"
+    assert all(a[0] == 200 for a in answers[-3:]), "after the thaw it delivers again"
     assert collector.rss_mib() < 300, "bounded memory"
     accepted = {r["event_id"] for status, body, _, _ in answers for r in body.get("results", [])
                 if r["status"] == "accepted"}
@@ -303,7 +307,7 @@ def test_dead_broker_gets_503_until_it_is_back(start_collector: Any, tmp_path: P
         answers = _load(collector.url + "/v1/touchpoints", batches, kill_midway)
         assert any(a[0] == 200 for a in answers) and any(a[0] == 503 for a in answers)
         assert all(a[3] == "2" for a in answers if a[0] == 503)
-        assert max(a[2] for a in answers) < 2.0 + 2.0 + 1.0
+        assert max(a[2] for a in answers) < 2.0 + 1.5
         for status, body, _, _ in answers:
             if status == 503 and "results" in body:
                 assert {r["status"] for r in body["results"]} <= {"accepted", "unavailable", "rejected"}
