@@ -57,10 +57,15 @@ def stack_status() -> None:
 @app.command()
 def init() -> None:
     """Create the Kafka topics, register the Avro schemas and apply ClickHouse migrations (idempotent)."""
+    from pipeline.adapters.clickhouse import DatabaseInUse
     from pipeline.bootstrap import initialise
 
     settings = get_settings()
-    report = initialise(settings)
+    try:
+        report = initialise(settings)
+    except DatabaseInUse as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
     console.print(f"kafka: topics created {report.topics_created or 'none (all there)'}")
     console.print(f"registry: subject {settings.registry.subject} holds schema ids {report.schema_ids}")
     console.print(f"clickhouse: database {settings.clickhouse.database}, migrations applied "
@@ -70,9 +75,14 @@ def init() -> None:
 @app.command()
 def worker() -> None:
     """Run a stream worker: consume touchpoints, compute indicator windows and alerts, write to ClickHouse."""
+    from pipeline.adapters.clickhouse import DatabaseInUse
     from pipeline.adapters.worker import run_worker
 
-    run_worker(get_settings())
+    try:
+        run_worker(get_settings())
+    except DatabaseInUse as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -61,7 +61,7 @@ VOLUME_QUERY = "SELECT count(), uniqExact(person_id) FROM touchpoints WHERE even
 
 
 def _percent(num: float | None, den: float | None) -> str:
-    return "-" if not den else f"{num / den:.0%} [dim]({den:.0f})[/]"
+    return "-" if not den or num is None else f"{num / den:.0%} [dim]({den:.0f})[/]"
 
 
 def _pooled(cells: dict[tuple[str, str], dict[str, tuple[float, float]]], tenant: str, indicator: str) -> float | None:
@@ -127,6 +127,10 @@ def watch(settings: Settings, console: Console, *, refresh_s: float, minutes: in
             live.update(snapshot(settings, minutes))
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: float) -> None:
     """Stack up, init, a worker, generated traffic of every scenario, and the live view until it is done."""
     from pipeline.bootstrap import initialise
@@ -156,6 +160,9 @@ def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: f
         thread.start()
     # Until traffic stops, plus one window, the lateness and the idle close, so the last minute closes too.
     deadline = time.time() + duration_s + settings.window.size_s + settings.window.allowed_lateness_s + 10
+    # A closed terminal (SIGHUP) or a kill must stop the worker too: end through the `finally` below.
+    for stop_signal in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(stop_signal, _exit_on_signal)
     try:
         with Live(snapshot(settings, 10), console=console, refresh_per_second=1) as live:
             while time.time() < deadline:

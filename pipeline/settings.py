@@ -33,6 +33,8 @@ class KafkaSettings(BaseModel):
     replication_factor: int = 1
     consumer_group: str = "touchpoint-pipeline"
     session_timeout_s: float = Field(10.0, gt=0, description="A worker silent this long leaves the group.")
+    max_message_bytes: int = Field(1_048_576, ge=65_536, description="Largest message the producers send (the "
+                                   "broker's message.max.bytes); a dead letter over it goes without its bytes.")
 
 
 class RegistrySettings(BaseModel):
@@ -79,6 +81,8 @@ class WindowSettings(BaseModel):
 class BatchSettings(BaseModel):
     max_events: int = Field(20_000, ge=1, description="Flush to ClickHouse once this many events are buffered.")
     max_wait_s: float = Field(1.0, gt=0, description="...or once the oldest buffered event waited this long.")
+    retry_max_s: float = Field(30.0, gt=0, description="A failed store write is retried with a backoff doubling "
+                               "from 0.5 s up to this; nothing is committed meanwhile.")
 
 
 class IdentitySettings(BaseModel):
@@ -181,8 +185,11 @@ class Settings(BaseSettings):
     alert_rules: list[AlertRuleSettings] = Field(default_factory=default_alert_rules)
     stack: StackSettings = StackSettings()
     collector: CollectorSettings = CollectorSettings()
-    metrics_port: int = Field(9108, description="Prometheus /metrics port of a worker; 0 disables it.")
+    metrics_port: int = Field(9108, ge=0, le=65_535, description="Prometheus /metrics port of a worker; 0 disables it.")
+    metrics_host: str = Field("127.0.0.1", description="Address /metrics listens on (0.0.0.0 in a container).")
     log_level: str = "info"
+    stop_timeout_s: float = Field(25.0, gt=0, description="A worker told to stop (SIGTERM) exits within this "
+                                  "long, even when the broker or ClickHouse does not answer.")
 
     @classmethod
     def settings_customise_sources(
