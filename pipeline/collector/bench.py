@@ -89,6 +89,16 @@ def _cpu_seconds(pid: int) -> float:
     return total
 
 
+def _delete_topic(bootstrap: str, topic: str) -> None:
+    from kafka.admin import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="touchpoint-bench")
+    try:
+        admin.delete_topics([topic])
+    finally:
+        admin.close()
+
+
 def _records_on_topic(bootstrap: str, topic: str, partitions: int, expected: int, timeout_s: float = 60) -> int:
     """Read the topic back and count its records (Tansu's end offsets lag, so they are not trusted)."""
     from kafka import KafkaConsumer, TopicPartition
@@ -148,6 +158,7 @@ def run_collector_bench(settings: Settings, events: int = 100_000, batch: int = 
         collector.stop()
     on_topic = _records_on_topic(bench.kafka.bootstrap_servers, bench.kafka.topic, bench.kafka.partitions,
                                  accepted + warmup_events) - warmup_events
+    _delete_topic(bench.kafka.bootstrap_servers, bench.kafka.topic)
     return CollectorBenchResult(
         events=events, batch=batch, concurrency=concurrency, accepted=accepted, seconds=elapsed,
         accepted_events_per_s=accepted / elapsed, requests_per_s=len(bodies) / elapsed,
