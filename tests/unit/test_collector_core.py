@@ -176,3 +176,38 @@ def test_a_fatally_broken_producer_is_replaced() -> None:
 
     asyncio.run(scenario())
     delivery.close()
+
+
+def test_collector_key_prints_a_settings_entry_that_admits_the_key(tmp_path: Any, monkeypatch: Any) -> None:
+    import tomllib
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.collector.keys import KeyRing
+    from pipeline.settings import Settings
+
+    out = CliRunner().invoke(app, ["collector-key", "bank", "--key-id", "web"]).stdout
+    key = out.split("not stored): ")[1].split()[0]
+    entry = out[out.index("[[collector.tenants]]"):]
+    assert key not in entry
+    (tmp_path / "touchpoint.toml").write_text(entry)
+    monkeypatch.setenv("TOUCHPOINT_CONFIG", str(tmp_path / "touchpoint.toml"))
+    settings = Settings()
+    assert tomllib.loads(entry)["collector"]["tenants"][0]["name"] == "bank"
+    grant = KeyRing(settings.collector.tenants).authenticate(key)
+    assert (grant.tenant, grant.key_id) == ("bank", "web")
+
+
+def test_the_shipped_snippet_is_the_pinned_web_vitals_build() -> None:
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    recipe = json.loads((root / "web" / "snippet" / "package.json").read_text())
+    bundle = (root / "pipeline" / "collector" / "static" / "touchpoint.js").read_text()
+    pinned = recipe["devDependencies"]["web-vitals"]
+    assert f"web-vitals {pinned}" in bundle.splitlines()[0]
+    assert "Apache License" in (root / "pipeline" / "collector" / "static" / "web-vitals.LICENSE").read_text()
+    for needed in ("sendBeacon", "largest-contentful-paint", "layout-shift", "/v1/touchpoints"):
+        assert needed in bundle
