@@ -4,6 +4,7 @@ nothing unacknowledged is ever reported accepted."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import http.server
 import json
@@ -203,7 +204,9 @@ def test_browser_snippet_sends_page_views_tasks_and_web_vitals(isolated: Setting
     assert page[11] == task[11] and page[11], "one anonymous visitor"
 
 
-def _own_broker(tmp_path: Path) -> Settings:
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[Settings]:
+    """A Tansu broker of this test alone (its own port and state dir): the shared one is never stopped."""
     from pipeline.adapters.kafka import ensure_topics
     from pipeline.stack.local import Broker
 
@@ -211,9 +214,17 @@ def _own_broker(tmp_path: Path) -> Settings:
     settings.kafka.bootstrap_servers = f"127.0.0.1:{free_port()}"
     settings.kafka.topic = "fault-" + uuid.uuid4().hex[:8]
     settings.stack.state_dir = tmp_path / "broker"
-    Broker(settings).up(60)
-    ensure_topics(settings.kafka.bootstrap_servers, {settings.kafka.topic: 2})
-    return settings
+    broker = Broker(settings)
+    broker.up(60)
+    try:
+        ensure_topics(settings.kafka.bootstrap_servers, {settings.kafka.topic: 2})
+        yield settings
+    finally:
+        pid = broker.pid_file.read_text().strip() if broker.pid_file.exists() else ""
+        if pid.isdigit():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGCONT)  # a frozen broker cannot act on SIGTERM
+        broker.down()
 
 
 Answer = tuple[int, Any, float, str | None]
@@ -248,10 +259,10 @@ def _batches(count: int) -> list[list[dict[str, Any]]]:
 
 
 def test_frozen_broker_gets_503_and_nothing_unacknowledged_is_accepted(start_collector: Any,
-                                                                        tmp_path: Path) -> None:
+                                                                        own_broker: Settings) -> None:
     from pipeline.stack.local import Broker
 
-    broker_settings = _own_broker(tmp_path)
+    broker_settings = own_broker
     broker = Broker(broker_settings)
     pid = int(broker.pid_file.read_text())
     settings = _with_collector(broker_settings, ack_timeout_s=2.0, retry_after_s=3, max_unacked_events=2_000)
@@ -286,37 +297,34 @@ def test_frozen_broker_gets_503_and_nothing_unacknowledged_is_accepted(start_col
     on_topic = {e["event_id"] for e in decode_batch(
         [r.value for r in records], lambda i: parse_for_decoding(registry.schema(i))).events}  # type: ignore[arg-type]
     assert accepted <= on_topic, f"{len(accepted - on_topic)} events reported accepted are not on the topic"
-    broker.down()
 
 
-def test_dead_broker_gets_503_until_it_is_back(start_collector: Any, tmp_path: Path) -> None:
+def test_dead_broker_gets_503_until_it_is_back(start_collector: Any, own_broker: Settings) -> None:
     from pipeline.stack.local import Broker
 
-    broker_settings = _own_broker(tmp_path)
+    broker_settings = own_broker
     broker = Broker(broker_settings)
     settings = _with_collector(broker_settings, ack_timeout_s=2.0, retry_after_s=2)
-    try:
-        collector = start_collector(settings)
-        batches = _batches(30)
+    collector = start_collector(settings)
+    batches = _batches(30)
 
-        def kill_midway(number: int) -> None:
-            if number == 10:
-                broker.down()  # the broker process is gone, mid-load
-            time.sleep(0.05)
+    def kill_midway(number: int) -> None:
+        if number == 10:
+            broker.down()  # the broker process is gone, mid-load
+        time.sleep(0.05)
 
-        answers = _load(collector.url + "/v1/touchpoints", batches, kill_midway)
-        assert any(a[0] == 200 for a in answers) and any(a[0] == 503 for a in answers)
-        assert all(a[3] == "2" for a in answers if a[0] == 503)
-        assert max(a[2] for a in answers) < 2.0 + 1.5
-        for status, body, _, _ in answers:
-            if status == 503 and "results" in body:
-                assert {r["status"] for r in body["results"]} <= {"accepted", "unavailable", "rejected"}
-                assert body["unavailable"] > 0
-        Broker(broker_settings).up(60)  # back (empty: Tansu keeps its log in memory)
-        retry = wait_until(lambda: httpx.post(collector.url + "/v1/touchpoints", timeout=30,
-                                              content=json.dumps(batches[-1]).encode(),
-                                              headers={"Authorization": f"Bearer {BANK_KEY}"}).status_code == 200,
-                           60, "the collector to deliver again")
-        assert retry
-    finally:
-        broker.down()
+    answers = _load(collector.url + "/v1/touchpoints", batches, kill_midway)
+    assert all(a[0] == 200 for a in answers[:6]), "before the broker dies every request is delivered"
+    assert any(a[0] == 503 for a in answers[10:]), "after, 503"
+    assert all(a[3] == "2" for a in answers if a[0] == 503)
+    assert max(a[2] for a in answers) < 2.0 + 1.5
+    for status, body, _, _ in answers:
+        if status == 503 and "results" in body:
+            assert {r["status"] for r in body["results"]} <= {"accepted", "unavailable", "rejected"}
+            assert body["unavailable"] > 0
+    Broker(broker_settings).up(60)  # back (empty: Tansu keeps its log in memory)
+    retry = wait_until(lambda: httpx.post(collector.url + "/v1/touchpoints", timeout=30,
+                                          content=json.dumps(batches[-1]).encode(),
+                                          headers={"Authorization": f"Bearer {BANK_KEY}"}).status_code == 200,
+                       60, "the collector to deliver again")
+    assert retry
