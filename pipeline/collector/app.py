@@ -21,6 +21,7 @@ from pipeline.adapters.kafka import TouchpointEncoder
 from pipeline.collector.intake import Checked, Refused, check_batch, parse_touchpoints, read_body
 from pipeline.collector.keys import Denied, Grant, KeyRing
 from pipeline.collector.mapping import SHIPPED_DIR, WebhookMapping, contract_field_names, load_mappings
+from pipeline.collector.metrics import CONTENT_TYPE, CollectorMetrics
 from pipeline.contract.registry import open_registry
 from pipeline.settings import Settings
 
@@ -69,6 +70,7 @@ class Collector:
                                 max_unacked=self.config.max_unacked_events, ack_timeout_s=self.config.ack_timeout_s)
         self.delivery: Deliverer = delivery
         self.clock = clock
+        self.metrics = CollectorMetrics(lambda: float(getattr(self.delivery, "unacked", 0)))
         self.pending = asyncio.Semaphore(self.config.max_pending_requests)
         self.snippet = SNIPPET.read_bytes() if SNIPPET.exists() else b""
 
@@ -140,12 +142,23 @@ class Collector:
             return _json(body, 503, {**cors, "Retry-After": str(self.config.retry_after_s)})
         return _json(body, 200, cors)
 
-    async def _handle(self, request: Request, work: Callable[[Grant, bytes], tuple[Checked, list[dict[str, Any]]]]
-                      ) -> Response:
+    async def _handle(self, request: Request, endpoint: str,
+                      work: Callable[[Grant, bytes], tuple[Checked, list[dict[str, Any]]]]) -> Response:
+        started = time.monotonic()
+        results: list[dict[str, Any]] = []
+        response = await self._answer(request, work, results)
+        grant: Grant | None = getattr(request.state, "grant", None)
+        self.metrics.answered(endpoint, response.status_code, time.monotonic() - started,
+                              grant.tenant if grant else None, results)
+        return response
+
+    async def _answer(self, request: Request, work: Callable[[Grant, bytes], tuple[Checked, list[dict[str, Any]]]],
+                      results: list[dict[str, Any]]) -> Response:
         origin = request.headers.get("origin")
         grant: Grant | None = None
         try:
             grant = self._authorise(request)
+            request.state.grant = grant
             if not self.delivery.ready:
                 return _json({"error": "the broker is not reachable yet"}, 503,
                              {**self._cors(origin, grant), "Retry-After": str(self.config.retry_after_s)})
@@ -158,7 +171,10 @@ class Collector:
             return _json({"error": denied.reason}, denied.status, headers)
         except Refused as refused:
             return _json({"error": refused.reason}, refused.status, self._cors(origin, grant))
-        return await self._deliver(checked, extra, self._cors(origin, grant))
+        response = await self._deliver(checked, extra, self._cors(origin, grant))
+        results.extend(checked.results)
+        results.extend(extra)
+        return response
 
     def _check(self, grant: Grant, items: list[Any]) -> Checked:
         return check_batch(items, grant.tenant, self.encoder, int(self.clock() * 1000), self.max_future_ms,
@@ -170,7 +186,7 @@ class Collector:
             self.keys.admit(grant, len(items), self.clock())
             return self._check(grant, items), []
 
-        return await self._handle(request, work)
+        return await self._handle(request, "touchpoints", work)
 
     async def webhook(self, request: Request) -> Response:
         source = request.path_params["source"]
@@ -194,7 +210,7 @@ class Collector:
                       "detail": detail} for i, (reason, detail) in enumerate(failures)]
             return checked, extra
 
-        return await self._handle(request, work)
+        return await self._handle(request, "webhook:" + source, work)
 
     async def preflight(self, request: Request) -> Response:
         origin = request.headers.get("origin")
@@ -216,6 +232,9 @@ class Collector:
 
     async def snippet_licence(self, request: Request) -> Response:
         return Response((SNIPPET.parent / "web-vitals.LICENSE").read_bytes(), media_type="text/plain")
+
+    async def metrics_text(self, request: Request) -> Response:
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE)
 
     async def health(self, request: Request) -> Response:
         ready = self.delivery.ready
@@ -247,6 +266,7 @@ def create_app(settings: Settings | None = None, delivery: Deliverer | None = No
         Route("/v1/snippet.js", collector.snippet_js, methods=["GET"]),
         Route("/v1/web-vitals.LICENSE", collector.snippet_licence, methods=["GET"]),
         Route("/healthz", collector.health, methods=["GET"]),
+        Route("/metrics", collector.metrics_text, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.collector = collector

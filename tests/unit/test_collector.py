@@ -292,3 +292,14 @@ def test_keyring_never_holds_keys() -> None:
     ring = KeyRing([TenantSettings(name="t", keys=[WriteKeySettings(id="k", sha256=key_digest("secret"))])])
     assert "secret" not in repr(ring)
     assert ring.authenticate("secret").tenant == "t"
+
+
+def test_metrics_count_answers_by_tenant_status_and_reason(client: Any) -> None:
+    post(client, [page_view("m-1"), page_view("m-2", channel="FAX")])
+    post(client, page_view(), key="tpk_nobody")
+    text = client.get("/metrics").text
+    assert 'touchpoint_collector_events_total{reason="",status="accepted",tenant="bank"} 1.0' in text
+    assert 'touchpoint_collector_events_total{reason="schema_mismatch",status="rejected",tenant="bank"} 1.0' in text
+    assert 'touchpoint_collector_requests_total{code="401",endpoint="touchpoints"} 1.0' in text
+    assert "touchpoint_collector_request_duration_seconds_count" in text
+    assert "touchpoint_collector_unacked_events" in text
