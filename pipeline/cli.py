@@ -125,6 +125,28 @@ def worker() -> None:
 
 
 @app.command()
+def collector() -> None:
+    """Serve the HTTP collector: touchpoints, webhooks and the browser snippet in, Avro on Kafka out."""
+    from pipeline.collector.app import run
+
+    run(get_settings())
+
+
+@app.command("collector-key")
+def collector_key(
+    tenant: str = typer.Argument(..., help="The tenant the key writes."),
+    key_id: str = typer.Option("key-1", help="A name for the key (shown in answers and logs)."),
+) -> None:
+    """Make a new write key: prints the key once and the settings entry that holds only its SHA-256."""
+    from pipeline.collector.keys import key_digest, new_key
+
+    key = new_key()
+    print(f"write key (give it to the sender; it is not stored): {key}")
+    print(f'\n[[collector.tenants]]\nname = "{tenant}"\ncors_origins = []\n[[collector.tenants.keys]]\n'
+          f'id = "{key_id}"\nsha256 = "{key_digest(key)}"\nevents_per_s = 2000\nburst = 10000')
+
+
+@app.command()
 def forget(
     identifier: str = typer.Argument(..., help="kind:value (e.g. user_id:u-42), or a bare value to try every kind."),
 ) -> None:
@@ -325,6 +347,10 @@ def bench(
     drain: bool = typer.Option(False, help="Publish the events while the worker is paused, then time the worker "
                                            "draining them (its own rate, publisher off the cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    collector: bool = typer.Option(False, "--collector", help="Instead: HTTP load on a collector on loopback "
+                                                               "(--events touchpoints, 100 per request)."),
+    concurrency: int = typer.Option(8, help="--collector: keep-alive connections posting at once."),
+    collector_workers: int = typer.Option(1, help="--collector: collector server processes."),
 ) -> None:
     """Measure end-to-end, raw consume and decode-only rates of the same events in one run."""
     import json
@@ -334,6 +360,23 @@ def bench(
 
     settings = get_settings()
     local.up(settings)
+    if collector:
+        from pipeline.collector.bench import run_collector_bench
+
+        figures = run_collector_bench(settings, events, batch=100, concurrency=concurrency,
+                                      workers=collector_workers)
+        if as_json:
+            print(json.dumps(figures.as_dict()))
+            return
+        console.print(f"collector: {figures.accepted:,} of {figures.events:,} touchpoints accepted in "
+                      f"{figures.seconds:.1f} s = [bold]{figures.accepted_events_per_s:,.0f} events/s[/] "
+                      f"({figures.requests_per_s:,.0f} requests/s of {figures.batch}, {figures.concurrency} "
+                      f"connections, {collector_workers} worker(s)); latency p50 {figures.p50_ms:.0f} ms, "
+                      f"p99 {figures.p99_ms:.0f} ms, max {figures.max_ms:.0f} ms; answers {figures.statuses}; "
+                      f"{figures.records_on_topic:,} records on the topic; collector RSS "
+                      f"{figures.collector_rss_mib:,.0f} MiB, CPU {figures.collector_cpu_s:.1f} s = "
+                      f"{figures.events_per_cpu_s:,.0f} events per CPU-second")
+        return
     if compare:
         runs = [run_bench(settings, events, identity=False, drain=drain),
                 run_bench(settings, events, identity=True, preload_identities=preload_identities, drain=drain)]

@@ -9,7 +9,7 @@ if ! command -v clickhouse-server >/dev/null 2>&1 && [ ! -x /usr/sbin/clickhouse
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q clickhouse-server clickhouse-client >/dev/null
 fi
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
-    echo "setup: installing Debian's chromium and chromedriver (the console's browser tests drive them headless)"
+    echo "setup: installing Debian's chromium and chromedriver (the console's and the collector's browser tests drive them headless)"
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null
 fi
