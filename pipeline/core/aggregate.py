@@ -16,16 +16,22 @@ the batches. That is what makes replays safe:
 
 * a window is emitted once, when the closed horizon (the watermark rounded down to a pane start) passes its end;
   an event whose pane starts before the horizon is late;
-* the offset that may be committed is the first offset of the oldest open pane or session, and the checkpoint
-  also carries the watermark and horizon from just before that record, so a restart replays every open window
-  whole and re-decides each replayed event's fate exactly as the first run did;
+* a checkpoint with state carries a snapshot of every open window (all but the panes' event ids, which are
+  the stored counted touchpoints of the open panes), so its offset to commit is the offset after the last record
+  folded in: a restart restores the snapshot and replays only the records read since;
+* a checkpoint without state (written by versions before snapshots) holds the offset back to the first offset
+  of the oldest open pane or session and carries the watermark and horizon from just before that record, so a
+  restart replays every open window whole and re-decides each replayed event's fate exactly as the first run
+  did;
 * the checkpoint's closed horizon tells a restarted worker which windows are already final: they are rebuilt on
   the way (sessions need their events) but not emitted again.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +71,15 @@ class Checkpoint:
     # late / on time exactly as the first run did (None: take watermark_ms and closed_before_ms).
     replay_watermark_ms: int | None = None
     replay_closed_before_ms: int | None = None
+    # PartitionWindows.snapshot() as of read_offset (then commit_offset == read_offset), or None: no state, the
+    # open windows are rebuilt by replaying from the held-back commit_offset.
+    state: bytes | None = field(default=None, repr=False)
+
+    @property
+    def open_from_ms(self) -> int:
+        """Every window open at this checkpoint starts at or after this event time: the counted touchpoints from
+        here on (read before read_offset) give the open panes' event ids."""
+        return self.closed_before_ms if self.replay_closed_before_ms is None else self.replay_closed_before_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +162,16 @@ class _Session:
 
 
 _TENANT, _PERSON, _BLOCK = 0, 1, 2
+SNAPSHOT_VERSION = 1
+
+
+class SnapshotMismatch(ValueError):
+    """A snapshot that this configuration cannot continue exactly (other window lengths, or event indicators the
+    snapshot has no counts for); replay_from is the held-back checkpoint that rebuilds its open windows whole."""
+
+    def __init__(self, reason: str, replay_from: Checkpoint) -> None:
+        super().__init__(reason)
+        self.replay_from = replay_from
 
 
 class PartitionWindows:
@@ -471,8 +496,12 @@ class PartitionWindows:
         closed, self.closed = self.closed, []
         return closed
 
-    def checkpoint(self) -> Checkpoint:
-        """The offset to commit is held back to the oldest open pane or session, so a restart rebuilds it whole."""
+    def checkpoint(self, *, with_state: bool = False) -> Checkpoint:
+        """With state: a snapshot of the open windows, so the offset to commit is the next one to read. Without:
+        the offset to commit is held back to the oldest open pane or session, so a restart rebuilds it whole."""
+        if with_state:
+            return Checkpoint(self.partition, self.next_offset, self.next_offset, self.watermark_ms,
+                              self.closed_before_ms, self._watermark, self._horizon, self.snapshot())
         commit, replay = self.next_offset, (self._watermark, self._horizon)
         for pane in self.open.values():
             if pane.first_offset < commit:
@@ -483,3 +512,167 @@ class PartitionWindows:
                     commit, replay = session.first_offset, (session.replay_watermark, session.replay_horizon)
         return Checkpoint(self.partition, commit, self.next_offset, self.watermark_ms, self.closed_before_ms,
                           replay[0], replay[1])
+
+    def _config(self) -> list[int]:
+        return [self.window_ms, self.lateness_ms, self.hopping_ms, self.session_gap_ms, self.session_max_ms]
+
+    def snapshot(self) -> bytes:
+        """Everything a continuation needs but the panes' event ids, as versioned, zlib-compressed JSON; restore()
+        turns it into windows that treat every later record exactly as these would. Counts are keyed by indicator
+        id (a changed catalogue is detected), sessions are stored column by column (they compress better)."""
+        panes = []
+        for start, pane in self.open.items():
+            cells = []
+            for dims, (counts, totals, sketches) in pane.cells.items():
+                observed: list[float] = []  # (slot, count, total) of each slot with observations
+                sketched = []  # (slot, [key, n, key, n, ...]) of each quantile slot with observations
+                for slot, count in enumerate(counts):
+                    if count:
+                        observed += (slot, count, totals[slot])
+                        buckets = sketches[slot]
+                        if buckets is not None:
+                            sketched.append([slot, [x for item in buckets.items() for x in item]])
+                cells.append([*dims, observed, sketched])
+            panes.append([start, pane.first_offset, pane.replay[0], pane.replay[1], cells])
+        tenants: list[str] = []
+        persons: list[str] = []
+        blocks: list[int] = []
+        sessions: list[_Session] = []
+        for (tenant, person, block), found in self.sessions.items():  # in dict order: closing sums in this order
+            for session in [found] if isinstance(found, _Session) else found:
+                tenants.append(tenant)
+                persons.append(person)
+                blocks.append(block)
+                sessions.append(session)
+        state = {
+            "version": SNAPSHOT_VERSION,
+            "config": self._config(),
+            "indicators": [indicator.id for indicator in self.event_indicators],
+            "clock": [self._watermark, self._restored_watermark, self._horizon, self.final_before_ms,
+                      self.next_offset],
+            "channels": self.channel_names,
+            "panes": panes,
+            "sessions": {
+                "tenant": tenants,
+                "person": persons,
+                "block": blocks,
+                # times as differences (start - block, last - start, end - last): small numbers compress well
+                "start": [s.start - block for s, block in zip(sessions, blocks, strict=True)],
+                "last": [s.last - s.start for s in sessions],
+                "end": [s.end - s.last for s in sessions],
+                "last_id": [s.last_id for s in sessions],
+                "role": [s.role for s in sessions],
+                "first_offset": [s.first_offset for s in sessions],
+                "replay_watermark": [s.replay_watermark for s in sessions],
+                "replay_horizon": [s.replay_horizon for s in sessions],
+                "channels": [s.channels for s in sessions],
+                "issues": [s.issues for s in sessions],
+                "outcomes": [s.outcomes for s in sessions],
+                "flags": [s.crashed | s.product << 1 for s in sessions],
+            },
+        }
+        return zlib.compress(json.dumps(state, separators=(",", ":")).encode(), 1)
+
+    @classmethod
+    def restore(cls, partition: int, window_ms: int, lateness_ms: int, indicators: Iterable[Indicator],
+                checkpoint: Checkpoint, *, hopping_ms: int = 15 * 60_000, session_gap_ms: int = 30 * 60_000,
+                session_max_ms: int = 4 * 3_600_000, recent_panes: Iterable[WindowCell] = (),
+                pane_event_ids: Iterable[tuple[int, str]] = ()) -> PartitionWindows:
+        """The windows of a checkpoint with state, to continue at its read_offset. recent_panes: the stored "1m"
+        cells of the panes before its closed horizon that hopping windows still cover; pane_event_ids: (event
+        time, event id) of the partition's counted touchpoints read before read_offset, from open_from_ms on.
+        Raises SnapshotMismatch when the snapshot cannot be continued exactly under these settings."""
+        if checkpoint.state is None:
+            raise ValueError(f"the checkpoint of partition {partition} has no state to restore")
+        windows = cls(partition, window_ms, lateness_ms, indicators, hopping_ms=hopping_ms,
+                      session_gap_ms=session_gap_ms, session_max_ms=session_max_ms)
+        windows._load(checkpoint, recent_panes, pane_event_ids)
+        return windows
+
+    def _load(self, checkpoint: Checkpoint, recent_panes: Iterable[WindowCell],
+              pane_event_ids: Iterable[tuple[int, str]]) -> None:
+        try:
+            state = json.loads(zlib.decompress(checkpoint.state or b""))
+            version = state["version"]
+        except (zlib.error, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"the checkpoint state of partition {self.partition} is unreadable: {exc}") from exc
+        if version != SNAPSHOT_VERSION:
+            raise ValueError(f"the checkpoint state of partition {self.partition} has version {version}; this "
+                             f"worker reads version {SNAPSHOT_VERSION}")
+        slot_of = {indicator.id: slot for slot, indicator in enumerate(self.event_indicators)}
+        if state["config"] != self._config():
+            raise SnapshotMismatch(
+                f"window settings (pane, lateness, hopping, session gap, session max in ms) changed from "
+                f"{state['config']} to {self._config()}", self._held_back(state, checkpoint))
+        new = sorted(set(slot_of) - set(state["indicators"]))
+        if new:  # their open panes would miss what was read before the snapshot
+            raise SnapshotMismatch(f"indicators added since the snapshot: {', '.join(new)}",
+                                   self._held_back(state, checkpoint))
+        self._watermark, self._restored_watermark, self._horizon, self.final_before_ms, self.next_offset = (
+            state["clock"])
+        self.channel_names = list(state["channels"])
+        self.channel_bits = {name: bit for bit, name in enumerate(self.channel_names)}
+        slots = self.slots
+        mapping = [slot_of.get(indicator) for indicator in state["indicators"]]  # None: dropped from the catalogue
+        for start, first_offset, replay_watermark, replay_horizon, cells in state["panes"]:
+            pane = self.open[start] = _Pane(first_offset, (replay_watermark, replay_horizon))
+            for tenant, channel, role, flow, device, observed, sketched in cells:
+                counts, totals = [0.0] * slots, [0.0] * slots
+                sketches: list[dict[int, int] | None] = [None] * slots
+                for i in range(0, len(observed), 3):
+                    slot = mapping[int(observed[i])]
+                    if slot is not None:
+                        counts[slot], totals[slot] = observed[i + 1], observed[i + 2]
+                for old, flat in sketched:
+                    slot = mapping[old]
+                    if slot is not None:
+                        sketches[slot] = dict(zip(flat[::2], flat[1::2], strict=True))
+                pane.cells[(tenant, channel, role, flow, device)] = (counts, totals, sketches)
+        columns = state["sessions"]
+        sessions = self.sessions
+        for (tenant, person, block, start, last, end, last_id, role, first_offset, replay_watermark, replay_horizon,
+             channels, issues, outcomes, flags) in zip(*(columns[name] for name in _SESSION_COLUMNS), strict=True):
+            session = _Session(block + start, last_id, role, block + start + last + end, first_offset,
+                               replay_watermark, replay_horizon)
+            session.last = block + start + last
+            session.channels = channels
+            session.issues = issues
+            session.outcomes = None if outcomes is None else [(t, event_id, ok) for t, event_id, ok in outcomes]
+            session.crashed, session.product = bool(flags & 1), bool(flags & 2)
+            key = (tenant, person, block)
+            found = sessions.get(key)
+            if found is None:
+                sessions[key] = session
+            elif isinstance(found, _Session):
+                sessions[key] = [found, session]
+            else:
+                found.append(session)
+        window_ms, closed_before = self.window_ms, self.closed_before_ms
+        for cell in recent_panes:
+            if (cell.window_kind == PANE and cell.partition == self.partition and cell.window_start_ms < closed_before
+                    and cell.count):  # a cell emptied in storage (count 0) was never in the live windows' memory
+                self.recent.setdefault(cell.window_start_ms, {})[cell.key] = (cell.count, cell.total, cell.sketch)
+        open_panes = self.open
+        for event_time, event_id in pane_event_ids:
+            holder = open_panes.get(event_time - event_time % window_ms)
+            if holder is not None:
+                holder.event_ids.add(event_id)
+
+    def _held_back(self, state: dict[str, Any], checkpoint: Checkpoint) -> Checkpoint:
+        """The checkpoint without state that checkpoint() would have given for the snapshot's windows."""
+        watermark, _, horizon, _, next_offset = state["clock"]
+        commit, replay = next_offset, (watermark, horizon)
+        for _, first_offset, replay_watermark, replay_horizon, _ in state["panes"]:
+            if first_offset < commit:
+                commit, replay = first_offset, (replay_watermark, replay_horizon)
+        columns = state["sessions"]
+        for first_offset, replay_watermark, replay_horizon in zip(
+                columns["first_offset"], columns["replay_watermark"], columns["replay_horizon"], strict=True):
+            if first_offset < commit:
+                commit, replay = first_offset, (replay_watermark, replay_horizon)
+        return Checkpoint(self.partition, commit, next_offset, checkpoint.watermark_ms, checkpoint.closed_before_ms,
+                          replay[0], replay[1])
+
+
+_SESSION_COLUMNS = ("tenant", "person", "block", "start", "last", "end", "last_id", "role", "first_offset",
+                    "replay_watermark", "replay_horizon", "channels", "issues", "outcomes", "flags")
