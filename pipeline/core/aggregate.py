@@ -544,6 +544,7 @@ class PartitionWindows:
                 persons.append(person)
                 blocks.append(block)
                 sessions.append(session)
+        next_offset = self.next_offset
         state = {
             "version": SNAPSHOT_VERSION,
             "config": self._config(),
@@ -562,9 +563,10 @@ class PartitionWindows:
                 "end": [s.end - s.last for s in sessions],
                 "last_id": [s.last_id for s in sessions],
                 "role": [s.role for s in sessions],
-                "first_offset": [s.first_offset for s in sessions],
-                "replay_watermark": [s.replay_watermark for s in sessions],
-                "replay_horizon": [s.replay_horizon for s in sessions],
+                # next_offset - first_offset, start - replay watermark, replay watermark - replay horizon
+                "first_offset": [next_offset - s.first_offset for s in sessions],
+                "replay_watermark": [s.start - s.replay_watermark for s in sessions],
+                "replay_horizon": [s.replay_watermark - s.replay_horizon for s in sessions],
                 "channels": [s.channels for s in sessions],
                 "issues": [s.issues for s in sessions],
                 "outcomes": [s.outcomes for s in sessions],
@@ -629,11 +631,12 @@ class PartitionWindows:
                         sketches[slot] = dict(zip(flat[::2], flat[1::2], strict=True))
                 pane.cells[(tenant, channel, role, flow, device)] = (counts, totals, sketches)
         columns = state["sessions"]
-        sessions = self.sessions
+        sessions, next_offset = self.sessions, self.next_offset
         for (tenant, person, block, start, last, end, last_id, role, first_offset, replay_watermark, replay_horizon,
              channels, issues, outcomes, flags) in zip(*(columns[name] for name in _SESSION_COLUMNS), strict=True):
-            session = _Session(block + start, last_id, role, block + start + last + end, first_offset,
-                               replay_watermark, replay_horizon)
+            replay_watermark = block + start - replay_watermark
+            session = _Session(block + start, last_id, role, block + start + last + end, next_offset - first_offset,
+                               replay_watermark, replay_watermark - replay_horizon)
             session.last = block + start + last
             session.channels = channels
             session.issues = issues
@@ -666,10 +669,13 @@ class PartitionWindows:
             if first_offset < commit:
                 commit, replay = first_offset, (replay_watermark, replay_horizon)
         columns = state["sessions"]
-        for first_offset, replay_watermark, replay_horizon in zip(
-                columns["first_offset"], columns["replay_watermark"], columns["replay_horizon"], strict=True):
+        for block, start, first_offset, replay_watermark, replay_horizon in zip(
+                columns["block"], columns["start"], columns["first_offset"], columns["replay_watermark"],
+                columns["replay_horizon"], strict=True):
+            first_offset = next_offset - first_offset
             if first_offset < commit:
-                commit, replay = first_offset, (replay_watermark, replay_horizon)
+                replay_watermark = block + start - replay_watermark
+                commit, replay = first_offset, (replay_watermark, replay_watermark - replay_horizon)
         return Checkpoint(self.partition, commit, next_offset, checkpoint.watermark_ms, checkpoint.closed_before_ms,
                           replay[0], replay[1])
 
