@@ -474,20 +474,24 @@ class ClickHouseSink:
     def load_checkpoint(self, partition: int) -> Checkpoint | None:
         """The furthest-along checkpoint of a partition: any checkpoint is true of its stream prefix. Its state
         (a snapshot of the open windows) is None in checkpoints written before snapshots."""
+        where = "consumer_group = %(group)s AND topic = %(topic)s AND partition = %(partition)s"
+        params: dict[str, Any] = {"group": self.consumer_group, "topic": self.topic, "partition": partition}
         rows = self._execute(
             "SELECT commit_offset, read_offset, watermark_ms, closed_before_ms, replay_watermark_ms, "
-            "replay_closed_before_ms, state FROM pipeline_checkpoints "
-            "WHERE consumer_group = %(group)s AND topic = %(topic)s AND partition = %(partition)s "
-            "ORDER BY read_offset DESC, watermark_ms DESC, written_at_ms DESC LIMIT 1",
-            {"group": self.consumer_group, "topic": self.topic, "partition": partition},
-            settings={"strings_as_bytes": True},  # the state is compressed binary, not text
-        )
+            f"replay_closed_before_ms, written_at_ms FROM pipeline_checkpoints WHERE {where} "
+            "ORDER BY read_offset DESC, watermark_ms DESC, written_at_ms DESC LIMIT 1", params)
         if not rows:
             return None
-        commit_offset, read_offset, watermark_ms, closed_before_ms, replay_watermark_ms, replay_closed, state = rows[0]
+        commit_offset, read_offset, watermark_ms, closed_before_ms, replay_watermark, replay_closed, written = rows[0]
+        # Then that row's state alone: rows not merged away yet hold megabytes of older states each.
+        states = self._execute(
+            f"SELECT state FROM pipeline_checkpoints WHERE {where} AND read_offset = %(read)s "
+            "AND watermark_ms = %(watermark)s AND written_at_ms = %(written)s LIMIT 1",
+            {**params, "read": read_offset, "watermark": watermark_ms, "written": written},
+            settings={"strings_as_bytes": True})  # compressed binary, not text
         return Checkpoint(partition, commit_offset, read_offset, watermark_ms, closed_before_ms,
-                          replay_watermark_ms=replay_watermark_ms, replay_closed_before_ms=replay_closed,
-                          state=state or None)
+                          replay_watermark_ms=replay_watermark, replay_closed_before_ms=replay_closed,
+                          state=(states[0][0] or None) if states else None)
 
     def pane_event_ids(self, partition: int, from_ms: int, before_offset: int) -> list[tuple[int, str]]:
         """(event time, event id) of the partition's counted touchpoints read before `before_offset` with event
