@@ -548,7 +548,7 @@ class PartitionWindows:
         state = {
             "version": SNAPSHOT_VERSION,
             "config": self._config(),
-            "indicators": [indicator.id for indicator in self.event_indicators],
+            "indicators": [[indicator.id, _meaning(indicator)] for indicator in self.event_indicators],
             "clock": [self._watermark, self._restored_watermark, self._horizon, self.final_before_ms,
                       self.next_offset],
             "channels": self.channel_names,
@@ -606,16 +606,18 @@ class PartitionWindows:
             raise SnapshotMismatch(
                 f"window settings (pane, lateness, hopping, session gap, session max in ms) changed from "
                 f"{state['config']} to {self._config()}", self._held_back(state, checkpoint))
-        new = sorted(set(slot_of) - set(state["indicators"]))
-        if new:  # their open panes would miss what was read before the snapshot
-            raise SnapshotMismatch(f"indicators added since the snapshot: {', '.join(new)}",
+        meanings = {indicator.id: _meaning(indicator) for indicator in self.event_indicators}
+        new = sorted(set(slot_of) - {indicator for indicator, meaning in state["indicators"]
+                                     if meanings.get(indicator) == meaning})
+        if new:  # their open panes would miss, or mix in, what was read before the snapshot
+            raise SnapshotMismatch(f"indicators added or redefined since the snapshot: {', '.join(new)}",
                                    self._held_back(state, checkpoint))
         self._watermark, self._restored_watermark, self._horizon, self.final_before_ms, self.next_offset = (
             state["clock"])
         self.channel_names = list(state["channels"])
         self.channel_bits = {name: bit for bit, name in enumerate(self.channel_names)}
         slots = self.slots
-        mapping = [slot_of.get(indicator) for indicator in state["indicators"]]  # None: dropped from the catalogue
+        mapping = [slot_of.get(indicator) for indicator, _ in state["indicators"]]  # None: dropped since
         for start, first_offset, replay_watermark, replay_horizon, cells in state["panes"]:
             pane = self.open[start] = _Pane(first_offset, (replay_watermark, replay_horizon))
             for tenant, channel, role, flow, device, observed, sketched in cells:
@@ -678,6 +680,13 @@ class PartitionWindows:
                 commit, replay = first_offset, (replay_watermark, replay_watermark - replay_horizon)
         return Checkpoint(self.partition, commit, next_offset, checkpoint.watermark_ms, checkpoint.closed_before_ms,
                           replay[0], replay[1])
+
+
+def _meaning(indicator: Indicator) -> int:
+    """A checksum of what an indicator observes as its catalogue states it (an Apdex T, for one, is in the
+    definition), so that counts of a changed definition are not continued."""
+    return zlib.crc32("|".join((indicator.definition, indicator.formula, indicator.kind.value, str(indicator.q),
+                                *indicator.fed_by)).encode())
 
 
 _SESSION_COLUMNS = ("tenant", "person", "block", "start", "last", "end", "last_id", "role", "first_offset",

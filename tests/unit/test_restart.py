@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.core.aggregate import DUPLICATE, LATE, ON_TIME, Checkpoint, PartitionWindows, SnapshotMismatch
-from pipeline.core.indicators import REGISTRY
+from pipeline.core.indicators import REGISTRY, catalogue
 from pipeline.core.processor import TouchpointProcessor, WindowConfig
 from tests.factories import BASE_MS, encode, schema_for, stream_event, streams, task, touchpoint
 
@@ -149,6 +149,9 @@ def test_a_changed_catalogue_maps_dropped_indicators_and_replays_for_new_ones():
     with pytest.raises(SnapshotMismatch, match="lcp_p75") as raised:  # its open panes would miss the counts
         _restore(smaller.checkpoint(with_state=True), stored, rows)
     assert raised.value.replay_from == smaller.checkpoint()  # so the open windows are rebuilt from the records
+    slower = catalogue({"login": 9_000})  # Apdex T is part of the definition: counts of another T not mixed in
+    with pytest.raises(SnapshotMismatch, match="apdex"):
+        _restore(checkpoint, stored, rows, slower)
     with pytest.raises(SnapshotMismatch, match="window settings"):
         PartitionWindows.restore(0, MINUTE, LATENESS * 2, REGISTRY, checkpoint, hopping_ms=HOPPING,
                                  session_gap_ms=GAP, session_max_ms=BLOCK)
