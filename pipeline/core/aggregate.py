@@ -616,9 +616,23 @@ class PartitionWindows:
             state["clock"])
         self.channel_names = list(state["channels"])
         self.channel_bits = {name: bit for bit, name in enumerate(self.channel_names)}
+        self._load_panes(state["panes"], [slot_of.get(indicator) for indicator, _ in state["indicators"]])
+        self._load_sessions(state["sessions"])
+        window_ms, closed_before = self.window_ms, self.closed_before_ms
+        for cell in recent_panes:
+            if (cell.window_kind == PANE and cell.partition == self.partition and cell.window_start_ms < closed_before
+                    and cell.count):  # a cell emptied in storage (count 0) was never in the live windows' memory
+                self.recent.setdefault(cell.window_start_ms, {})[cell.key] = (cell.count, cell.total, cell.sketch)
+        open_panes = self.open
+        for event_time, event_id in pane_event_ids:
+            holder = open_panes.get(event_time - event_time % window_ms)
+            if holder is not None:
+                holder.event_ids.add(event_id)
+
+    def _load_panes(self, panes: list[Any], mapping: list[int | None]) -> None:
+        """Open panes of a snapshot; mapping: the current slot of each snapshot slot (None: dropped since)."""
         slots = self.slots
-        mapping = [slot_of.get(indicator) for indicator, _ in state["indicators"]]  # None: dropped since
-        for start, first_offset, replay_watermark, replay_horizon, cells in state["panes"]:
+        for start, first_offset, replay_watermark, replay_horizon, cells in panes:
             pane = self.open[start] = _Pane(first_offset, (replay_watermark, replay_horizon))
             for tenant, channel, role, flow, device, observed, sketched in cells:
                 counts, totals = [0.0] * slots, [0.0] * slots
@@ -632,7 +646,9 @@ class PartitionWindows:
                     if slot is not None:
                         sketches[slot] = dict(zip(flat[::2], flat[1::2], strict=True))
                 pane.cells[(tenant, channel, role, flow, device)] = (counts, totals, sketches)
-        columns = state["sessions"]
+
+    def _load_sessions(self, columns: dict[str, list[Any]]) -> None:
+        """Open sessions of a snapshot, in their order (closing sums them in dict order)."""
         sessions, next_offset = self.sessions, self.next_offset
         for (tenant, person, block, start, last, end, last_id, role, first_offset, replay_watermark, replay_horizon,
              channels, issues, outcomes, flags) in zip(*(columns[name] for name in _SESSION_COLUMNS), strict=True):
@@ -652,16 +668,6 @@ class PartitionWindows:
                 sessions[key] = [found, session]
             else:
                 found.append(session)
-        window_ms, closed_before = self.window_ms, self.closed_before_ms
-        for cell in recent_panes:
-            if (cell.window_kind == PANE and cell.partition == self.partition and cell.window_start_ms < closed_before
-                    and cell.count):  # a cell emptied in storage (count 0) was never in the live windows' memory
-                self.recent.setdefault(cell.window_start_ms, {})[cell.key] = (cell.count, cell.total, cell.sketch)
-        open_panes = self.open
-        for event_time, event_id in pane_event_ids:
-            holder = open_panes.get(event_time - event_time % window_ms)
-            if holder is not None:
-                holder.event_ids.add(event_id)
 
     def _held_back(self, state: dict[str, Any], checkpoint: Checkpoint) -> Checkpoint:
         """The checkpoint without state that checkpoint() would have given for the snapshot's windows."""
