@@ -495,9 +495,9 @@ class ClickHouseSink:
 
     def pane_event_ids(self, partition: int, from_ms: int, before_offset: int) -> list[tuple[int, str]]:
         """(event time, event id) of the partition's counted touchpoints read before `before_offset` with event
-        times from `from_ms` on: with a checkpoint with state (from its open_from_ms, before its read_offset),
-        the event ids of its open panes, which its snapshot leaves out. Late events are not counted and
-        duplicates have no row of their own, so neither is among them."""
+        times from `from_ms` on. From a checkpoint's open_from_ms, before its commit_offset: the dedup sets of the
+        panes open at that offset (a snapshot leaves them out; a replay from a held-back offset needs them too).
+        Late events are not counted and duplicates have no row of their own, so neither is among them."""
         from_ms = max(0, from_ms)
         return [(int(event_time_ms), event_id) for event_time_ms, event_id in self._execute(
             "SELECT event_time_ms, event_id FROM touchpoints "

@@ -180,7 +180,11 @@ class PartitionWindows:
     def __init__(self, partition: int, window_ms: int, lateness_ms: int,
                  indicators: Iterable[Indicator] = REGISTRY, checkpoint: Checkpoint | None = None, *,
                  hopping_ms: int = 15 * 60_000, session_gap_ms: int = 30 * 60_000,
-                 session_max_ms: int = 4 * 3_600_000, recent_panes: Iterable[WindowCell] = ()) -> None:
+                 session_max_ms: int = 4 * 3_600_000, recent_panes: Iterable[WindowCell] = (),
+                 pane_event_ids: Iterable[tuple[int, str]] = ()) -> None:
+        """checkpoint: one without state, replayed from its commit_offset. pane_event_ids: (event time, event id) of
+        the partition's counted touchpoints read before that offset, from its open_from_ms on: the dedup sets of the
+        panes open at the replay point, so a replayed copy of an event counted before it stays a duplicate."""
         if hopping_ms % window_ms or session_max_ms % window_ms:
             raise ValueError("hopping and session lengths must be whole numbers of panes")
         self.partition = partition
@@ -245,6 +249,12 @@ class PartitionWindows:
             if cell.window_kind == PANE and cell.partition == partition and cell.window_start_ms < self.final_before_ms:
                 self.recent.setdefault(cell.window_start_ms, {})[cell.key] = (cell.count, cell.total, cell.sketch)
         self.closed: list[WindowCell] = []  # emitted since the last drain_closed()
+        # pane start -> event ids counted in it before the replay point, taken by the pane when the replay opens it
+        self._seeded: dict[int, set[str]] = {}
+        for event_time, event_id in pane_event_ids:
+            start = event_time - event_time % window_ms
+            if start >= self._horizon:
+                self._seeded.setdefault(start, set()).add(event_id)
 
     @property
     def watermark_ms(self) -> int:
@@ -259,7 +269,7 @@ class PartitionWindows:
         """Fold events (in offset order) into their windows; returns ON_TIME, LATE or DUPLICATE per event."""
         window_ms, lateness = self.window_ms, self.lateness_ms
         dispatch, group_dispatch, slots, no_observers = self.dispatch, self.group_dispatch, self.slots, ((), ())
-        open_panes = self.open
+        open_panes, seeded = self.open, self._seeded
         log, ceil = math.log, math.ceil
         add_to_session = self._add_to_session
         fates = [ON_TIME] * len(events)
@@ -272,6 +282,8 @@ class PartitionWindows:
             pane = open_panes.get(start)
             if pane is None:
                 pane = open_panes[start] = _Pane(offsets[i], (self._watermark, self._horizon))
+                if seeded:
+                    pane.event_ids = seeded.pop(start, pane.event_ids)
             event_id = event["event_id"]
             if event_id in pane.event_ids:
                 fates[i] = DUPLICATE
@@ -623,11 +635,14 @@ class PartitionWindows:
             if (cell.window_kind == PANE and cell.partition == self.partition and cell.window_start_ms < closed_before
                     and cell.count):  # a cell emptied in storage (count 0) was never in the live windows' memory
                 self.recent.setdefault(cell.window_start_ms, {})[cell.key] = (cell.count, cell.total, cell.sketch)
-        open_panes = self.open
+        open_panes, horizon = self.open, self._horizon
         for event_time, event_id in pane_event_ids:
-            holder = open_panes.get(event_time - event_time % window_ms)
+            start = event_time - event_time % window_ms
+            holder = open_panes.get(start)
             if holder is not None:
                 holder.event_ids.add(event_id)
+            elif start >= horizon:  # counted before a replay point this snapshot was taken in; not reopened yet
+                self._seeded.setdefault(start, set()).add(event_id)
 
     def _load_panes(self, panes: list[Any], mapping: list[int | None]) -> None:
         """Open panes of a snapshot; mapping: the current slot of each snapshot slot (None: dropped since)."""

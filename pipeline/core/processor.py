@@ -220,8 +220,9 @@ class TouchpointProcessor:
         """Start (or resume from a checkpoint) a partition this worker now reads; returns the offset to read it
         from. recent_panes: the partition's stored "1m" cells of the panes before the checkpoint's closed horizon
         that hopping windows still cover (hopping_ms / window_ms - 1 panes), so hopping windows after a restart
-        cover them too. pane_event_ids: for a checkpoint with state, (event time, event id) of the partition's
-        counted touchpoints read before its read_offset, from its open_from_ms on (the open panes' dedup sets)."""
+        cover them too. pane_event_ids: (event time, event id) of the partition's counted touchpoints read before
+        the checkpoint's commit_offset, from its open_from_ms on (the dedup sets of the panes open there); required
+        with a checkpoint with state."""
         config = self.config
         lengths = {"hopping_ms": config.hopping_ms, "session_gap_ms": config.session_gap_ms,
                    "session_max_ms": config.session_max_ms}
@@ -238,9 +239,10 @@ class TouchpointProcessor:
             except SnapshotMismatch as mismatch:  # rebuild the open windows from the records instead
                 checkpoint = mismatch.replay_from
                 resume = Resume(checkpoint.commit_offset, "replay", str(mismatch))
+                pane_event_ids = None  # they were read up to the snapshot, past this replay point
         if windows is None:
             windows = PartitionWindows(partition, config.window_ms, config.lateness_ms, self.indicators, checkpoint,
-                                       recent_panes=recent_panes, **lengths)
+                                       recent_panes=recent_panes, pane_event_ids=pane_event_ids or (), **lengths)
         self.partitions[partition] = windows
         self._snapshot_at.pop(partition, None)
         self._changed.discard(partition)

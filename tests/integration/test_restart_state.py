@@ -59,15 +59,15 @@ def test_a_restart_from_a_checkpoint_with_state_replays_only_what_followed_it(st
 
     first = PartitionWindows(0, 60_000, 10_000)
     written, _ = run(first, 0, cut, with_state=True)
-    sink.write(written, [])
+    sink.write(written)
     assert first.checkpoint().commit_offset < cut - 1_000  # the old format would replay the open sessions whole
     after, _ = run(first, cut, crash, with_state=False)
-    sink.write(after, [])  # rows and cells of the records after the checkpoint, then SIGKILL
+    sink.write(after)  # rows and cells of the records after the checkpoint, then SIGKILL
 
     checkpoint = sink.load_checkpoint(0)
     assert checkpoint == written.checkpoints[0]  # the state comes back byte for byte
     assert checkpoint is not None and checkpoint.state and checkpoint.commit_offset == checkpoint.read_offset == cut
-    ids = sink.pane_event_ids(0, checkpoint.open_from_ms, checkpoint.read_offset)
+    ids = sink.pane_event_ids(0, checkpoint.open_from_ms, checkpoint.commit_offset)
     counted_before = {(e["event_time"], e["event_id"]) for e, f in zip(events[:cut], whole_fates[:cut], strict=True)
                       if f == ON_TIME and e["event_time"] >= checkpoint.open_from_ms}
     assert counted_before and set(ids) == counted_before
@@ -80,7 +80,7 @@ def test_a_restart_from_a_checkpoint_with_state_replays_only_what_followed_it(st
     assert fates[3] == DUPLICATE
     second.advance_idle(BASE_MS + 6 * HOUR_MS)
     replayed.window_cells += second.drain_closed()
-    sink.write(replayed, [])
+    sink.write(replayed)
 
     stored = stored_cells(sink.client)
     assert set(stored) == set(expected)
