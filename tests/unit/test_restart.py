@@ -248,3 +248,67 @@ def test_a_checkpoint_whose_snapshot_cannot_be_continued_falls_back_to_replaying
                                 snapshot_interval_ms=SNAPSHOT_EVERY)
     resume = other.assign(0, checkpoint, BASE_MS, pane_event_ids=[])
     assert (resume.offset, resume.how) == (100, "replay") and "window settings" in resume.note
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams(max_size=120), st.integers(0, 10_000), st.integers(0, 10_000), st.integers(0, 10_000))
+def test_an_upgrade_from_a_checkpoint_without_state_then_snapshots_emits_what_an_uninterrupted_run_does(
+        stream, old_cut, new_cut, crash_after):
+    """An old worker checkpoints without state and dies; the new one replays from the held-back offset (with the
+    stored ids of the panes open there), snapshots during or after that replay, dies, and is restored."""
+    events, offsets = [stream_event(s) for s in stream], list(range(len(stream)))
+    uninterrupted = _windows()
+    expected_fates = uninterrupted.add(events, offsets)
+    uninterrupted.advance_idle(BASE_MS + 10**9)
+    expected = _table(uninterrupted.drain_closed())
+    old_cut = old_cut % (len(stream) + 1)
+    crash = min(len(stream), old_cut + crash_after % 20)
+
+    old = _windows()
+    fates = old.add(events[:old_cut], offsets[:old_cut])
+    stored = old.drain_closed()
+    held_back = old.checkpoint()
+    fates += old.add(events[old_cut:crash], offsets[old_cut:crash])
+    stored += old.drain_closed()
+    rows = _rows(events[:crash], offsets[:crash], fates)
+
+    start = held_back.commit_offset
+    recent = [c for c in stored if c.window_kind == "1m" and c.window_start_ms < held_back.closed_before_ms]
+    ids = [(e["event_time"], e["event_id"]) for e, o, counted in rows
+           if counted and o < start and e["event_time"] >= held_back.open_from_ms]
+    new = PartitionWindows(0, MINUTE, LATENESS, checkpoint=held_back, hopping_ms=HOPPING, session_gap_ms=GAP,
+                           session_max_ms=BLOCK, recent_panes=recent, pane_event_ids=ids)
+    new_cut = start + new_cut % (len(stream) - start + 1)
+    replayed = new.add(events[start:new_cut], offsets[start:new_cut])
+    assert replayed == expected_fates[start:new_cut]  # the replay decides every fate as the first run did
+    rows = [r for r in rows if r[1] < start] + _rows(events[start:new_cut], offsets[start:new_cut], replayed)
+    checkpoint = new.checkpoint(with_state=True)
+    stored += new.drain_closed()
+
+    restored = _restore(checkpoint, stored, rows)
+    assert restored.snapshot() == checkpoint.state
+    assert restored.add(events[new_cut:], offsets[new_cut:]) == expected_fates[new_cut:]
+    restored.advance_idle(BASE_MS + 10**9)
+    table = _table(stored)
+    table.update(_table(restored.drain_closed()))
+    assert table == expected
+
+
+def test_a_snapshot_taken_at_a_replay_point_keeps_the_ids_of_panes_the_replay_has_not_reopened_yet():
+    events = [touchpoint("a", BASE_MS, person_id="p"),
+              touchpoint("b", BASE_MS + 5_000, person_id="q"),
+              touchpoint("a", BASE_MS + 6_000, person_id="q"),  # a redelivery: a duplicate in the first pane
+              *(touchpoint(i, BASE_MS + s * 1_000, person_id="q") for i, s in (("c", 70), ("d", 150), ("e", 230)))]
+    offsets = list(range(len(events)))
+    old = _windows()
+    fates = old.add(events, offsets)
+    assert fates[2] == DUPLICATE
+    held_back = old.checkpoint()
+    assert held_back.commit_offset == 1  # q's session; p's (and the first pane) closed and final
+    ids = [(e["event_time"], e["event_id"]) for e, o, counted in _rows(events, offsets, fates)
+           if counted and o < 1 and e["event_time"] >= held_back.open_from_ms]
+    new = PartitionWindows(0, MINUTE, LATENESS, checkpoint=held_back, hopping_ms=HOPPING, session_gap_ms=GAP,
+                           session_max_ms=BLOCK, recent_panes=old.drain_closed(), pane_event_ids=ids)
+    checkpoint = new.checkpoint(with_state=True)  # before the replay reopened the first pane
+    restored = _restore(checkpoint, [], _rows(events, offsets, fates))
+    assert restored.add(events[1:], offsets[1:]) == fates[1:]
