@@ -77,8 +77,8 @@ class Checkpoint:
 
     @property
     def open_from_ms(self) -> int:
-        """Every window open at this checkpoint starts at or after this event time: the counted touchpoints from
-        here on (read before read_offset) give the open panes' event ids."""
+        """Every pane open at commit_offset (the replay point) starts at or after this event time: the counted
+        touchpoints from here on read before commit_offset give those panes' event ids (their dedup sets)."""
         return self.closed_before_ms if self.replay_closed_before_ms is None else self.replay_closed_before_ms
 
 
