@@ -83,6 +83,9 @@ class BatchSettings(BaseModel):
     max_wait_s: float = Field(1.0, gt=0, description="...or once the oldest buffered event waited this long.")
     retry_max_s: float = Field(30.0, gt=0, description="A failed store write is retried with a backoff doubling "
                                "from 0.5 s up to this; nothing is committed meanwhile.")
+    snapshot_interval_s: float = Field(
+        5.0, gt=0, description="Checkpoint each partition's open windows (sessions, open panes) at most this often; "
+                               "a restart replays only the records read since its last checkpoint.")
 
 
 class IdentitySettings(BaseModel):
