@@ -141,7 +141,7 @@ def default_alerting_rules() -> list[dict[str, Any]]:
         {"name": "ux_task_success_low", "kind": "wilson", "indicator": "task_success_rate", "comparison": "below",
          "threshold": 0.8, "recovery_threshold": 0.85, "confidence": 0.95, "min_count": 30},
         {"name": "ux_error_rate_unusual", "kind": "seasonal", "indicator": "error_rate", "comparison": "above",
-         "window_kind": "15m", "weeks": 4, "min_weeks": 3, "z": 3.5, "min_mad": 0.01, "min_count": 50},
+         "window_kind": "15m", "weeks": 4, "min_weeks": 3, "z": 3.5, "min_mad": 0.005, "min_count": 50},
         {"name": "ux_bad_cx_good", "kind": "divergence", "divergence": "ux_bad_cx_good", "ux": ux, "cx": cx,
          "min_signals": 2, "min_count": 20, "severity": "warning"},
         {"name": "ux_good_cx_bad", "kind": "divergence", "divergence": "ux_good_cx_bad", "ux": ux, "cx": cx,
