@@ -77,8 +77,10 @@ class Dispatcher:
     """One thread per receiver, each with its own retry queue; every outcome goes to a log the cycle writes."""
 
     def __init__(self, senders: Mapping[str, Send], retry_initial_s: float, retry_max_s: float,
-                 give_up_after_s: float, clock: Callable[[], float] = time.time) -> None:
+                 give_up_after_s: float, clock: Callable[[], float] = time.time,
+                 record: Callable[[DeliveryRow], None] | None = None) -> None:
         self.senders = dict(senders)
+        self.record = record  # writes an outcome at once (a crash then repeats at most the send in flight)
         self.retry_initial_s, self.retry_max_s = retry_initial_s, retry_max_s
         self.give_up_ms = int(give_up_after_s * 1000)
         self.clock = clock
@@ -112,6 +114,12 @@ class Dispatcher:
         return sum(len(q) for q in self._queues.values())
 
     def _record(self, row: DeliveryRow) -> None:
+        if self.record is not None:
+            try:
+                self.record(row)
+                return
+            except Exception:  # ClickHouse away: keep the row for the cycle to write
+                log.exception("could not log a delivery; the cycle will")
         with self._log_lock:
             self._log.append(row)
 
@@ -360,7 +368,7 @@ class Alerter:
         self.last_events = {e.fingerprint: e for e in self.store.latest_events(firing)}
         self.dispatcher = Dispatcher(self._make_senders(), self.settings.alerting.retry_initial_s,
                                      self.settings.alerting.retry_max_s, self.settings.alerting.give_up_after_s,
-                                     self.clock)
+                                     self.clock, self._log_delivery)
         now = self.now_ms()
         resent = 0
         since = now - int(self.settings.alerting.give_up_after_s * 1000)
@@ -448,6 +456,9 @@ class Alerter:
         self.flush_deliveries()
         report.events, report.notifications, report.cases = len(events), len(fresh), len(case_changes)
         return report
+
+    def _log_delivery(self, row: DeliveryRow) -> None:
+        self.store.write_deliveries([row], self.epoch or 0)
 
     def flush_deliveries(self) -> None:
         if self.dispatcher is not None:

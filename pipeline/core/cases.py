@@ -125,18 +125,17 @@ class CaseBook:
         return changes
 
     def tick(self, now_ms: int) -> list[CaseChange]:
-        """Escalate open cases past their SLA: level n once the case is n SLA periods overdue."""
+        """Escalate open cases past their SLA, then again every SLA period they stay open (one level at a time)."""
         changes = []
         for key, case in sorted(self.open.items()):
-            overdue = now_ms - case.sla_due_ms
-            if overdue < 0:
+            due = case.sla_due_ms if case.escalation_level == 0 else case.updated_at_ms + self.config.sla_ms
+            if now_ms < due:
                 continue
-            level = 1 + overdue // self.config.sla_ms
-            if level > case.escalation_level:
-                case = replace(case, status="escalated", escalation_level=int(level), updated_at_ms=now_ms)
-                self.open[key] = case
-                changes.append(CaseChange(case, "escalated", f"SLA passed {overdue / 3_600_000:.1f} h ago "
-                                                              f"(level {level})"))
+            level = case.escalation_level + 1
+            case = replace(case, status="escalated", escalation_level=level, updated_at_ms=now_ms)
+            self.open[key] = case
+            overdue = (now_ms - case.sla_due_ms) / 3_600_000
+            changes.append(CaseChange(case, "escalated", f"SLA passed {overdue:.1f} h ago (level {level})"))
         return changes
 
     def close(self, cid: str, actor: str, now_ms: int) -> CaseChange | None:

@@ -294,9 +294,11 @@ def test_detractor_customers_open_one_case_per_person_and_reason_and_escalate_af
     escalated = book.tick(T0 + 48 * 3_600_000)
     assert sorted((c.case.person_id, c.action, c.case.escalation_level) for c in escalated) == [
         ("p1", "escalated", 1), ("p3", "escalated", 1), ("p5", "escalated", 1)]
-    assert book.tick(T0 + 50 * 3_600_000) == []  # once per SLA period
+    assert book.tick(T0 + 95 * 3_600_000) == []  # once per SLA period
+    assert sorted((c.case.person_id, c.case.escalation_level) for c in book.tick(T0 + 96 * 3_600_000)) == [
+        ("p1", 2), ("p3", 2), ("p5", 2)]
     p1 = next(c.case for c in opened if c.case.person_id == "p1")
-    closed = book.close(p1.case_id, "ana", T0 + 50 * 3_600_000)
+    closed = book.close(p1.case_id, "ana", T0 + 97 * 3_600_000)
     assert closed is not None and closed.case.status == "closed"
     assert [c.case.person_id for c in book.observe([fact("e9", t=T0 + 51 * 3_600_000)], T0)] == ["p1"]
 
