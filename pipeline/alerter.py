@@ -21,8 +21,6 @@ import signal
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +57,8 @@ log = logging.getLogger("touchpoint.alerter")
 alert_log = logging.getLogger("touchpoint.alerts")
 KAFKA_RECEIVER = "kafka"
 Send = Callable[[Notification], tuple[bool, int, str]]  # -> (delivered, http status, error)
+SendMany = Callable[[list[Notification]], list[tuple[bool, int, str]]]  # a receiver that batches (Kafka)
+BATCH = 500
 
 
 # ------------------------------------------------------------------------------------------------ delivery
@@ -74,13 +74,16 @@ class _Attempt:
 
 
 class Dispatcher:
-    """One thread per receiver, each with its own retry queue; every outcome goes to a log the cycle writes."""
+    """Per receiver, `concurrency` threads over its own retry queue; outcomes are logged in batches by a flusher
+    thread (every 0.1 s), so a crash repeats at most the sends of that last moment."""
 
     def __init__(self, senders: Mapping[str, Send], retry_initial_s: float, retry_max_s: float,
                  give_up_after_s: float, clock: Callable[[], float] = time.time,
-                 record: Callable[[DeliveryRow], None] | None = None) -> None:
-        self.senders = dict(senders)
-        self.record = record  # writes an outcome at once (a crash then repeats at most the send in flight)
+                 record: Callable[[list[DeliveryRow]], None] | None = None, concurrency: int = 4,
+                 batch_senders: Mapping[str, SendMany] | None = None) -> None:
+        self.senders: dict[str, Send | None] = {**dict(senders), **dict.fromkeys(batch_senders or {})}
+        self.batch_senders = dict(batch_senders or {})
+        self.record = record
         self.retry_initial_s, self.retry_max_s = retry_initial_s, retry_max_s
         self.give_up_ms = int(give_up_after_s * 1000)
         self.clock = clock
@@ -90,8 +93,11 @@ class Dispatcher:
         self._log_lock = threading.Lock()
         self._stop = threading.Event()
         self._seq = 0
-        self._threads = [threading.Thread(target=self._run, args=(name,), daemon=True, name=f"deliver-{name}")
-                         for name in self.senders]
+        self._threads = [threading.Thread(target=self._run, args=(name,), daemon=True, name=f"deliver-{name}-{n}")
+                         for name in self.senders
+                         for n in range(1 if name in self.batch_senders else max(1, concurrency))]
+        if record is not None:
+            self._threads.append(threading.Thread(target=self._flush_loop, daemon=True, name="delivery-log"))
         for thread in self._threads:
             thread.start()
 
@@ -114,12 +120,6 @@ class Dispatcher:
         return sum(len(q) for q in self._queues.values())
 
     def _record(self, row: DeliveryRow) -> None:
-        if self.record is not None:
-            try:
-                self.record(row)
-                return
-            except Exception:  # ClickHouse away: keep the row for the cycle to write
-                log.exception("could not log a delivery; the cycle will")
         with self._log_lock:
             self._log.append(row)
 
@@ -128,32 +128,59 @@ class Dispatcher:
             rows, self._log = self._log, []
         return rows
 
+    def _flush_loop(self) -> None:
+        assert self.record is not None
+        while not self._stop.wait(0.1):
+            self.flush()
+
+    def flush(self) -> None:
+        rows = self.take_log()
+        if rows and self.record is not None:
+            try:
+                self.record(rows)
+            except Exception:  # ClickHouse away for a moment: keep the rows for the next flush
+                log.exception("could not write the delivery log; retrying")
+                with self._log_lock:
+                    self._log[:0] = rows
+
     def _run(self, name: str) -> None:
-        queue, wake, send = self._queues[name], self._wake[name], self.senders[name]
+        queue, wake = self._queues[name], self._wake[name]
+        single, many = self.senders[name], self.batch_senders.get(name)
         while not self._stop.is_set():
             with wake:
                 while not self._stop.is_set() and (not queue or queue[0].due_ms > self._now_ms()):
                     wake.wait(timeout=0.05 if not queue else min(0.5, (queue[0].due_ms - self._now_ms()) / 1000))
                 if self._stop.is_set():
                     return
-                item = heapq.heappop(queue)
+                items = [heapq.heappop(queue)]
+                while many is not None and queue and len(items) < BATCH and queue[0].due_ms <= self._now_ms():
+                    items.append(heapq.heappop(queue))
+            notifications = [item.notification for item in items]
             try:
-                delivered, status, error = send(item.notification)
+                if many is not None:
+                    outcomes = many(notifications)
+                else:
+                    assert single is not None
+                    outcomes = [single(notifications[0])]
             except Exception as exc:  # a receiver's failure is logged and retried, never raised into the engine
-                delivered, status, error = False, 0, f"{type(exc).__name__}: {exc}"
-            attempt = item.attempt + 1
-            now = self._now_ms()
-            if delivered:
-                self._record(DeliveryRow(item.notification, "sent", attempt, now, status))
-                continue
-            if now - item.first_ms >= self.give_up_ms:
-                self._record(DeliveryRow(item.notification, "abandoned", attempt, now, status, error))
-                continue
-            self._record(DeliveryRow(item.notification, "failed", attempt, now, status, error))
-            item.due_ms = now + int(backoff_s(attempt, self.retry_initial_s, self.retry_max_s) * 1000)
-            item.attempt = attempt
-            with wake:
-                heapq.heappush(queue, item)
+                outcomes = [(False, 0, f"{type(exc).__name__}: {exc}")] * len(items)
+            for item, (delivered, status, error) in zip(items, outcomes, strict=True):
+                self._settle(name, item, delivered, status, error)
+
+    def _settle(self, name: str, item: _Attempt, delivered: bool, status: int, error: str) -> None:
+        attempt = item.attempt + 1
+        now = self._now_ms()
+        if delivered:
+            self._record(DeliveryRow(item.notification, "sent", attempt, now, status))
+            return
+        if now - item.first_ms >= self.give_up_ms:
+            self._record(DeliveryRow(item.notification, "abandoned", attempt, now, status, error))
+            return
+        self._record(DeliveryRow(item.notification, "failed", attempt, now, status, error))
+        item.due_ms = now + int(backoff_s(attempt, self.retry_initial_s, self.retry_max_s) * 1000)
+        item.attempt = attempt
+        with self._wake[name]:
+            heapq.heappush(self._queues[name], item)
 
     def stop(self) -> None:
         self._stop.set()
@@ -162,20 +189,43 @@ class Dispatcher:
                 self._wake[name].notify_all()
         for thread in self._threads:
             thread.join(timeout=5)
+        self.flush()
 
 
 def webhook_sender(receiver: Receiver) -> Send:
+    """POST the JSON payload; one kept-alive connection per sending thread."""
+    import http.client
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(receiver.url)
+    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    local = threading.local()
+
+    def connection() -> http.client.HTTPConnection:
+        if getattr(local, "conn", None) is None:
+            kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+            local.conn = kind(url.hostname or "", url.port, timeout=receiver.timeout_s)
+        return local.conn  # type: ignore[no-any-return]
+
     def send(notification: Notification) -> tuple[bool, int, str]:
         body = json.dumps(notification.payload).encode()
-        request = urllib.request.Request(receiver.url, data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=receiver.timeout_s) as response:
-                return 200 <= response.status < 300, response.status, ""
-        except urllib.error.HTTPError as exc:
-            return False, exc.code, f"HTTP {exc.code}"
-        except (urllib.error.URLError, OSError) as exc:
-            return False, 0, str(getattr(exc, "reason", exc))
+        for retry in (False, True):  # a kept-alive connection the server closed is reopened once
+            conn = connection()
+            try:
+                conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+                if response.getheader("Connection", "").lower() == "close" or response.version == 10:
+                    conn.close()
+                    local.conn = None
+                ok = 200 <= response.status < 300
+                return ok, response.status, "" if ok else f"HTTP {response.status}"
+            except (http.client.HTTPException, OSError) as exc:
+                conn.close()
+                local.conn = None
+                if retry or isinstance(exc, TimeoutError):
+                    return False, 0, str(exc) or type(exc).__name__
+        return False, 0, "unreachable"
     return send
 
 
@@ -211,10 +261,18 @@ class TransitionProducer:
         self._writer(buffer, self.parsed, dict(record))
         return bytes(self._frame(self.schema_id, buffer.getvalue()))
 
-    def send(self, notification: Notification) -> tuple[bool, int, str]:
-        record = notification.payload
-        self.producer.send(self.topic, key=record["fingerprint"].encode(), value=self.encode(record)).get(timeout=15)
-        return True, 0, ""
+    def send_many(self, notifications: list[Notification]) -> list[tuple[bool, int, str]]:
+        futures = [self.producer.send(self.topic, key=n.payload["fingerprint"].encode(), value=self.encode(n.payload))
+                   for n in notifications]
+        self.producer.flush(timeout=15)
+        outcomes = []
+        for future in futures:
+            try:
+                future.get(timeout=0)
+                outcomes.append((True, 0, ""))
+            except Exception as exc:
+                outcomes.append((False, 0, f"{type(exc).__name__}: {exc}"))
+        return outcomes
 
     def close(self) -> None:
         self.producer.close(timeout=5)
@@ -342,17 +400,17 @@ class Alerter:
         view = self.store.lease()
         return view is not None and view.epoch == self.epoch and view.holder == self.holder
 
-    def _make_senders(self) -> dict[str, Send]:
+    def _make_senders(self) -> tuple[dict[str, Send], dict[str, SendMany]]:
         if self._senders is not None:
-            return dict(self._senders)
+            return dict(self._senders), {}
         senders: dict[str, Send] = {}
         for receiver in self.receivers.values():
             senders[receiver.name] = webhook_sender(receiver) if receiver.kind == "webhook" else log_sender
-        if self.produce:
-            if self.producer is None:
-                self.producer = TransitionProducer(self.settings)
-            senders[KAFKA_RECEIVER] = self.producer.send
-        return senders
+        if not self.produce:
+            return senders, {}
+        if self.producer is None:
+            self.producer = TransitionProducer(self.settings)
+        return senders, {KAFKA_RECEIVER: self.producer.send_many}
 
     def take_over(self) -> None:
         """Restore the lifecycle states, progress, cases and unfinished deliveries from ClickHouse."""
@@ -366,9 +424,11 @@ class Alerter:
         self.casebook.restore(self.store.open_cases(cases_until - self.settings.alerting.case_lookback_s * 1000))
         firing = [s.fingerprint for s in series if s.state in (State.FIRING, State.NO_DATA)]
         self.last_events = {e.fingerprint: e for e in self.store.latest_events(firing)}
-        self.dispatcher = Dispatcher(self._make_senders(), self.settings.alerting.retry_initial_s,
+        senders, batch_senders = self._make_senders()
+        self.dispatcher = Dispatcher(senders, self.settings.alerting.retry_initial_s,
                                      self.settings.alerting.retry_max_s, self.settings.alerting.give_up_after_s,
-                                     self.clock, self._log_delivery)
+                                     self.clock, self._log_deliveries, self.settings.alerting.delivery_concurrency,
+                                     batch_senders)
         now = self.now_ms()
         resent = 0
         since = now - int(self.settings.alerting.give_up_after_s * 1000)
@@ -457,14 +517,12 @@ class Alerter:
         report.events, report.notifications, report.cases = len(events), len(fresh), len(case_changes)
         return report
 
-    def _log_delivery(self, row: DeliveryRow) -> None:
-        self.store.write_deliveries([row], self.epoch or 0)
+    def _log_deliveries(self, rows: list[DeliveryRow]) -> None:
+        self.store.write_deliveries(rows, self.epoch or 0)
 
     def flush_deliveries(self) -> None:
         if self.dispatcher is not None:
-            rows = self.dispatcher.take_log()
-            if rows:
-                self.store.write_deliveries(rows, self.epoch or 0)
+            self.dispatcher.flush()
 
     def _totals(self, ends: Sequence[int], partitions: Sequence[int]) -> dict[int, list[WindowTotal]]:
         """One query per window kind for every window ending in the judged range."""
@@ -552,9 +610,7 @@ class Alerter:
 
     def close(self) -> None:
         if self.dispatcher is not None:
-            self.flush_deliveries()
             self.dispatcher.stop()
-            self.flush_deliveries()
         if self.producer is not None:
             self.producer.close()
         self.store.close()

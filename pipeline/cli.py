@@ -267,6 +267,8 @@ def bench(
     drain: bool = typer.Option(False, help="Publish the events while the worker is paused, then time the worker "
                                            "draining them (its own rate, publisher off the cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    alerts: bool = typer.Option(False, "--alerts", help="Measure the alerter instead: 10,000 series per window, "
+                                                        "window close to webhook notification."),
 ) -> None:
     """Measure end-to-end, raw consume and decode-only rates of the same events in one run."""
     import json
@@ -276,6 +278,11 @@ def bench(
 
     settings = get_settings()
     local.up(settings)
+    if alerts:
+        from pipeline.alert_bench import print_alert_bench
+
+        print_alert_bench(settings, console, as_json)
+        return
     if compare:
         runs = [run_bench(settings, events, identity=False, drain=drain),
                 run_bench(settings, events, identity=True, preload_identities=preload_identities, drain=drain)]

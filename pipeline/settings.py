@@ -176,6 +176,7 @@ class AlertingSettings(BaseModel):
     max_windows_per_cycle: int = Field(120, ge=1, description="Pane ends judged per cycle at most (catch-up).")
     retry_initial_s: float = Field(1.0, gt=0, description="First delivery retry after this; doubles each time.")
     retry_max_s: float = Field(60.0, gt=0, description="Longest wait between delivery retries.")
+    delivery_concurrency: int = Field(4, ge=1, description="Parallel sends per receiver.")
     give_up_after_s: float = Field(86_400.0, gt=0, description="A notification undelivered this long is dropped.")
     case_lookback_s: int = Field(3_600, ge=0, description="A first start reads touchpoints this far back.")
     cases: CaseSettings = CaseSettings()
