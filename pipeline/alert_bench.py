@@ -180,9 +180,10 @@ def print_alert_bench(settings: Settings, console: Any, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result.as_dict()))
         return
+    per_window = result.notifications / max(result.windows, 1)
     console.print(f"{result.series:,} active series, {result.windows} windows measured, "
-                  f"{result.transitions_per_window:,.0f} transitions and {result.notifications / max(result.windows, 1):,.0f} "
-                  "webhook notifications per window")
+                  f"{result.transitions_per_window:,.0f} transitions and {per_window:,.0f} webhook notifications "
+                  "per window")
     console.print(f"judging one window: {result.judge_ms_p50:,.0f} ms (p50); whole cycle with reads and writes: "
                   f"{result.cycle_ms_p50:,.0f} ms (p50)")
     console.print(f"window close -> notification received: p50 {result.close_to_sent_ms_p50:,.0f} ms, "
