@@ -344,6 +344,7 @@ class Alerter:
         self._senders = dict(senders) if senders is not None else None
         self.produce = produce
         self.producer: TransitionProducer | None = None
+        self._log_store: AlertStore | None = None
         self.epoch: int | None = None
         self.dispatcher: Dispatcher | None = None
         self._reset()
@@ -495,6 +496,12 @@ class Alerter:
         self.store.write_deliveries([DeliveryRow(n, "silenced" if n.silenced_by else "pending", 0, now,
                                                  error=f"silence {n.silenced_by}" if n.silenced_by else "")
                                      for n in fresh], self.epoch or 0)
+        # The pending rows are the outbox: from here a successor finds and sends what this one could not.
+        assert self.dispatcher is not None
+        for n in fresh:
+            self.planned.add((n.notification_id, n.receiver))
+            if not n.silenced_by:
+                self.dispatcher.submit(n, 0, now)
         self.store.write_events(new_events, self.epoch or 0)
         self.store.write_cases(case_changes, now)
         self.progress.update(judged_until_ms=judged, cases_until_ms=max(int(self.progress.get("cases_until_ms", 0)),
@@ -508,17 +515,14 @@ class Alerter:
                 changed.append(s)
                 self._written[s.fingerprint] = text
         self.store.write_states(changed, self.progress, self.version, self.epoch or 0)
-        assert self.dispatcher is not None
-        for n in fresh:
-            self.planned.add((n.notification_id, n.receiver))
-            if not n.silenced_by:
-                self.dispatcher.submit(n, 0, now)
-        self.flush_deliveries()
         report.events, report.notifications, report.cases = len(events), len(fresh), len(case_changes)
         return report
 
     def _log_deliveries(self, rows: list[DeliveryRow]) -> None:
-        self.store.write_deliveries(rows, self.epoch or 0)
+        if self._log_store is None:  # a connection of its own: logging never waits for the cycle's queries
+            self._log_store = AlertStore(self.settings.clickhouse, self.settings.kafka.consumer_group,
+                                         self.settings.kafka.topic)
+        self._log_store.write_deliveries(rows, self.epoch or 0)
 
     def flush_deliveries(self) -> None:
         if self.dispatcher is not None:
@@ -613,6 +617,8 @@ class Alerter:
             self.dispatcher.stop()
         if self.producer is not None:
             self.producer.close()
+        if self._log_store is not None:
+            self._log_store.close()
         self.store.close()
 
 
