@@ -237,14 +237,29 @@ def test_demo_traffic_raises_both_divergence_alerts_through_two_workers(
         wait_until(lambda: {(a[1], a[2]) for a in hook.alerts()} and {
             body["groupLabels"]["rule"] for body in hook.accepted} >= {"ux_bad_cx_good", "ux_good_cx_bad"}, 30,
             "the webhook notifications")
-        # The traffic recovers: healthy journeys (the shop's) for the bank and the hospital.
-        healthy = [e for e in generate("mixed", 60_000, seed=4, start_ms=start + 40_000, events_per_s=2_000)
+        # The traffic recovers: healthy journeys (the shop's) for the bank and the hospital. Idle partitions'
+        # watermarks kept moving with the wall clock, so the new traffic starts after every closed window.
+        closed = ch.execute("SELECT max(closed_before_ms) FROM pipeline_checkpoints")[0][0]
+        resume = max(start + 40_000, closed + 20_000, int(time.time() * 1000))
+        healthy = [e for e in generate("mixed", 60_000, seed=4, start_ms=resume, events_per_s=2_000)
                    if e["tenant"] == "shop"]
-        for tenant in ("bank", "hospital"):
-            for event in healthy:
+        for event in healthy:  # both copies of an event together: event time only moves forward
+            for tenant in ("bank", "hospital"):
                 publisher.publish({**event, "tenant": tenant, "event_id": f"{tenant}-{event['event_id']}"})
         publisher.flush()
-        wait_until(lambda: not firing(), 120, "the divergence alerts to resolve", workers[0])
+        try:
+            wait_until(lambda: not firing(), 120, "the divergence alerts to resolve", workers[0])
+        except BaseException:
+            print(ch.execute("SELECT rule, tenant, from_state, to_state, window_end_ms, message, closed_by_idle "
+                             "FROM alert_events ORDER BY at_ms"))
+            print(ch.execute("SELECT tenant, counted, count(), min(event_time_ms), max(event_time_ms) FROM touchpoints "
+                             "WHERE event_id LIKE 'hospital-%' GROUP BY tenant, counted"), resume)
+            print(ch.execute("SELECT toUInt32(window_end), indicator, sum(count), sum(total) FROM indicator_cells "
+                             "WHERE tenant = 'hospital' AND window_kind = '1m' AND indicator IN ('csat', 'fcr', "
+                             "'escalation_rate', 'nps') GROUP BY window_end, indicator ORDER BY window_end"))
+            print(ch.execute("SELECT partition, max(closed_before_ms), max(written_at_ms) FROM pipeline_checkpoints "
+                             "GROUP BY partition"), start)
+            raise
         resolved = {(r[0], r[1]) for r in ch.execute(
             "SELECT rule, tenant FROM alert_events WHERE to_state = 'resolved'")}
         assert resolved == {("ux_bad_cx_good", "bank"), ("ux_good_cx_bad", "hospital")}
