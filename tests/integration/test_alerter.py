@@ -265,3 +265,54 @@ def test_demo_traffic_raises_both_divergence_alerts_through_two_workers(
         assert resolved == {("ux_bad_cx_good", "bank"), ("ux_good_cx_bad", "hospital")}
     finally:
         alerter.stop()
+
+
+def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **to_env(settings), "COLUMNS": "200"})
+
+
+def test_operators_ack_silence_resolve_and_close_cases_from_the_cli(
+        isolated: Settings, ch: Any, hook: Hook, tmp_path: Path) -> None:
+    settings = alerting_settings(isolated, hook, idle_close_s=120)
+    hook.failing = False
+    settings.alerting.rules = [{"name": "cx_csat_low", "indicator": "csat", "comparison": "below", "threshold": 0.6,
+                                "min_count": 10}]
+    now = int(time.time() * 1000)
+    end = now - now % PANE_MS - 5 * PANE_MS
+    sink = ClickHouseSink(settings.clickhouse, settings.kafka.consumer_group, settings.kafka.topic)
+    sink.write_cells([cell(end, p, 4, 0.5) for p in range(4)], now)
+    checkpoint(ch, settings, dict.fromkeys(range(4), end))
+    detractor(ch, "d-2", end - 5_000, "person-2")
+    alerter = AlerterProcess(settings, tmp_path / "alerter.log")
+    try:
+        wait_until(lambda: ch.execute("SELECT count() FROM alert_current WHERE state = 'firing'")[0][0], 30,
+                   "the alert to fire")
+        listed = cli(settings, "alerts", "list")
+        fp = ch.execute("SELECT fingerprint FROM alert_current")[0][0]
+        assert listed.returncode == 0 and fp in listed.stdout and "firing" in listed.stdout
+
+        wrong = cli(settings, "alerts", "ack", "zzz", "--by", "ana")
+        assert wrong.returncode == 1 and "no alert with fingerprint 'zzz'" in wrong.stdout
+        assert cli(settings, "alerts", "ack", fp[:6], "--by", "ana").returncode == 0
+        wait_until(lambda: ch.execute("SELECT acked_by FROM alert_current")[0][0] == "ana", 20, "the ack")
+
+        silenced = cli(settings, "alerts", "silence", "tenant=bank", "--duration", "600", "--by", "ana")
+        assert silenced.returncode == 0 and "silence" in silenced.stdout
+        assert cli(settings, "alerts", "resolve", fp, "--by", "ana").returncode == 0
+        wait_until(lambda: ch.execute("SELECT state FROM alert_current")[0][0] == "resolved", 20, "the resolution")
+        wait_until(lambda: ch.execute("SELECT count() FROM alert_notifications WHERE status = 'silenced'")[0][0],
+                   10, "the silenced notification")
+        resolved = ch.execute("SELECT cause, actor FROM alert_events WHERE to_state = 'resolved'")
+        assert resolved == [("manual", "ana")]
+        assert [a for a in hook.alerts() if a[1] == "resolved"] == []  # muted by the silence
+
+        case_id = wait_until(lambda: ch.execute("SELECT case_id FROM cases FINAL"), 20, "the case")[0][0]
+        assert case_id in cli(settings, "cases", "list").stdout
+        assert cli(settings, "cases", "close", case_id[:8], "--by", "ana").returncode == 0
+        wait_until(lambda: ch.execute("SELECT status, closed_by FROM cases FINAL") == [("closed", "ana")], 20,
+                   "the case to close")
+        assert [r[0] for r in ch.execute("SELECT action FROM case_history ORDER BY at_ms")] == ["opened", "closed"]
+    finally:
+        alerter.stop()
+        sink.client.disconnect()
