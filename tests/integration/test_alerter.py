@@ -316,3 +316,60 @@ def test_operators_ack_silence_resolve_and_close_cases_from_the_cli(
     finally:
         alerter.stop()
         sink.client.disconnect()
+
+
+class Crash(Exception):
+    """Stands for the process dying between two writes of a cycle."""
+
+
+def test_a_takeover_after_a_crash_between_writes_neither_repeats_nor_loses_a_transition(
+        isolated: Settings, ch: Any, hook: Hook) -> None:
+    from pipeline.alerter import Alerter
+    from pipeline.core.notify import Notification
+
+    settings = alerting_settings(isolated, hook, idle_close_s=120)
+    settings.alerting.lease_ttl_s = 1
+    settings.alerting.rules = [{"name": "cx_csat_low", "indicator": "csat", "comparison": "below", "threshold": 0.6,
+                                "min_count": 10}]
+    settings.alerting.routes = [{"receiver": "log"}]
+    settings.alerting.receivers = [{"name": "log"}]
+    now = int(time.time() * 1000)
+    ends = [now - now % PANE_MS - 10 * PANE_MS + k * PANE_MS for k in (1, 2)]
+    sink = ClickHouseSink(settings.clickhouse, settings.kafka.consumer_group, settings.kafka.topic)
+    sink.write_cells([cell(ends[0], p, 4, 0.5) for p in range(4)], now)
+    checkpoint(ch, settings, dict.fromkeys(range(4), ends[0]))
+    sent: list[str] = []  # to_state of every alert the second alerter delivered
+
+    def down(_: Notification) -> tuple[bool, int, str]:
+        return False, 503, "down"
+
+    def record(n: Notification) -> tuple[bool, int, str]:
+        sent.extend(a["touchpoint"]["to_state"] for a in n.payload["alerts"])
+        return True, 200, ""
+
+    first = Alerter(settings, holder="a", senders={"log": down}, produce=False)
+    second = Alerter(settings, holder="b", senders={"log": record}, produce=False)
+    try:
+        def crash(*_: Any, **__: Any) -> None:
+            raise Crash
+
+        first.store.write_states = crash  # type: ignore[method-assign]
+        with pytest.raises(Crash):  # the outbox and the transition are written, the states are not
+            first.cycle()
+        assert first.dispatcher is not None
+        first.dispatcher.stop()  # the process is gone: nothing more from it
+        assert [e[2] for e in events(ch)] == ["firing"]
+        assert not second.cycle().active  # the lease is still the first one's
+        wait_until(lambda: second.cycle().active, 10, "the second alerter to take over")
+        wait_until(lambda: sent == ["firing"], 10, "the resumed notification")
+        sink.write_cells([cell(ends[1], p, 4, 0.9) for p in range(4)], int(time.time() * 1000))
+        checkpoint(ch, settings, dict.fromkeys(range(4), ends[1]))
+        wait_until(lambda: second.cycle().events, 10, "the next window")
+        wait_until(lambda: sent == ["firing", "resolved"], 10, "the resolution")
+        time.sleep(1)
+        assert [(e[1], e[2]) for e in events(ch)] == [("inactive", "firing"), ("firing", "resolved")]
+        assert sent == ["firing", "resolved"]  # the resumed one once, the new one once
+    finally:
+        second.close()
+        first.store.close()
+        sink.client.disconnect()
