@@ -213,7 +213,7 @@ def test_two_alerters_judge_whole_windows_once_survive_a_failing_webhook_and_a_s
         sink.client.disconnect()
 
 
-def test_demo_traffic_raises_both_divergence_alerts_through_two_workers(
+def test_demo_traffic_raises_both_divergence_alerts_through_two_workers_and_two_alerters(
         isolated: Settings, ch: Any, hook: Hook, start_worker: Any, publisher: Any, tmp_path: Path) -> None:
     from pipeline.generate.scenarios import generate
 
@@ -221,7 +221,7 @@ def test_demo_traffic_raises_both_divergence_alerts_through_two_workers(
     hook.failing = False
     settings.alerting.rules = [r for r in settings.alerting.rules if r["kind"] == "divergence"]
     workers = [start_worker(), start_worker()]
-    alerter = AlerterProcess(settings, tmp_path / "alerter.log")
+    alerters = [AlerterProcess(settings, tmp_path / f"alerter-{n}.log") for n in range(2)]
     try:
         start = int(time.time() * 1000) + 2_000
         for event in generate("mixed", 24_000, seed=3, start_ms=start, events_per_s=1_000):
@@ -263,8 +263,11 @@ def test_demo_traffic_raises_both_divergence_alerts_through_two_workers(
         resolved = {(r[0], r[1]) for r in ch.execute(
             "SELECT rule, tenant FROM alert_events WHERE to_state = 'resolved'")}
         assert resolved == {("ux_bad_cx_good", "bank"), ("ux_good_cx_bad", "hospital")}
+        # Two alerters, one engine: every transition once.
+        assert ch.execute("SELECT count(), uniqExact(event_id), uniqExact(epoch) FROM alert_events") == [(4, 4, 1)]
     finally:
-        alerter.stop()
+        for alerter in alerters:
+            alerter.stop()
 
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
