@@ -323,8 +323,8 @@ def test_write_judges_rules_of_every_window_kind_and_keeps_the_checkpoint_replay
 def test_migrations_apply_again_after_a_crash_before_they_were_recorded(db):
     client = connect(db.clickhouse)
     client.execute("TRUNCATE TABLE schema_migrations")  # as if every file ran but none was recorded
-    again = apply_migrations(db.clickhouse)
-    assert [m.version for m in again][-4:] == [10, 11, 12, 13]
+    again = [m.version for m in apply_migrations(db.clickhouse)]
+    assert again == sorted(again) and {10, 11, 12, 13, 20} <= set(again)  # every file ran again
     assert apply_migrations(db.clickhouse) == []
     columns = {name for (name,) in client.execute("SELECT name FROM system.columns WHERE database = "
                                                   "currentDatabase() AND table = 'pipeline_checkpoints'")}
