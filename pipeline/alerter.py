@@ -289,7 +289,9 @@ def transition_record(event: AlertEvent) -> dict[str, Any]:
         "threshold": event.threshold, "values": {k: float(v) for k, v in event.values}, "message": event.message,
         "partitions": event.completeness.partitions,
         "closed_by_watermark": list(event.completeness.closed_by_watermark),
-        "closed_by_idle": list(event.completeness.closed_by_idle), "at": event.at_ms,
+        "closed_by_idle": list(event.completeness.closed_by_idle),
+        "channels_reporting": list(event.completeness.channels_reporting),
+        "channels_expected": list(event.completeness.channels_expected), "at": event.at_ms,
     }
 
 

@@ -21,7 +21,7 @@ _EVENT_COLUMNS = ("event_id", "fingerprint", "rule", "rule_kind", "severity", "f
                   "label_names", "label_values", "from_state", "to_state", "cause", "actor", "window_kind",
                   "window_start", "window_end", "window_start_ms", "window_end_ms", "value", "threshold",
                   "value_names", "value_numbers", "message", "partitions", "closed_by_watermark", "closed_by_idle",
-                  "active_since_ms", "at_ms", "epoch")
+                  "channels_reporting", "channels_expected", "active_since_ms", "at_ms", "epoch")
 _STATE_COLUMNS = ("fingerprint", "rule", "tenant", "channel", "state", "since_ms", "value", "acked_by",
                   "escalation_level", "window_end_ms", "series_json", "version", "epoch")
 _NOTIFICATION_COLUMNS = ("notification_id", "receiver", "group_key", "reason", "status", "attempt", "http_status",
@@ -63,13 +63,15 @@ def event_from_row(row: Sequence[Any]) -> AlertEvent:
 
     (event_id, fp, rule, rule_kind, severity, family, tenant, channel, label_names, label_values, from_state,
      to_state, cause, actor, window_kind, _start, _end, start_ms, end_ms, value, threshold, value_names,
-     value_numbers, message, partitions, by_watermark, by_idle, active_since_ms, at_ms, _epoch) = row
+     value_numbers, message, partitions, by_watermark, by_idle, reporting, expected, active_since_ms, at_ms,
+     _epoch) = row
     return AlertEvent(
         event_id=event_id, fingerprint=fp, rule=rule, rule_kind=rule_kind, severity=severity, family=family,
         tenant=tenant, channel=channel, from_state=from_state, to_state=to_state, window_kind=window_kind,
         window_start_ms=start_ms, window_end_ms=end_ms, value=value, threshold=threshold,
         values=tuple(zip(value_names, value_numbers, strict=True)), message=message,
-        completeness=Completeness(partitions, tuple(by_watermark), tuple(by_idle)), at_ms=at_ms, cause=cause,
+        completeness=Completeness(partitions, tuple(by_watermark), tuple(by_idle), tuple(reporting),
+                                  tuple(expected)), at_ms=at_ms, cause=cause,
         actor=actor, labels=tuple(zip(label_names, label_values, strict=True)), active_since_ms=active_since_ms)
 
 
@@ -221,7 +223,8 @@ class AlertStore:
             e.window_kind, e.window_start_ms // 1000, e.window_end_ms // 1000, e.window_start_ms, e.window_end_ms,
             e.value, e.threshold, [k for k, _ in e.values], [float(v) for _, v in e.values], e.message,
             e.completeness.partitions, list(e.completeness.closed_by_watermark),
-            list(e.completeness.closed_by_idle), e.active_since_ms, e.at_ms, epoch) for e in events])
+            list(e.completeness.closed_by_idle), list(e.completeness.channels_reporting),
+            list(e.completeness.channels_expected), e.active_since_ms, e.at_ms, epoch) for e in events])
 
     def write_states(self, series: Iterable[Series], progress: dict[str, Any], version: int, epoch: int) -> None:
         """Changed series and the progress row in one insert: a crash leaves both or neither."""

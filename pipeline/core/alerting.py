@@ -278,15 +278,19 @@ def seasonal_hours(window_start_ms: int, weeks: int) -> list[int]:
 
 @dataclass(frozen=True, slots=True)
 class Completeness:
-    """How whole a judged window was: partitions closed by their watermark vs by idle timeout."""
+    """How whole a judged window was: partitions closed by their watermark vs by idle timeout, and the tenant's
+    channels that reported in it vs those that reported in the last hour of windows."""
 
     partitions: int = 0
     closed_by_watermark: tuple[int, ...] = ()
     closed_by_idle: tuple[int, ...] = ()
+    channels_reporting: tuple[str, ...] = ()
+    channels_expected: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {"partitions": self.partitions, "closed_by_watermark": list(self.closed_by_watermark),
-                "closed_by_idle": list(self.closed_by_idle)}
+                "closed_by_idle": list(self.closed_by_idle), "channels_reporting": list(self.channels_reporting),
+                "channels_expected": list(self.channels_expected)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -551,6 +555,8 @@ class AlertEngine:
         self.series: dict[str, Series] = {}
         self._by_rule: dict[str, dict[tuple[str, str], str]] = {r.name: {} for r in self.rules}
         self._rule = {r.name: r for r in self.rules}
+        self._channels: dict[str, dict[str, int]] = {}  # tenant -> channel -> end of the last window with data
+        self._reporting: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}  # of the window being judged
 
     def indicators(self) -> dict[str, set[str]]:
         """Indicators each window kind must be read for (None-like empty set means every indicator)."""
@@ -581,6 +587,17 @@ class AlertEngine:
               baselines: Mapping[tuple[str, str, str], Sequence[float]] | None = None) -> list[AlertEvent]:
         """Every rule over the windows of every kind ending at `end_ms` (totals of any kind ending there)."""
         events: list[AlertEvent] = []
+        reporting: dict[str, set[str]] = {}
+        for t in totals:
+            if t.denominator > 0 and t.channel != "ALL":
+                reporting.setdefault(t.tenant, set()).add(t.channel)
+        for tenant, channels in reporting.items():
+            for channel in channels:
+                self._channels.setdefault(tenant, {})[channel] = end_ms
+        recent = end_ms - 60 * self.lengths.get("1m", 60_000)
+        self._reporting = {tenant: (tuple(sorted(reporting.get(tenant, ()))),
+                                    tuple(sorted(c for c, last in seen.items() if last > recent)))
+                           for tenant, seen in self._channels.items()}
         for rule in self.rules:
             window = Window(rule.window_kind, end_ms - self.lengths.get(rule.window_kind, 60_000), end_ms,
                             completeness)
@@ -615,6 +632,9 @@ class AlertEngine:
         where = series.tenant if series.channel == "ALL" else f"{series.tenant} {series.channel}"
         message = (f"{rule.name} {after} for {where}: {what} {detail} in "
                    f"{_clock(window.start_ms)}-{_clock(window.end_ms)[-5:]} UTC ({rule.window_kind})")
+        reporting, expected = self._reporting.get(series.tenant, ((), ()))
+        window = replace(window, completeness=replace(window.completeness, channels_reporting=reporting,
+                                                      channels_expected=expected))
         if window.completeness.closed_by_idle:
             message += (f"; partitions {', '.join(map(str, window.completeness.closed_by_idle))} closed by idle "
                         "timeout")

@@ -32,6 +32,8 @@ CREATE TABLE IF NOT EXISTS alert_events
     partitions UInt16,
     closed_by_watermark Array(UInt16),
     closed_by_idle Array(UInt16),
+    channels_reporting Array(String),
+    channels_expected Array(String),
     active_since_ms UInt64,
     at_ms UInt64,
     at DateTime('UTC') DEFAULT toDateTime(intDiv(at_ms, 1000), 'UTC'),

@@ -96,6 +96,17 @@ def test_events_carry_window_values_and_completeness():
     assert event.message == ("cx_csat_low firing for bank WEB: csat 50.0% (20 of 40) in 2026-01-01 00:00-00:01 UTC "
                              "(1m); partitions 3 closed by idle timeout")
     assert fingerprint("cx_csat_low", "bank", "WEB") == "4de570fc1ec7c5c1"  # stable across runs and processes
+    assert (event.completeness.channels_reporting, event.completeness.channels_expected) == (("WEB",), ("WEB",))
+
+
+def test_events_say_which_of_the_tenants_channels_reported():
+    engine = AlertEngine([parse_rule({**CSAT_LOW, "no_data_windows": 1})], LENGTHS)
+    end = T0 + MIN
+    engine.judge(end, [total(end, 0.8), total(end, 0.8, channel="EMAIL")], now_ms=end)
+    (event,) = engine.judge(end + MIN, [total(end + MIN, 0.8)], now_ms=end + MIN)  # EMAIL went silent
+    assert (event.channel, event.to_state) == ("EMAIL", "no_data")
+    assert event.completeness.as_dict() == {"partitions": 0, "closed_by_watermark": [], "closed_by_idle": [],
+                                            "channels_reporting": ["WEB"], "channels_expected": ["EMAIL", "WEB"]}
 
 
 def test_wilson_interval_and_rule_fire_only_when_the_interval_is_beyond():
