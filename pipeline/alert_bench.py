@@ -63,7 +63,6 @@ def run_alert_bench(settings: Settings, *, tenants: int = 50, windows: int = 6, 
     bench.window.idle_close_s = 3600  # the checkpoints alone close windows
     bench.alerting.topic = f"alertbench-{run}.alerts"
     bench.alerting.rules = _rules()
-    bench.alerting.cycle_s = 0.2
     bench.alerting.cases.enabled = False
     received: list[tuple[float, dict[str, Any]]] = []
     lock = threading.Lock()

@@ -170,7 +170,7 @@ class AlertingSettings(BaseModel):
                                          description="First matching route wins (unless `continue`).")
     topic: str = Field("touchpoint.alerts", description="Kafka topic of alert transitions (Avro).")
     subject: str = Field("touchpoint.alerts-value", description="Registry subject of the transitions' schema.")
-    cycle_s: float = Field(1.0, gt=0, description="Seconds between judging cycles (also the grouping wait).")
+    cycle_s: float = Field(0.5, gt=0, description="Seconds between judging cycles (also the grouping wait).")
     lease_ttl_s: float = Field(10.0, gt=0, description="An active alerter silent this long loses its lease.")
     start_lookback_s: int = Field(900, ge=0, description="A first start judges closed windows this far back.")
     max_windows_per_cycle: int = Field(120, ge=1, description="Pane ends judged per cycle at most (catch-up).")
