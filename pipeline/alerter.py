@@ -630,7 +630,17 @@ def run_alerter(settings: Settings, *, holder: str | None = None) -> None:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    from clickhouse_driver.errors import ServerException
+
     alerter = Alerter(settings, holder=holder)
+    try:
+        alerter.store.lease()
+    except ServerException as exc:
+        alerter.store.close()
+        if exc.code in (60, 81):  # unknown table / database
+            raise SystemExit(f"ClickHouse database {settings.clickhouse.database} has no alerting tables: run "
+                             "`touchpoint init` first") from None
+        raise
     log.warning("alerter %s started (standby until it holds the lease)", alerter.holder)
     try:
         while not stop.is_set():
