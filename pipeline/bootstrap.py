@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.adapters.clickhouse import apply_migrations
+from pipeline.adapters.clickhouse import apply_migrations, claim_database
 from pipeline.adapters.identity_log import changelog_topic
 from pipeline.adapters.kafka import ensure_topics
 from pipeline.contract.registry import contract_schemas, open_registry
@@ -28,4 +28,5 @@ def initialise(settings: Settings) -> InitReport:
     registry = open_registry(settings.registry.url)
     ids = [registry.register(settings.registry.subject, schema) for schema in contract_schemas()]
     applied = apply_migrations(settings.clickhouse)
+    claim_database(settings.clickhouse, kafka.consumer_group, kafka.topic)
     return InitReport(created, ids, [f"{m.version:04d}_{m.name}" for m in applied])

@@ -61,7 +61,7 @@ VOLUME_QUERY = "SELECT count(), uniqExact(person_id) FROM touchpoints WHERE even
 
 
 def _percent(num: float | None, den: float | None) -> str:
-    return "-" if not den else f"{num / den:.0%} [dim]({den:.0f})[/]"
+    return "-" if not den or num is None else f"{num / den:.0%} [dim]({den:.0f})[/]"
 
 
 def _pooled(cells: dict[tuple[str, str], dict[str, tuple[float, float]]], tenant: str, indicator: str) -> float | None:
@@ -127,6 +127,25 @@ def watch(settings: Settings, console: Console, *, refresh_s: float, minutes: in
             live.update(snapshot(settings, minutes))
 
 
+def _start_console(settings: Settings) -> subprocess.Popen[bytes]:
+    """The operations console beside the terminal view, with a fresh action token unless one is set."""
+    import secrets
+
+    token = settings.console.token or secrets.token_urlsafe(12)
+    log_path = settings.stack.state_dir / "demo-console.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "console"], stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "TOUCHPOINT_CONSOLE__TOKEN": token})
+    print(f"operations console: http://{settings.console.host}:{settings.console.port}/ "
+          f"(action token {token}; logs: {log_path})", flush=True)
+    return process
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: float) -> None:
     """Stack up, init, a worker, generated traffic of every scenario, and the live view until it is done."""
     from pipeline.bootstrap import initialise
@@ -143,6 +162,7 @@ def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: f
     with log_path.open("w") as log:
         worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], stdout=log,
                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    operations_console = _start_console(settings)
     console.print(f"[bold]4/4[/] publishing {duration_s:.0f} s of traffic at {rate:g}/s: banking app with "
                   "intermittent failures, hospital booking then a bad visit, and ordinary traffic; "
                   "metrics at http://127.0.0.1:9108/metrics")
@@ -156,6 +176,9 @@ def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: f
         thread.start()
     # Until traffic stops, plus one window, the lateness and the idle close, so the last minute closes too.
     deadline = time.time() + duration_s + settings.window.size_s + settings.window.allowed_lateness_s + 10
+    # A closed terminal (SIGHUP) or a kill must stop the worker too: end through the `finally` below.
+    for stop_signal in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(stop_signal, _exit_on_signal)
     try:
         with Live(snapshot(settings, 10), console=console, refresh_per_second=1) as live:
             while time.time() < deadline:
@@ -165,11 +188,13 @@ def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: f
                 live.update(snapshot(settings, 10))
     finally:
         stop.set()
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-    console.print("\ndone; the stack stays up (`touchpoint stack down` stops it). Query ClickHouse for more, "
+        for process in (worker, operations_console):
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    console.print("\ndone; the stack stays up (`touchpoint stack down` stops it), `touchpoint console` serves the "
+                  "operations console again. Query ClickHouse for more, "
                   "e.g. clickhouse-client --port "
                   f"{settings.clickhouse.port} -d {settings.clickhouse.database} -q 'SELECT * FROM alerts FINAL'")

@@ -136,6 +136,31 @@ def _signals(rule: str, name: str, raw: Any) -> tuple[Signal, ...]:
     return tuple(out)
 
 
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Rule)}  # the type each declared field takes
+
+
+def _coerce(rule: str, name: str, value: Any) -> Any:
+    """A declared field's value in the type Rule holds, or an error naming the rule and field."""
+    if name in ("tenants", "channels"):
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise _fail(rule, name, "must be a list of names")
+        return tuple(str(v) for v in value)
+    if name == "labels":
+        if not isinstance(value, Mapping):
+            raise _fail(rule, name, "must be a table of label = value")
+        return tuple(sorted((str(k), str(v)) for k, v in value.items()))
+    expected = float if name == "recovery_threshold" else type(_DEFAULTS[name])
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _fail(rule, name, f"must be a number, got {value!r}")
+        return float(value)
+    if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise _fail(rule, name, f"must be a whole number, got {value!r}")
+    if expected is str and not isinstance(value, str):
+        raise _fail(rule, name, f"must be text, got {value!r}")
+    return value
+
+
 def parse_rule(raw: Mapping[str, Any]) -> Rule:
     """A rule from its declarative form (TOML table / JSON object), with errors naming the rule and field."""
     name = raw.get("name")
@@ -149,41 +174,23 @@ def parse_rule(raw: Mapping[str, Any]) -> Rule:
     if kind not in RULE_KINDS:
         raise _fail(name, "kind", f"{kind!r} is not one of {', '.join(RULE_KINDS)}")
     values: dict[str, Any] = {"name": name, "kind": kind}
-    for f in fields(Rule):
-        if f.name in ("name", "kind", "ux", "cx") or f.name not in raw:
-            continue
-        value = raw[f.name]
-        expected = type(getattr(Rule(name="x", kind="threshold"), f.name))
-        if f.name == "recovery_threshold":
-            expected = float
-        if f.name in ("tenants", "channels"):
-            if not isinstance(value, Sequence) or isinstance(value, str):
-                raise _fail(name, f.name, "must be a list of names")
-            value = tuple(str(v) for v in value)
-        elif f.name == "labels":
-            if not isinstance(value, Mapping):
-                raise _fail(name, f.name, "must be a table of label = value")
-            value = tuple(sorted((str(k), str(v)) for k, v in value.items()))
-        elif expected is float:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise _fail(name, f.name, f"must be a number, got {value!r}")
-            value = float(value)
-        elif expected is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise _fail(name, f.name, f"must be a whole number, got {value!r}")
-        elif expected is str and not isinstance(value, str):
-            raise _fail(name, f.name, f"must be text, got {value!r}")
-        values[f.name] = value
-    if "ux" in raw:
-        values["ux"] = _signals(name, "ux", raw["ux"])
-    if "cx" in raw:
-        values["cx"] = _signals(name, "cx", raw["cx"])
+    for field_name, value in raw.items():
+        if field_name in ("ux", "cx"):
+            values[field_name] = _signals(name, field_name, value)
+        elif field_name not in ("name", "kind"):
+            values[field_name] = _coerce(name, field_name, value)
     rule = Rule(**values)
-    _check(rule)
+    _check_common(rule)
+    if rule.kind in ("threshold", "wilson", "seasonal"):
+        _check_indicator_rule(rule)
+    if rule.kind == "divergence":
+        _check_divergence(rule)
+    if rule.kind == "no_data" and rule.no_data_windows < 1:
+        raise _fail(name, "no_data_windows", "a no_data rule needs no_data_windows >= 1")
     return rule
 
 
-def _check(rule: Rule) -> None:
+def _check_common(rule: Rule) -> None:
     n = rule.name
     if rule.severity not in SEVERITIES:
         raise _fail(n, "severity", f"{rule.severity!r} is not one of {', '.join(SEVERITIES)}")
@@ -191,48 +198,49 @@ def _check(rule: Rule) -> None:
         raise _fail(n, "window_kind", f"{rule.window_kind!r} is not one of {', '.join(WINDOW_KINDS)}")
     if rule.for_windows < 1:
         raise _fail(n, "for_windows", "must be at least 1")
-    if rule.keep_firing_for_s < 0 or rule.no_data_windows < 0 or rule.min_count < 0:
-        raise _fail(n, "keep_firing_for_s" if rule.keep_firing_for_s < 0 else
-                    "no_data_windows" if rule.no_data_windows < 0 else "min_count", "must not be negative")
-    if rule.kind in ("threshold", "wilson", "seasonal"):
-        if rule.indicator not in BY_ID:
-            raise _fail(n, "indicator", f"unknown indicator {rule.indicator!r}")
-        if rule.window_kind not in BY_ID[rule.indicator].windows:
-            raise _fail(n, "window_kind", f"{rule.indicator} is computed in "
-                                          f"{', '.join(BY_ID[rule.indicator].windows)} windows, not "
-                                          f"{rule.window_kind!r}")
-        allowed = ("above", "below", "both") if rule.kind == "seasonal" else ("above", "below")
-        if rule.comparison not in allowed:
-            raise _fail(n, "comparison", f"must be one of {', '.join(allowed)}")
-    if rule.kind in ("threshold", "wilson") and rule.recovery_threshold is not None:
-        wrong = (rule.recovery_threshold > rule.threshold if rule.comparison == "above"
-                 else rule.recovery_threshold < rule.threshold)
-        if wrong:
-            side = "at or below" if rule.comparison == "above" else "at or above"
-            raise _fail(n, "recovery_threshold", f"must be {side} the threshold {rule.threshold:g}")
-    if rule.kind == "wilson":
-        if BY_ID[rule.indicator].kind != Kind.RATIO:
-            raise _fail(n, "indicator", f"{rule.indicator} is not a rate; the Wilson interval needs a ratio")
-        if not 0.5 <= rule.confidence < 1:
-            raise _fail(n, "confidence", "must be in [0.5, 1)")
-    if rule.kind == "seasonal":
-        if rule.weeks < 1 or not 1 <= rule.min_weeks <= rule.weeks:
-            raise _fail(n, "min_weeks", "must be between 1 and weeks")
-        if rule.z <= 0:
-            raise _fail(n, "z", "must be positive")
-    if rule.kind == "divergence":
-        if rule.divergence not in ("ux_bad_cx_good", "ux_good_cx_bad"):
-            raise _fail(n, "divergence", "must be ux_bad_cx_good or ux_good_cx_bad")
-        for side, signals in (("ux", rule.ux), ("cx", rule.cx)):
-            if len(signals) < rule.min_signals:
-                raise _fail(n, side, f"needs at least min_signals ({rule.min_signals}) indicators")
-            for s in signals:
-                if rule.kind_of(s.indicator) not in (rule.window_kind, "session"):
-                    raise _fail(n, side, f"{s.indicator} is not computed in {rule.window_kind} windows")
-        if rule.min_signals < 1:
-            raise _fail(n, "min_signals", "must be at least 1")
-    if rule.kind == "no_data" and rule.no_data_windows < 1:
-        raise _fail(n, "no_data_windows", "a no_data rule needs no_data_windows >= 1")
+    for name in ("keep_firing_for_s", "no_data_windows", "min_count"):
+        if getattr(rule, name) < 0:
+            raise _fail(n, name, "must not be negative")
+
+
+def _check_indicator_rule(rule: Rule) -> None:
+    """threshold, wilson and seasonal rules: one indicator, in a window kind it is computed in."""
+    n = rule.name
+    if rule.indicator not in BY_ID:
+        raise _fail(n, "indicator", f"unknown indicator {rule.indicator!r}")
+    if rule.window_kind not in BY_ID[rule.indicator].windows:
+        raise _fail(n, "window_kind", f"{rule.indicator} is computed in {', '.join(BY_ID[rule.indicator].windows)} "
+                                      f"windows, not {rule.window_kind!r}")
+    allowed = ("above", "below", "both") if rule.kind == "seasonal" else ("above", "below")
+    if rule.comparison not in allowed:
+        raise _fail(n, "comparison", f"must be one of {', '.join(allowed)}")
+    if rule.kind != "seasonal" and rule.recovery_threshold is not None and (
+            rule.recovery_threshold > rule.threshold if rule.comparison == "above"
+            else rule.recovery_threshold < rule.threshold):
+        side = "at or below" if rule.comparison == "above" else "at or above"
+        raise _fail(n, "recovery_threshold", f"must be {side} the threshold {rule.threshold:g}")
+    if rule.kind == "wilson" and BY_ID[rule.indicator].kind != Kind.RATIO:
+        raise _fail(n, "indicator", f"{rule.indicator} is not a rate; the Wilson interval needs a ratio")
+    if rule.kind == "wilson" and not 0.5 <= rule.confidence < 1:
+        raise _fail(n, "confidence", "must be in [0.5, 1)")
+    if rule.kind == "seasonal" and (rule.weeks < 1 or not 1 <= rule.min_weeks <= rule.weeks):
+        raise _fail(n, "min_weeks", "must be between 1 and weeks")
+    if rule.kind == "seasonal" and rule.z <= 0:
+        raise _fail(n, "z", "must be positive")
+
+
+def _check_divergence(rule: Rule) -> None:
+    n = rule.name
+    if rule.divergence not in ("ux_bad_cx_good", "ux_good_cx_bad"):
+        raise _fail(n, "divergence", "must be ux_bad_cx_good or ux_good_cx_bad")
+    if rule.min_signals < 1:
+        raise _fail(n, "min_signals", "must be at least 1")
+    for side, signals in (("ux", rule.ux), ("cx", rule.cx)):
+        if len(signals) < rule.min_signals:
+            raise _fail(n, side, f"needs at least min_signals ({rule.min_signals}) indicators")
+        for s in signals:
+            if rule.kind_of(s.indicator) not in (rule.window_kind, "session"):
+                raise _fail(n, side, f"{s.indicator} is not computed in {rule.window_kind} windows")
 
 
 def parse_rules(raws: Iterable[Mapping[str, Any]]) -> list[Rule]:
