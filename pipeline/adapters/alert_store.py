@@ -93,6 +93,10 @@ class AlertStore:
         with self._lock:
             return self.client.execute(query, params, **kwargs)
 
+    def query(self, sql: str, params: object = None) -> Any:
+        """A read for operators' views (the console's alert store)."""
+        return self._execute(sql, params)
+
     def _insert(self, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
         if rows:
             data = [list(column) for column in zip(*rows, strict=True)]

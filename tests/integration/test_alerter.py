@@ -376,3 +376,41 @@ def test_a_takeover_after_a_crash_between_writes_neither_repeats_nor_loses_a_tra
         second.close()
         first.store.close()
         sink.client.disconnect()
+
+
+def test_the_console_interface_over_the_lifecycle_tables(isolated: Settings, ch: Any, hook: Hook,
+                                                         tmp_path: Path) -> None:
+    from pipeline.alert_admin import LifecycleAlertStore
+
+    settings = alerting_settings(isolated, hook, idle_close_s=120)
+    hook.failing = False
+    settings.alerting.rules = [{"name": "cx_csat_low", "indicator": "csat", "comparison": "below", "threshold": 0.6,
+                                "min_count": 10}]
+    now = int(time.time() * 1000)
+    end = now - now % PANE_MS - 5 * PANE_MS
+    sink = ClickHouseSink(settings.clickhouse, settings.kafka.consumer_group, settings.kafka.topic)
+    sink.write_cells([cell(end, p, 4, 0.5) for p in range(4)], now)
+    checkpoint(ch, settings, dict.fromkeys(range(4), end))
+    alerter = AlerterProcess(settings, tmp_path / "alerter.log")
+    store = LifecycleAlertStore(settings)
+    try:
+        listed = wait_until(lambda: store.list(3600, int(time.time() * 1000)), 30, "the alert in the console list")
+        (alert,) = listed
+        assert (alert["rule"], alert["tenant"], alert["channel"], alert["state"], alert["window_end_ms"]) == (
+            "cx_csat_low", "bank", "WEB", "firing", end)
+        acted = store.act(alert["alert_id"], "acknowledge", "ana", "looking", 0, int(time.time() * 1000))
+        assert [h["action"] for h in acted["history"]] == ["inactive->firing", "ack"]
+        wait_until(lambda: (store.get(alert["alert_id"], int(time.time() * 1000)) or {}).get("state")
+                   == "acknowledged", 20, "the acknowledgement")
+        until = int(time.time() * 1000) + 600_000
+        silenced = store.act(alert["alert_id"], "silence", "ana", "", until, int(time.time() * 1000))
+        assert (silenced["state"], silenced["silenced_until_ms"]) == ("silenced", until)
+        store.act(alert["alert_id"], "resolve", "ana", "", 0, int(time.time() * 1000))
+        wait_until(lambda: (store.get(alert["alert_id"], int(time.time() * 1000)) or {}).get("state")
+                   == "resolved", 20, "the resolution")
+        with pytest.raises(LookupError):
+            store.act("nope", "resolve", "ana", "", 0, int(time.time() * 1000))
+    finally:
+        store.close()
+        alerter.stop()
+        sink.client.disconnect()
