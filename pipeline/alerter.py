@@ -205,7 +205,8 @@ def webhook_sender(receiver: Receiver) -> Send:
         if getattr(local, "conn", None) is None:
             kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
             local.conn = kind(url.hostname or "", url.port, timeout=receiver.timeout_s)
-        return local.conn  # type: ignore[no-any-return]
+        conn: http.client.HTTPConnection = local.conn
+        return conn
 
     def send(notification: Notification) -> tuple[bool, int, str]:
         body = json.dumps(notification.payload).encode()
