@@ -128,6 +128,7 @@ class FakeOffsets:
         self.high: dict[int, int] = {}
         self.read: dict[int, int] = {}
         self.fail_commits = False
+        self.log_start: dict[int, int] = {}
 
     def assigned(self) -> set[int]:
         return set(self.partitions)
@@ -144,6 +145,9 @@ class FakeOffsets:
     async def seek(self, partition: int, offset: int) -> None:
         self.read[partition] = offset
         self.journal.add("seek", (partition, offset))
+
+    async def earliest(self, partition: int) -> int | None:
+        return self.log_start.get(partition, 0)
 
     async def commit(self, offsets: Mapping[int, int]) -> None:
         if self.fail_commits:
@@ -581,3 +585,23 @@ def test_a_replay_from_a_held_back_offset_sends_the_consumer_back_and_skips_what
     run(scenario())
     assert h.store.rows.keys() == {f"e{i}" for i in range(3, 12)}
     assert h.offsets.committed_offsets == {0: 12}
+
+
+def test_a_forward_gap_sends_the_consumer_back_unless_retention_removed_the_records():
+    h = Harness(partitions={0, 1})
+    h.offsets.log_start = {1: 100}  # partition 1's older records are past retention
+    events = [task("SUCCESS", event_id=f"e{i}", event_time=BASE_MS + i * 1_000, user_id="u") for i in range(20)]
+
+    async def scenario() -> None:
+        records = h.records(0, 0, events[:10])
+        await h.runner.on_records({0: records[:4], 1: [Record(1, 100 + n, r.value) for n, r in
+                                                       enumerate(h.records(1, 0, events[10:]))]})
+        assert h.runner.processor.partitions[1].next_offset == 110  # started where the log starts
+        # A rebalance sought the consumer past what partition 0's windows hold (another worker's commit).
+        await h.runner.on_records({0: records[7:]})
+        assert ("seek", (0, 4)) in h.journal.entries
+        await h.runner.on_records({0: records[4:]})
+        await h.runner.flush(wait=True)
+
+    run(scenario())
+    assert {f"e{i}" for i in range(20)} == h.store.rows.keys()
