@@ -61,7 +61,8 @@ def init() -> None:
 
     settings = get_settings()
     report = initialise(settings)
-    console.print(f"kafka: topics created {report.topics_created or 'none (all there)'}")
+    console.print(f"kafka: topics created {report.topics_created or 'none (all there)'}, settings updated on "
+                  f"{report.topics_reconfigured or 'none (all as stated in pipeline/topics.py)'}")
     console.print(f"registry: subject {settings.registry.subject} holds schema ids {report.schema_ids}")
     console.print(f"clickhouse: database {settings.clickhouse.database}, migrations applied "
                   f"{report.migrations_applied or 'none (up to date)'}")

@@ -6,6 +6,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import (
@@ -33,6 +34,10 @@ class KafkaSettings(BaseModel):
     replication_factor: int = 1
     consumer_group: str = "touchpoint-pipeline"
     session_timeout_s: float = Field(10.0, gt=0, description="A worker silent this long leaves the group.")
+    retention_hours: float = Field(168.0, gt=0, description="How long the broker keeps touchpoints (replay horizon).")
+    dead_letter_retention_days: float = Field(30.0, gt=0, description="How long the broker keeps dead letters.")
+    max_message_bytes: int = Field(1_048_588, ge=1024, description="Largest touchpoint record the topic accepts; "
+                                   "the dead-letter topic takes 64 KiB more, so any record fits there with its reason.")
 
 
 class RegistrySettings(BaseModel):
@@ -129,6 +134,16 @@ def default_alert_rules() -> list[AlertRuleSettings]:
 
 class StackSettings(BaseModel):
     state_dir: Path = PROJECT_ROOT / ".touchpoint"
+    broker: Literal["auto", "kafka", "tansu"] = Field(
+        "auto", description="Local broker: kafka (Apache Kafka, KRaft, durable; needs Java 17+ and the jars "
+                            "scripts/setup.sh resolves), tansu (pip-only fallback, memory storage), or auto "
+                            "(kafka wherever Java 17+ is present, else tansu).")
+    java: str = Field("java", description="Java 17+ executable that runs the local Apache Kafka broker.")
+    kafka_libs_dir: Path = Field(PROJECT_ROOT / "deploy" / "kafka-local" / "target" / "libs",
+                                 description="Apache Kafka's jars, resolved by Maven from deploy/kafka-local/pom.xml.")
+    kafka_controller_port: int = Field(0, ge=0, le=65535,
+                                       description="KRaft controller port on loopback; 0 = the broker's port + 1.")
+    kafka_heap_mb: int = Field(512, ge=128, description="Maximum JVM heap of the local Apache Kafka broker.")
     tansu_sha256: str = "38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723"
 
 

@@ -14,13 +14,14 @@ from typing import Any
 
 import fastavro
 from kafka import KafkaProducer
-from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from pipeline.contract.registry import SchemaRegistry, parse_for_decoding
 from pipeline.contract.wire import frame
 from pipeline.core.enrich import identifiers_of
 from pipeline.core.validate import BLANK_IDENTIFIERS, violation
+from pipeline.topics import TopicSpec
 
 
 def ensure_topics(bootstrap_servers: str, topics: dict[str, int], replication_factor: int = 1,
@@ -37,6 +38,54 @@ def ensure_topics(bootstrap_servers: str, topics: dict[str, int], replication_fa
             except TopicAlreadyExistsError:
                 pass  # another init won the race; the topic is there, which is all we need
         return [t.name for t in wanted]
+    finally:
+        admin.close()
+
+
+def apply_topics(bootstrap_servers: str, specs: Iterable[TopicSpec], replication_factor: int = 1
+                 ) -> tuple[list[str], list[str]]:
+    """Create the missing topics with their settings and set the settings that differ on those that exist
+    (incrementally: other settings an operator put on a topic stay). Returns (created, reconfigured)."""
+    specs = list(specs)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="touchpoint-admin")
+    try:
+        existing = set(admin.list_topics())
+        wanted = [NewTopic(spec.name, spec.partitions, replication_factor, topic_configs=dict(spec.config))
+                  for spec in specs if spec.name not in existing]
+        if wanted:
+            try:
+                admin.create_topics(wanted)
+            except TopicAlreadyExistsError:
+                pass  # another init won the race; its settings are set below on the next init
+        present = [spec for spec in specs if spec.name in existing]
+        reconfigured: list[str] = []
+        if present:
+            described = admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, spec.name) for spec in present],
+                config_filter="all").get("topic", {})
+            changes = []
+            for spec in present:
+                current = described.get(spec.name) or {}
+                differ = {key: value for key, value in spec.config.items()
+                          if (current.get(key) or {}).get("value") != value}
+                if differ:
+                    changes.append(ConfigResource(ConfigResourceType.TOPIC, spec.name, configs=differ))
+                    reconfigured.append(spec.name)
+            if changes:
+                admin.alter_configs(changes)
+        return [t.name for t in wanted], reconfigured
+    finally:
+        admin.close()
+
+
+def topic_configs(bootstrap_servers: str, topics: list[str]) -> dict[str, dict[str, str]]:
+    """The settings the broker reports for each topic (name -> setting -> value)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="touchpoint-admin")
+    try:
+        described = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic) for topic in topics], config_filter="all")
+        return {topic: {key: entry["value"] for key, entry in (configs or {}).items()}
+                for topic, configs in described.get("topic", {}).items()}
     finally:
         admin.close()
 
