@@ -88,26 +88,37 @@ def forget(
                   f"({report.rows_before} touchpoints deleted). Indicator windows hold no person data and stay.")
 
 
+BAD_LINES_SHOWN = 20
+
+
 @app.command()
 def publish(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSON Lines, one touchpoint per line."),
     schema_version: int = typer.Option(0, help="Subject version to write with; 0 = the newest."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Publish the good lines even if some are bad "
+                                                            "(by default a file with a bad line publishes nothing)."),
 ) -> None:
-    """Validate every line against the contract, report bad lines by number and reason, publish the rest."""
-    from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher, read_jsonl
-    from pipeline.contract.registry import open_registry
+    """Check every line (size, UTF-8, JSON, contract) first, report bad lines by number and reason, then publish
+    nothing or every good line and print what the broker acknowledged."""
+    from pipeline.publish import publish_file
 
     settings = get_settings()
-    encoder = TouchpointEncoder(open_registry(settings.registry.url), settings.registry.subject,
-                                schema_version or None)
-    good, bad = read_jsonl(file, encoder, int(time.time() * 1000), settings.window.max_future_s * 1000)
-    for line in bad:
-        console.print(f"[red]line {line.line_number}[/]: {line.reason}")
-    publisher = TouchpointPublisher(settings.kafka.bootstrap_servers, settings.kafka.topic, encoder)
-    publisher.publish_many(good)
-    publisher.close()
-    console.print(f"published {len(good)} touchpoints to {settings.kafka.topic}; {len(bad)} bad lines skipped")
-    if bad:
+    report = publish_file(settings, file, int(time.time() * 1000), schema_version=schema_version or None,
+                          skip_bad=skip_bad)
+    for line in report.bad[:BAD_LINES_SHOWN]:
+        console.print(f"[red]line {line.line_number}[/]: {line.reason}", highlight=False)
+    if len(report.bad) > BAD_LINES_SHOWN:
+        console.print(f"... and {len(report.bad) - BAD_LINES_SHOWN} more bad lines")
+    if not report.sent:
+        console.print(f"published nothing: {len(report.bad)} bad lines, {report.good} good"
+                      + ("; fix the file or pass --skip-bad" if report.bad else ""))
+        raise typer.Exit(1 if report.bad else 0)
+    for line in report.undelivered[:BAD_LINES_SHOWN]:
+        console.print(f"[red]line {line.line_number}[/]: not delivered: {line.reason}", highlight=False)
+    console.print(f"delivered {report.delivered} of {report.good} touchpoints to {settings.kafka.topic} "
+                  f"(acknowledged by every in-sync replica); {len(report.bad)} bad lines skipped"
+                  + (f"; {len(report.undelivered)} NOT delivered" if report.undelivered else ""))
+    if report.bad or report.undelivered:
         raise typer.Exit(1)
 
 

@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -34,6 +34,16 @@ class KafkaSettings(BaseModel):
     replication_factor: int = 1
     consumer_group: str = "touchpoint-pipeline"
     session_timeout_s: float = Field(10.0, gt=0, description="A worker silent this long leaves the group.")
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_ports(cls, value: str) -> str:
+        for address in value.split(","):
+            host, _, port = address.strip().rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"{address.strip()!r} is not host:port with a port from 1 to 65535 "
+                                 "(comma-separated for several brokers)")
+        return value
     retention_hours: float = Field(168.0, gt=0, description="How long the broker keeps touchpoints (replay horizon).")
     dead_letter_retention_days: float = Field(30.0, gt=0, description="How long the broker keeps dead letters.")
     max_message_bytes: int = Field(1_048_588, ge=1024, description="Largest touchpoint record the topic accepts; "
@@ -42,14 +52,14 @@ class KafkaSettings(BaseModel):
 
 class RegistrySettings(BaseModel):
     # file:// for the local stack (a manifest in schemas/), http(s):// for a Confluent-compatible registry.
-    url: str = f"file://{SCHEMAS_DIR / 'registry.json'}"
+    url: str = Field(f"file://{SCHEMAS_DIR / 'registry.json'}", pattern=r"^(file|https?)://")
     subject: str = "touchpoints-value"
 
 
 class ClickHouseSettings(BaseModel):
     host: str = "127.0.0.1"
-    port: int = 19000
-    http_port: int = 18123
+    port: int = Field(19000, ge=1, le=65535, description="Native protocol port.")
+    http_port: int = Field(18123, ge=1, le=65535)
     database: str = "touchpoint"
     user: str = "default"
     password: str = ""
@@ -160,7 +170,10 @@ class Settings(BaseSettings):
     identity: IdentitySettings = IdentitySettings()
     alert_rules: list[AlertRuleSettings] = Field(default_factory=default_alert_rules)
     stack: StackSettings = StackSettings()
-    metrics_port: int = Field(9108, description="Prometheus /metrics port of a worker; 0 disables it.")
+    metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics port of a worker; 0 disables it.")
+    metrics_host: str = Field("127.0.0.1", description="Address /metrics listens on: loopback by default; 0.0.0.0 "
+                                                       "(all interfaces) only where a scraper needs it, e.g. "
+                                                       "in a container.")
     log_level: str = "info"
 
     @classmethod
