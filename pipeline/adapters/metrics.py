@@ -3,6 +3,8 @@ person ids never become labels."""
 
 from __future__ import annotations
 
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 EVENTS_IN = Counter("touchpoint_events_in", "Valid touchpoints read, by channel.", ["channel"])
@@ -30,6 +32,12 @@ IDENTITY_DECISIONS = Counter("touchpoint_identity_decisions",
                              "Identity graph decisions: merge, refuse_conflict, refuse_limit, forget.", ["action"])
 ROLE_TRANSITIONS = Counter("touchpoint_role_transitions", "Role changes written, by new role.", ["to_role"])
 ALERTS_FIRED = Counter("touchpoint_alerts_fired", "Alerts raised, by rule and severity.", ["rule", "severity"])
+# Liveness, set by the runner (deploy/prometheus/alerts.yml fires when they go stale):
+LAST_FLUSH = Gauge("touchpoint_last_flush_timestamp_seconds",
+                   "Unix time of the last flush cycle that succeeded (an idle worker's empty flush counts).")
+EVENT_LOOP_HEARTBEAT = Gauge("touchpoint_event_loop_heartbeat_timestamp_seconds",
+                             "Unix time the worker's event loop last ran its heartbeat task: stale when it is stuck, "
+                             "even though /metrics, served from its own thread, still answers.")
 
 
 def observe_insert(table: str, seconds: float, rows: int) -> None:
@@ -45,7 +53,14 @@ def forget_partition(topic: str, partition: int) -> None:
             pass
 
 
-def serve(port: int) -> None:
-    """Expose /metrics on this port (0 disables it)."""
+def serve(port: int, host: str | None = None) -> WSGIServer | None:
+    """Expose /metrics on this port (0 disables it), on the address of the metrics_host setting by default
+    (loopback: a container deployment sets 0.0.0.0 so Prometheus reaches it)."""
     if port:
-        start_http_server(port)
+        if host is None:
+            from pipeline.settings import get_settings
+
+            host = get_settings().metrics_host
+        server, _ = start_http_server(port, addr=host)
+        return server
+    return None
