@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 from pathlib import Path
 
@@ -227,5 +229,63 @@ def demo(
     run_demo(get_settings(), console, duration_s=duration, rate=rate)
 
 
+def operator_message(exc: BaseException) -> str | None:
+    """One line for an operator's everyday mistake (a server not reachable, an invalid setting, a refused
+    request), None for anything else: a bug, whose traceback is worth seeing."""
+    from clickhouse_driver.errors import NetworkError, SocketTimeoutError
+    from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+    from pydantic import ValidationError
+
+    from pipeline.contract.registry import RegistryError
+    from pipeline.erasure import ErasureRefused
+    from pipeline.stack.local import StackError
+
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for error in chain:
+        if isinstance(error, ValidationError):
+            problems = error.errors()
+            first = problems[0]
+            name = ".".join(str(part) for part in first["loc"])
+            env = "TOUCHPOINT_" + "__".join(str(part).upper() for part in first["loc"])
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            return (f"invalid setting {name} ({env} or touchpoint.toml): {first['msg']}; "
+                    f"got {first.get('input')!r}{more}")
+        if isinstance(error, (ErasureRefused, StackError)):
+            return str(error)
+        if isinstance(error, KafkaConnectionError) or (
+                isinstance(error, KafkaTimeoutError) and "bootstrap" in str(error)):
+            return (f"cannot reach the Kafka broker at {get_settings().kafka.bootstrap_servers} "
+                    "(kafka.bootstrap_servers, TOUCHPOINT_KAFKA__BOOTSTRAP_SERVERS): is it running and is the "
+                    "address right? `touchpoint stack status` shows the local stack")
+        if isinstance(error, (NetworkError, SocketTimeoutError)):
+            ch = get_settings().clickhouse
+            reason = str(error).split("\n")[0]
+            return (f"cannot reach ClickHouse at {ch.host}:{ch.port} (clickhouse.host, clickhouse.port, "
+                    f"TOUCHPOINT_CLICKHOUSE__PORT): {reason}; is it running? `touchpoint stack status` shows the "
+                    "local stack")
+        if isinstance(error, RegistryError):
+            return (f"schema registry problem (registry.url, TOUCHPOINT_REGISTRY__URL = "
+                    f"{get_settings().registry.url}): {error}")
+    return None
+
+
+def main() -> None:
+    """The `touchpoint` command: operators' mistakes end with one line on stderr and exit code 2."""
+    if sys.argv[1:2] != ["worker"]:  # a one-shot command says "cannot reach ClickHouse" once, without the
+        logging.getLogger("clickhouse_driver").setLevel(logging.ERROR)  # driver's own warning and traceback
+    try:
+        app()
+    except Exception as exc:
+        message = operator_message(exc)
+        if message is None:
+            raise
+        Console(stderr=True).print(f"touchpoint: {message}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.adapters.kafka import BadLine, TouchpointEncoder, TouchpointPublisher, read_jsonl
+from pipeline.adapters.kafka import BOOTSTRAP_TIMEOUT_MS, BadLine, TouchpointEncoder, TouchpointPublisher, read_jsonl
 from pipeline.contract.registry import open_registry
 from pipeline.settings import Settings
 
@@ -27,7 +27,8 @@ def publish_file(settings: Settings, path: Path, now_ms: int, *, schema_version:
                            settings.kafka.max_message_bytes)
     if (bad and not skip_bad) or not good:
         return PublishReport(len(good), bad, False, 0, [])
-    publisher = TouchpointPublisher(settings.kafka.bootstrap_servers, settings.kafka.topic, encoder)
+    publisher = TouchpointPublisher(settings.kafka.bootstrap_servers, settings.kafka.topic, encoder,
+                                    bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
     try:
         failed = publisher.deliver([event for _, event in good])
     finally:

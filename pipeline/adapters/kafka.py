@@ -43,12 +43,16 @@ def ensure_topics(bootstrap_servers: str, topics: dict[str, int], replication_fa
         admin.close()
 
 
+BOOTSTRAP_TIMEOUT_MS = 10_000  # an operator's command tells "broker unreachable" after this, not after 30 s
+
+
 def apply_topics(bootstrap_servers: str, specs: Iterable[TopicSpec], replication_factor: int = 1
                  ) -> tuple[list[str], list[str]]:
     """Create the missing topics with their settings and set the settings that differ on those that exist
     (incrementally: other settings an operator put on a topic stay). Returns (created, reconfigured)."""
     specs = list(specs)
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="touchpoint-admin")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="touchpoint-admin",
+                             bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
     try:
         existing = set(admin.list_topics())
         wanted = [NewTopic(spec.name, spec.partitions, replication_factor, topic_configs=dict(spec.config))
@@ -81,7 +85,8 @@ def apply_topics(bootstrap_servers: str, specs: Iterable[TopicSpec], replication
 
 def topic_configs(bootstrap_servers: str, topics: list[str]) -> dict[str, dict[str, str]]:
     """The settings the broker reports for each topic (name -> setting -> value)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="touchpoint-admin")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="touchpoint-admin",
+                             bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
     try:
         described = admin.describe_configs(
             [ConfigResource(ConfigResourceType.TOPIC, topic) for topic in topics], config_filter="all")
