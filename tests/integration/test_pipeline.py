@@ -80,6 +80,7 @@ def all_windows_closed(ch, settings, last_event_ms: int) -> bool:
     return len(rows) == settings.kafka.partitions and all(c > last_window_start for _, c in rows)
 
 
+@pytest.mark.smoke
 def test_publish_to_clickhouse_exact_counts_indicators_and_alerts(isolated, publisher, start_worker, ch):
     start_ms = int(time.time() * 1000) - 120_000
     events = traffic(6_000, start_ms=start_ms)
@@ -129,6 +130,7 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+@pytest.mark.smoke
 def test_bad_input_is_dead_lettered_with_reason_and_the_worker_goes_on(isolated, publisher, start_worker, ch):
     now = int(time.time() * 1000)
     isolated.metrics_port = _free_port()
