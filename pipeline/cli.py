@@ -15,7 +15,7 @@ from pipeline.settings import get_settings
 
 app = typer.Typer(help="Touchpoint pipeline: customer touchpoints in, live CX and UX indicators out.",
                   no_args_is_help=True)
-stack_app = typer.Typer(help="The local stack: Tansu broker and ClickHouse server on loopback.",
+stack_app = typer.Typer(help="The local stack: Apache Kafka (or Tansu) broker and ClickHouse server on loopback.",
                         no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 console = Console()
