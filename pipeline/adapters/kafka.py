@@ -250,7 +250,9 @@ def read_jsonl(path: Path, encoder: TouchpointEncoder, now_ms: int, max_future_m
                                            f"{max_record_bytes:,} (kafka.max_message_bytes)"))
                 continue
             # Fill the optional fields the line left out, exactly as Avro readers will see them.
-            event = fastavro.schemaless_reader(io.BytesIO(record[5:]), encoder.decoding_schema, None)
+            filled = fastavro.schemaless_reader(io.BytesIO(record[5:]), encoder.decoding_schema, None)
+            assert isinstance(filled, dict)  # the contract is an Avro record
+            event = filled
             problem = violation(event, now_ms, max_future_ms)
             if problem is not None:
                 bad.append(BadLine(number, f"{problem[0]}: {problem[1]}"))

@@ -371,10 +371,11 @@ class KafkaBroker(_Broker):
         if (self.home / "data" / "meta.properties").exists():
             return  # formatted once; its topics survive restarts
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
-        log4j = self.home / "config" / "log4j2.properties"
+        log_config = self.home / "config" / "log4j2.properties"
         with self.log_file.open("ab") as log:
-            done = subprocess.run([java, "-Xmx256m", f"-Dlog4j2.configurationFile={log4j}", "-cp", self._classpath(),
-                                   "kafka.tools.StorageTool", "format", "--cluster-id", cluster_id,
+            done = subprocess.run([java, "-Xmx256m", f"-Dlog4j2.configurationFile={log_config}",
+                                   "-cp", self._classpath(), "kafka.tools.StorageTool", "format",
+                                   "--cluster-id", cluster_id,
                                    "--config", str(self.home / "config" / "server.properties")],
                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=120)
         if done.returncode != 0:
