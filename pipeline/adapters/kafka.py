@@ -138,7 +138,7 @@ class TouchpointPublisher:
     def publish(self, event: dict[str, Any]) -> FutureRecordMetadata:
         return self.producer.send(self.topic, key=partition_key(event), value=self.encoder.encode(event))
 
-    def publish_raw(self, value: bytes, key: bytes | None = None) -> FutureRecordMetadata:
+    def publish_raw(self, value: bytes | None, key: bytes | None = None) -> FutureRecordMetadata:
         """Send bytes as they are (tests and tooling: replays, deliberately broken records)."""
         return self.producer.send(self.topic, key=key, value=value)
 

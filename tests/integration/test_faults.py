@@ -1,0 +1,140 @@
+"""The fault matrix (issue 9 part 2), the parts that need no change to the worker: a durable Apache Kafka broker
+stopped and restarted mid-stream, and poison records of every kind. Each reconciles exactly: distinct ids
+published = distinct rows + dead letters, and no indicator denominator counts an event twice."""
+
+from __future__ import annotations
+
+import io
+import random
+import socket
+import time
+from collections.abc import Iterator
+
+import fastavro
+import pytest
+
+from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher, partition_key
+from pipeline.bootstrap import initialise
+from pipeline.contract.registry import contract_schemas, open_registry
+from pipeline.contract.wire import frame
+from pipeline.settings import Settings
+from pipeline.stack import local
+from tests import reference
+from tests.factories import touchpoint
+from tests.integration.conftest import read_topic, wait_until
+from tests.integration.test_pipeline import all_windows_closed, assert_values_equal, stored_values, traffic
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+MIB = 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def publisher_for(settings: Settings, version: int = 1, **config) -> TouchpointPublisher:
+    registry = open_registry(settings.registry.url)
+    return TouchpointPublisher(settings.kafka.bootstrap_servers, settings.kafka.topic,
+                               TouchpointEncoder(registry, settings.registry.subject, version), **config)
+
+
+@pytest.fixture
+def own_kafka(isolated: Settings, tmp_path) -> Iterator[tuple[Settings, local.KafkaBroker]]:
+    """A durable Apache Kafka broker of this test's own (the shared one is never stopped), with the topics."""
+    settings = isolated.model_copy(deep=True)
+    settings.stack.broker = "kafka"
+    settings.stack.state_dir = tmp_path / "stack"
+    settings.stack.kafka_controller_port = free_port()
+    settings.kafka.bootstrap_servers = f"127.0.0.1:{free_port()}"
+    broker = local.KafkaBroker(settings)
+    try:
+        broker.up(90)
+        initialise(settings)
+        yield settings, broker
+    finally:
+        broker.down()
+
+
+def test_broker_stopped_and_restarted_mid_stream_loses_and_doubles_nothing(own_kafka, start_worker, ch):
+    settings, broker = own_kafka
+    events = traffic(20_000, start_ms=int(time.time() * 1000) - 300_000, seed=13, prefix="r")
+    publisher = publisher_for(settings)
+    publisher.publish_many(events[:10_000])
+    publisher.close()
+    worker = start_worker(settings)
+    wait_until(lambda: ch.execute("SELECT count() FROM touchpoints")[0][0] > 2_000, 90, "the first flushes", worker)
+    broker.down()  # a clean stop; its log and topics stay on disk
+    time.sleep(10)
+    assert worker.process.poll() is None, f"the worker ended while the broker was down:\n{worker.log_tail()}"
+    broker.up(90)
+    publisher = publisher_for(settings)
+    publisher.publish_many(events[10_000:])
+    publisher.publish_many(events[5_000:6_000])  # a sender's retry after the outage: duplicates
+    publisher.close()
+    wait_until(lambda: all_windows_closed(ch, settings, events[-1]["event_time"]), 180, "all windows closed",
+               worker)
+    assert ch.execute("SELECT count(), uniqExact(event_id) FROM touchpoints FINAL")[0] == (20_000, 20_000)
+    assert read_topic(settings, settings.kafka.dead_letter_topic, 1, expected=1, timeout_s=3) == []
+    assert_values_equal(stored_values(ch), reference.indicator_values(events, settings.window.size_s * 1000))
+
+
+def _avro(schema: dict, event: dict, schema_id: int) -> bytes:
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, fastavro.parse_schema(schema), event)
+    return frame(schema_id, buffer.getvalue())
+
+
+def poison(kind: str, now: int) -> tuple[bytes | None, str]:
+    """(record value, the dead letter's reason) of each kind of bad input."""
+    v1, v3 = contract_schemas()[0], contract_schemas()[-1]
+    noise = random.Random(kind).randbytes
+    good = _avro(v1, touchpoint(f"{kind}-x", now), 1)
+    raw_email = touchpoint(f"{kind}-x", now)
+    raw_email["identifiers"] = {**raw_email["identifiers"], "email_sha256": "alice@example.com"}
+    return {
+        "random_bytes": (noise(300), "undecodable"),
+        "unknown_schema_id": (_avro(v1, touchpoint(f"{kind}-x", now), 999), "unknown_schema"),
+        "truncated": (good[: len(good) // 2], "undecodable"),
+        "empty": (b"", "undecodable"),
+        "null_value": (None, "undecodable"),
+        "blank_identifiers": (_avro(v1, touchpoint(f"{kind}-x", now, anonymous_id="null"), 1), "contract_violation"),
+        "raw_email_in_hash": (_avro(v3, raw_email, 3), "contract_violation"),
+        "a_year_ahead": (_avro(v1, touchpoint(f"{kind}-x", now + 366 * 86_400_000), 1), "future_event_time"),
+        "one_mb": (b"\x00\x00\x00\x00\x01" + noise(1_040_000), "undecodable"),
+        "ten_mb": (b"\x00\x00\x00\x00\x01" + noise(10 * MIB), "undecodable"),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["random_bytes", "unknown_schema_id", "truncated", "empty", "null_value",
+                                  "blank_identifiers", "raw_email_in_hash", "a_year_ahead", "one_mb", "ten_mb"])
+def test_a_poison_record_becomes_one_dead_letter_and_the_partition_goes_on(kind, isolated, start_worker, ch):
+    if local.broker_kind(isolated) != "kafka":
+        pytest.skip("the fault matrix runs on Apache Kafka")
+    now = int(time.time() * 1000)
+    value, reason = poison(kind, now)
+    if value is not None and len(value) > isolated.kafka.max_message_bytes - 1024:
+        isolated.kafka.max_message_bytes = len(value) + MIB  # the topic takes it; so must the dead-letter topic
+        initialise(isolated)
+    first = touchpoint("good-before", now - 1_000, anonymous_id="a-1")
+    key = partition_key(first)  # the good records and the poison share a key, so a partition
+    publisher = publisher_for(isolated, max_request_size=isolated.kafka.max_message_bytes + MIB)
+    before = publisher.publish(first)
+    publisher.producer.flush()
+    offset = publisher.publish_raw(value, key=key).get(timeout=30).offset
+    publisher.publish(touchpoint("good-after", now, anonymous_id="a-1"))
+    publisher.close()
+    worker = start_worker()
+    wait_until(lambda: ch.execute("SELECT count() FROM touchpoints")[0][0] == 2, 90,
+               "the good records on both sides of the poison", worker)
+    dead = read_topic(isolated, isolated.kafka.dead_letter_topic, 1, expected=2, timeout_s=10)
+    assert len(dead) == 1, f"{len(dead)} dead letters for one poison record"
+    headers = {k: v.decode() for k, v in dead[0].headers}
+    assert headers["reason"] == reason and headers["detail"]
+    assert headers["source.offset"] == str(offset) and headers["source.partition"] == str(before.get().partition)
+    if dead[0].value != value:  # the original bytes, or only past the dead-letter topic's limit, their size
+        assert value is not None and headers.get("size") == str(len(value)), headers
+    assert worker.process.poll() is None
+    assert ch.execute("SELECT uniqExact(event_id) FROM touchpoints")[0][0] == 2
