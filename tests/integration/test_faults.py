@@ -5,8 +5,11 @@ published = distinct rows + dead letters, and no indicator denominator counts an
 from __future__ import annotations
 
 import io
+import os
 import random
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -58,27 +61,51 @@ def own_kafka(isolated: Settings, tmp_path) -> Iterator[tuple[Settings, local.Ka
         broker.down()
 
 
-def test_broker_stopped_and_restarted_mid_stream_loses_and_doubles_nothing(own_kafka, start_worker, ch):
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+def test_broker_stopped_and_restarted_mid_stream_loses_and_doubles_nothing(stop, own_kafka, start_worker, ch):
     settings, broker = own_kafka
-    events = traffic(20_000, start_ms=int(time.time() * 1000) - 300_000, seed=13, prefix="r")
+    # An outage shorter than the idle close: windows open when the broker stops must not be closed early.
+    settings.window.idle_close_s = 30
+    events = traffic(30_000, start_ms=int(time.time() * 1000) - 400_000, seed=13, prefix="r")
     publisher = publisher_for(settings)
-    publisher.publish_many(events[:10_000])
+    publisher.publish_many(events)
+    publisher.publish_many(events[5_000:6_000])  # a sender's retry: duplicates
     publisher.close()
     worker = start_worker(settings)
-    wait_until(lambda: ch.execute("SELECT count() FROM touchpoints")[0][0] > 2_000, 90, "the first flushes", worker)
-    broker.down()  # a clean stop; its log and topics stay on disk
+    wait_until(lambda: ch.execute("SELECT count() FROM touchpoints")[0][0] > 3_000, 90, "the first flushes", worker)
+    if stop == "sigkill":  # no clean shutdown: the broker recovers its log from disk on restart
+        os.kill(broker.status().pid, signal.SIGKILL)  # type: ignore[arg-type]
+    broker.down()  # mid-stream; its log and topics stay on disk
+    rows_at_stop = ch.execute("SELECT count() FROM touchpoints")[0][0]
     time.sleep(10)
     assert worker.process.poll() is None, f"the worker ended while the broker was down:\n{worker.log_tail()}"
     broker.up(90)
-    publisher = publisher_for(settings)
-    publisher.publish_many(events[10_000:])
-    publisher.publish_many(events[5_000:6_000])  # a sender's retry after the outage: duplicates
-    publisher.close()
-    wait_until(lambda: all_windows_closed(ch, settings, events[-1]["event_time"]), 180, "all windows closed",
+    wait_until(lambda: all_windows_closed(ch, settings, events[-1]["event_time"]), 240, "all windows closed",
                worker)
-    assert ch.execute("SELECT count(), uniqExact(event_id) FROM touchpoints FINAL")[0] == (20_000, 20_000)
+    assert rows_at_stop < len(events), "the worker finished before the broker stopped; publish more events"
+    assert ch.execute("SELECT count(), uniqExact(event_id) FROM touchpoints FINAL")[0] == (30_000, 30_000)
+    assert ch.execute("SELECT countIf(counted = 0) FROM touchpoints FINAL")[0][0] == 0  # none taken as late
     assert read_topic(settings, settings.kafka.dead_letter_topic, 1, expected=1, timeout_s=3) == []
     assert_values_equal(stored_values(ch), reference.indicator_values(events, settings.window.size_s * 1000))
+
+
+def test_sigterm_with_the_broker_down_ends_the_worker_within_30_s(own_kafka, start_worker, ch):
+    settings, broker = own_kafka
+    events = traffic(2_000, start_ms=int(time.time() * 1000) - 60_000, seed=17, prefix="t")
+    publisher = publisher_for(settings)
+    publisher.publish_many(events)
+    publisher.close()
+    worker = start_worker(settings)
+    wait_until(lambda: ch.execute("SELECT count() FROM touchpoints")[0][0] > 0, 90, "the first flush", worker)
+    broker.down()
+    time.sleep(3)  # the worker notices the broker is gone
+    asked = time.monotonic()
+    worker.process.send_signal(signal.SIGTERM)
+    try:
+        worker.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the worker was still running 30 s after SIGTERM with the broker down:\n{worker.log_tail()}")
+    assert time.monotonic() - asked < 30
 
 
 def _avro(schema: dict, event: dict, schema_id: int) -> bytes:
