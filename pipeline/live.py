@@ -127,36 +127,44 @@ def watch(settings: Settings, console: Console, *, refresh_s: float, minutes: in
             live.update(snapshot(settings, minutes))
 
 
+def _end_demo(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: float) -> None:
     """Stack up, init, a worker, generated traffic of every scenario, and the live view until it is done."""
     from pipeline.bootstrap import initialise
     from pipeline.stack import local
 
-    console.print("[bold]1/4[/] starting the local stack (Tansu broker, ClickHouse server)")
+    console.print(f"[bold]1/4[/] starting the local stack ({local.broker_kind(settings)} broker, ClickHouse server)")
     local.up(settings)
     console.print("[bold]2/4[/] creating topics, registering schemas, applying migrations")
     initialise(settings)
     console.print("[bold]3/4[/] starting a worker (logs: .touchpoint/demo-worker.log)")
     log_path = settings.stack.state_dir / "demo-worker.log"
     # A short idle close lets the last windows close soon after the traffic stops.
-    env = {**os.environ, "TOUCHPOINT_WINDOW__IDLE_CLOSE_S": "5", "TOUCHPOINT_METRICS_PORT": "9108"}
+    env = {**os.environ, "TOUCHPOINT_WINDOW__IDLE_CLOSE_S": "5", "TOUCHPOINT_METRICS_PORT": str(settings.metrics_port)}
+    # A closed terminal (SIGHUP) or a SIGTERM ends the demo through the `finally` below, which stops the worker:
+    # it runs in a session of its own, so nothing else would.
+    for hangup in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(hangup, _end_demo)
     with log_path.open("w") as log:
         worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], stdout=log,
                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    console.print(f"[bold]4/4[/] publishing {duration_s:.0f} s of traffic at {rate:g}/s: banking app with "
-                  "intermittent failures, hospital booking then a bad visit, and ordinary traffic; "
-                  "metrics at http://127.0.0.1:9108/metrics")
     stop = threading.Event()
-    shares = {"banking_app": 0.3, "hospital_booking": 0.3, "mixed": 0.4}
-    threads = [threading.Thread(target=publish_paced, daemon=True,
-                                args=(settings, name, int(rate * share * duration_s)),
-                                kwargs={"rate": rate * share, "seed": n, "stop": stop})
-               for n, (name, share) in enumerate(shares.items())]
-    for thread in threads:
-        thread.start()
-    # Until traffic stops, plus one window, the lateness and the idle close, so the last minute closes too.
-    deadline = time.time() + duration_s + settings.window.size_s + settings.window.allowed_lateness_s + 10
     try:
+        metrics_note = f"; metrics at http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else ""
+        console.print(f"[bold]4/4[/] publishing {duration_s:.0f} s of traffic at {rate:g}/s: banking app with "
+                      "intermittent failures, hospital booking then a bad visit, and ordinary traffic" + metrics_note)
+        shares = {"banking_app": 0.3, "hospital_booking": 0.3, "mixed": 0.4}
+        threads = [threading.Thread(target=publish_paced, daemon=True,
+                                    args=(settings, name, int(rate * share * duration_s)),
+                                    kwargs={"rate": rate * share, "seed": n, "stop": stop})
+                   for n, (name, share) in enumerate(shares.items())]
+        for thread in threads:
+            thread.start()
+        # Until traffic stops, plus one window, the lateness and the idle close, so the last minute closes too.
+        deadline = time.time() + duration_s + settings.window.size_s + settings.window.allowed_lateness_s + 10
         with Live(snapshot(settings, 10), console=console, refresh_per_second=1) as live:
             while time.time() < deadline:
                 time.sleep(2)
