@@ -14,9 +14,9 @@ from tests.integration.conftest import wait_until
 pytestmark = pytest.mark.integration
 
 
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+def worker_children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "pipeline.cli worker" in line]
 
 
 def alive(pid: int) -> bool:
@@ -28,7 +28,7 @@ def alive(pid: int) -> bool:
     return bool(state) and not state.startswith("Z")
 
 
-@pytest.mark.parametrize("ending", [signal.SIGHUP, signal.SIGTERM])
+@pytest.mark.parametrize("ending", [signal.SIGHUP, signal.SIGTERM], ids=["sighup", "sigterm"])
 def test_a_demo_ended_by_a_hang_up_stops_its_worker(ending, isolated, tmp_path):
     env = {**os.environ, **to_env(isolated), "TOUCHPOINT_STACK__STATE_DIR": str(tmp_path), "COLUMNS": "200"}
     with (tmp_path / "demo.out").open("w") as out:
@@ -36,7 +36,7 @@ def test_a_demo_ended_by_a_hang_up_stops_its_worker(ending, isolated, tmp_path):
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     workers: list[int] = []
     try:
-        workers = wait_until(lambda: children(demo.pid), 60, "the demo's worker")
+        workers = wait_until(lambda: worker_children(demo.pid), 60, "the demo's worker")
         wait_until(lambda: "4/4" in (tmp_path / "demo.out").read_text(), 60, "the demo publishing")
         time.sleep(3)
         demo.send_signal(ending)

@@ -10,16 +10,15 @@ from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 from pipeline.adapters.kafka import topic_configs
 from pipeline.bootstrap import initialise
 from pipeline.settings import to_env
-from pipeline.stack import local
 from pipeline.topics import identity_changelog_topic, topic_specs
-from tests.integration.conftest import read_topic
+from tests.integration.conftest import is_apache_kafka, read_topic
 
 pytestmark = pytest.mark.integration
 
 
 def test_init_sets_compaction_and_retention_on_the_broker(isolated):
-    if local.broker_kind(isolated) != "kafka":
-        pytest.skip("Tansu accepts topic settings but does not keep them; this runs on Apache Kafka")
+    if not is_apache_kafka(isolated):
+        pytest.skip("runs on Apache Kafka (this broker is Tansu, which does not keep altered topic settings)")
     specs = {spec.name: spec.config for spec in topic_specs(isolated)}
     actual = topic_configs(isolated.kafka.bootstrap_servers, list(specs))
     assert actual[identity_changelog_topic(isolated)]["cleanup.policy"] == "compact"
@@ -34,8 +33,8 @@ def test_init_sets_compaction_and_retention_on_the_broker(isolated):
 
 
 def test_init_puts_back_a_topic_setting_that_drifted(isolated):
-    if local.broker_kind(isolated) != "kafka":
-        pytest.skip("Tansu accepts topic settings but does not keep them; this runs on Apache Kafka")
+    if not is_apache_kafka(isolated):
+        pytest.skip("runs on Apache Kafka (this broker is Tansu, which does not keep altered topic settings)")
     admin = KafkaAdminClient(bootstrap_servers=isolated.kafka.bootstrap_servers)
     admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, isolated.kafka.topic,
                                         configs={"retention.ms": "60000", "segment.ms": "3600000"})])
