@@ -1,16 +1,20 @@
 """`touchpoint init` gives the topics the settings production needs; `forget` refuses identifiers of nobody."""
 
+import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 
-from pipeline.adapters.kafka import topic_configs
+from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher, topic_configs
 from pipeline.bootstrap import initialise
+from pipeline.contract.registry import open_registry
 from pipeline.settings import to_env
 from pipeline.topics import identity_changelog_topic, topic_specs
+from tests.factories import touchpoint
 from tests.integration.conftest import is_apache_kafka, read_topic
 
 pytestmark = pytest.mark.integration
@@ -57,11 +61,6 @@ def test_forget_of_a_blank_or_blocked_identifier_writes_nothing(isolated, ch, id
 
 
 def test_publish_reports_a_10_mb_line_and_binary_garbage_by_number_and_sends_nothing(isolated, tmp_path):
-    import json
-    import time
-
-    from tests.factories import touchpoint
-
     now = int(time.time() * 1000)
     good = [json.dumps(touchpoint(f"g{i}", now)).encode() for i in range(2)]
     huge = json.dumps(touchpoint("huge", now, attributes={"blob": "z" * 10_000_000})).encode()
@@ -73,3 +72,18 @@ def test_publish_reports_a_10_mb_line_and_binary_garbage_by_number_and_sends_not
     assert "line 2: line is 10,0" in result.stdout and "line 4: not UTF-8 text" in result.stdout
     assert "published nothing: 2 bad lines, 2 good" in result.stdout
     assert read_topic(isolated, isolated.kafka.topic, isolated.kafka.partitions, expected=1, timeout_s=3) == []
+
+
+def test_the_publisher_waits_for_every_in_sync_replica_and_is_idempotent(isolated):
+    publisher = TouchpointPublisher(isolated.kafka.bootstrap_servers, isolated.kafka.topic,
+                                    TouchpointEncoder(open_registry(isolated.registry.url), isolated.registry.subject))
+    try:
+        assert publisher.producer.config["acks"] == -1  # "all"
+        assert publisher.producer.config["enable_idempotence"] is True
+        now = int(time.time() * 1000)
+        assert publisher.deliver([touchpoint(f"ack-{i}", now, anonymous_id=f"a-{i}") for i in range(3)]) == []
+    finally:
+        publisher.close()
+    records = read_topic(isolated, isolated.kafka.topic, isolated.kafka.partitions, expected=3)
+    assert len(records) == 3
+
