@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.adapters.clickhouse import apply_migrations
+from pipeline.adapters.clickhouse import apply_migrations, claim_database
 from pipeline.adapters.kafka import apply_topics
 from pipeline.contract.registry import contract_schemas, open_registry
 from pipeline.settings import Settings
@@ -25,4 +25,5 @@ def initialise(settings: Settings) -> InitReport:
     registry = open_registry(settings.registry.url)
     ids = [registry.register(settings.registry.subject, schema) for schema in contract_schemas()]
     applied = apply_migrations(settings.clickhouse)
+    claim_database(settings.clickhouse, kafka.consumer_group, kafka.topic)
     return InitReport(created, reconfigured, ids, [f"{m.version:04d}_{m.name}" for m in applied])

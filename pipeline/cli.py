@@ -75,7 +75,7 @@ def worker() -> None:
     """Run a stream worker: consume touchpoints, compute indicator windows and alerts, write to ClickHouse."""
     from pipeline.adapters.worker import run_worker
 
-    run_worker(get_settings())
+    run_worker(get_settings())  # a database another pipeline owns ends it with one line (operator_message)
 
 
 @app.command()
@@ -236,6 +236,7 @@ def operator_message(exc: BaseException) -> str | None:
     from kafka.errors import KafkaConnectionError, KafkaTimeoutError
     from pydantic import ValidationError
 
+    from pipeline.adapters.clickhouse import DatabaseInUse
     from pipeline.contract.registry import RegistryError
     from pipeline.erasure import ErasureRefused
     from pipeline.stack.local import StackError
@@ -254,7 +255,7 @@ def operator_message(exc: BaseException) -> str | None:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             return (f"invalid setting {name} ({env} or touchpoint.toml): {first['msg']}; "
                     f"got {first.get('input')!r}{more}")
-        if isinstance(error, (ErasureRefused, StackError)):
+        if isinstance(error, (ErasureRefused, StackError, DatabaseInUse)):
             return str(error)
         if isinstance(error, KafkaConnectionError) or (
                 isinstance(error, KafkaTimeoutError) and "bootstrap" in str(error)):

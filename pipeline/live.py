@@ -61,7 +61,7 @@ VOLUME_QUERY = "SELECT count(), uniqExact(person_id) FROM touchpoints WHERE even
 
 
 def _percent(num: float | None, den: float | None) -> str:
-    return "-" if not den else f"{num / den:.0%} [dim]({den:.0f})[/]"
+    return "-" if not den or num is None else f"{num / den:.0%} [dim]({den:.0f})[/]"
 
 
 def _pooled(cells: dict[tuple[str, str], dict[str, tuple[float, float]]], tenant: str, indicator: str) -> float | None:
@@ -127,7 +127,7 @@ def watch(settings: Settings, console: Console, *, refresh_s: float, minutes: in
             live.update(snapshot(settings, minutes))
 
 
-def _end_demo(signum: int, _frame: object) -> None:
+def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
@@ -136,35 +136,34 @@ def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: f
     from pipeline.bootstrap import initialise
     from pipeline.stack import local
 
-    console.print(f"[bold]1/4[/] starting the local stack ({local.broker_kind(settings)} broker, ClickHouse server)")
+    console.print("[bold]1/4[/] starting the local stack (Tansu broker, ClickHouse server)")
     local.up(settings)
     console.print("[bold]2/4[/] creating topics, registering schemas, applying migrations")
     initialise(settings)
     console.print("[bold]3/4[/] starting a worker (logs: .touchpoint/demo-worker.log)")
     log_path = settings.stack.state_dir / "demo-worker.log"
     # A short idle close lets the last windows close soon after the traffic stops.
-    env = {**os.environ, "TOUCHPOINT_WINDOW__IDLE_CLOSE_S": "5", "TOUCHPOINT_METRICS_PORT": str(settings.metrics_port)}
-    # A closed terminal (SIGHUP) or a SIGTERM ends the demo through the `finally` below, which stops the worker:
-    # it runs in a session of its own, so nothing else would.
-    for hangup in (signal.SIGHUP, signal.SIGTERM):
-        signal.signal(hangup, _end_demo)
+    env = {**os.environ, "TOUCHPOINT_WINDOW__IDLE_CLOSE_S": "5", "TOUCHPOINT_METRICS_PORT": "9108"}
     with log_path.open("w") as log:
         worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], stdout=log,
                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    console.print(f"[bold]4/4[/] publishing {duration_s:.0f} s of traffic at {rate:g}/s: banking app with "
+                  "intermittent failures, hospital booking then a bad visit, and ordinary traffic; "
+                  "metrics at http://127.0.0.1:9108/metrics")
     stop = threading.Event()
+    shares = {"banking_app": 0.3, "hospital_booking": 0.3, "mixed": 0.4}
+    threads = [threading.Thread(target=publish_paced, daemon=True,
+                                args=(settings, name, int(rate * share * duration_s)),
+                                kwargs={"rate": rate * share, "seed": n, "stop": stop})
+               for n, (name, share) in enumerate(shares.items())]
+    for thread in threads:
+        thread.start()
+    # Until traffic stops, plus one window, the lateness and the idle close, so the last minute closes too.
+    deadline = time.time() + duration_s + settings.window.size_s + settings.window.allowed_lateness_s + 10
+    # A closed terminal (SIGHUP) or a kill must stop the worker too: end through the `finally` below.
+    for stop_signal in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(stop_signal, _exit_on_signal)
     try:
-        metrics_note = f"; metrics at http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else ""
-        console.print(f"[bold]4/4[/] publishing {duration_s:.0f} s of traffic at {rate:g}/s: banking app with "
-                      "intermittent failures, hospital booking then a bad visit, and ordinary traffic" + metrics_note)
-        shares = {"banking_app": 0.3, "hospital_booking": 0.3, "mixed": 0.4}
-        threads = [threading.Thread(target=publish_paced, daemon=True,
-                                    args=(settings, name, int(rate * share * duration_s)),
-                                    kwargs={"rate": rate * share, "seed": n, "stop": stop})
-                   for n, (name, share) in enumerate(shares.items())]
-        for thread in threads:
-            thread.start()
-        # Until traffic stops, plus one window, the lateness and the idle close, so the last minute closes too.
-        deadline = time.time() + duration_s + settings.window.size_s + settings.window.allowed_lateness_s + 10
         with Live(snapshot(settings, 10), console=console, refresh_per_second=1) as live:
             while time.time() < deadline:
                 time.sleep(2)

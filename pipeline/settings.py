@@ -34,6 +34,11 @@ class KafkaSettings(BaseModel):
     replication_factor: int = 1
     consumer_group: str = "touchpoint-pipeline"
     session_timeout_s: float = Field(10.0, gt=0, description="A worker silent this long leaves the group.")
+    max_message_bytes: int = Field(1_048_576, ge=65_536, description="Largest message the producers send and the "
+                                   "touchpoint topic takes (init sets its max.message.bytes); a dead letter over it "
+                                   "goes without its bytes.")
+    retention_hours: float = Field(168.0, gt=0, description="How long the broker keeps touchpoints (replay horizon).")
+    dead_letter_retention_days: float = Field(30.0, gt=0, description="How long the broker keeps dead letters.")
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -44,10 +49,6 @@ class KafkaSettings(BaseModel):
                 raise ValueError(f"{address.strip()!r} is not host:port with a port from 1 to 65535 "
                                  "(comma-separated for several brokers)")
         return value
-    retention_hours: float = Field(168.0, gt=0, description="How long the broker keeps touchpoints (replay horizon).")
-    dead_letter_retention_days: float = Field(30.0, gt=0, description="How long the broker keeps dead letters.")
-    max_message_bytes: int = Field(1_048_588, ge=1024, description="Largest touchpoint record the topic accepts; "
-                                   "the dead-letter topic takes 64 KiB more, so any record fits there with its reason.")
 
 
 class RegistrySettings(BaseModel):
@@ -94,6 +95,8 @@ class WindowSettings(BaseModel):
 class BatchSettings(BaseModel):
     max_events: int = Field(20_000, ge=1, description="Flush to ClickHouse once this many events are buffered.")
     max_wait_s: float = Field(1.0, gt=0, description="...or once the oldest buffered event waited this long.")
+    retry_max_s: float = Field(30.0, gt=0, description="A failed store write is retried with a backoff doubling "
+                               "from 0.5 s up to this; nothing is committed meanwhile.")
 
 
 class IdentitySettings(BaseModel):
@@ -170,11 +173,11 @@ class Settings(BaseSettings):
     identity: IdentitySettings = IdentitySettings()
     alert_rules: list[AlertRuleSettings] = Field(default_factory=default_alert_rules)
     stack: StackSettings = StackSettings()
-    metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics port of a worker; 0 disables it.")
-    metrics_host: str = Field("127.0.0.1", description="Address /metrics listens on: loopback by default; 0.0.0.0 "
-                                                       "(all interfaces) only where a scraper needs it, e.g. "
-                                                       "in a container.")
+    metrics_port: int = Field(9108, ge=0, le=65_535, description="Prometheus /metrics port of a worker; 0 disables it.")
+    metrics_host: str = Field("127.0.0.1", description="Address /metrics listens on (0.0.0.0 in a container).")
     log_level: str = "info"
+    stop_timeout_s: float = Field(25.0, gt=0, description="A worker told to stop (SIGTERM) exits within this "
+                                  "long, even when the broker or ClickHouse does not answer.")
 
     @classmethod
     def settings_customise_sources(

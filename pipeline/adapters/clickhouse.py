@@ -1,5 +1,6 @@
-"""ClickHouse adapter: versioned migrations, columnar batch inserts of touchpoints and indicator cells, alerts
-judged from stored cells, hourly/daily rollups, pane restore and checkpoints."""
+"""ClickHouse adapter: versioned migrations, columnar batch inserts of touchpoints, indicator cells and alerts,
+window totals for judging, hourly/daily rollups, pane restore and checkpoints. It reads and writes; judging is the
+core's (pipeline.core.evaluate), called by the runner."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 from clickhouse_driver import Client
 
 from pipeline.core.aggregate import Checkpoint, WindowCell
-from pipeline.core.evaluate import Alert, AlertRule, WindowTotal, judge
+from pipeline.core.evaluate import Alert, WindowTotal
 from pipeline.core.indicators import BY_ID
 from pipeline.core.processor import TOUCHPOINT_COLUMNS, Output
 from pipeline.settings import SCHEMAS_DIR, ClickHouseSettings
@@ -100,6 +101,27 @@ def apply_migrations(settings: ClickHouseSettings) -> list[Migration]:
                        [(migration.version, migration.name)])
         done.append(migration)
     return done
+
+
+class DatabaseInUse(RuntimeError):
+    """The database holds another pipeline's cells and checkpoints."""
+
+
+def claim_database(settings: ClickHouseSettings, consumer_group: str, topic: str) -> None:
+    """Make this pipeline (group, topic) the database's owner, or refuse if another pipeline owns it: cells and
+    rollups are keyed by source partition, so two pipelines sharing a database would replace each other's."""
+    client = connect(settings)
+    rows = client.execute("SELECT consumer_group, topic FROM pipeline_owner ORDER BY claimed_at_ms LIMIT 1")
+    if not rows:
+        client.execute("INSERT INTO pipeline_owner (consumer_group, topic, claimed_at_ms) VALUES",
+                       [(consumer_group, topic, int(time.time() * 1000))])
+        rows = client.execute("SELECT consumer_group, topic FROM pipeline_owner ORDER BY claimed_at_ms LIMIT 1")
+    owner_group, owner_topic = rows[0]
+    if (owner_group, owner_topic) != (consumer_group, topic):
+        raise DatabaseInUse(
+            f"ClickHouse database {settings.database!r} holds the pipeline of consumer group {owner_group!r} and "
+            f"topic {owner_topic!r}, not {consumer_group!r}/{topic!r}: give this pipeline its own database "
+            "(TOUCHPOINT_CLICKHOUSE__DATABASE)")
 
 
 InsertObserver = Callable[[str, float, int], None]  # (table, seconds, rows)
@@ -194,31 +216,15 @@ class ClickHouseSink:
         if self.observe is not None:
             self.observe(table, time.perf_counter() - started, rows)
 
-    def write(self, output: Output, rules: Sequence[AlertRule]) -> list[Alert]:
-        """Rows and cells, then the alerts of windows now closed everywhere (judged from the stored cells, so
-        partials written before a crash count), then the checkpoints, then the rollups of hours and days the
-        checkpoints closed. Returns the alerts raised."""
+    def write(self, output: Output) -> None:
+        """Rows, cells and identity records, then the checkpoints, then the rollups of hours and days the
+        checkpoints closed."""
         now_ms = int(time.time() * 1000)
         if output.touchpoints:
             columns = [list(column) for column in zip(*output.touchpoints, strict=True)]
             self._insert("touchpoints", TOUCHPOINT_COLUMNS, columns)
         if output.window_cells:
             self.write_cells(output.window_cells, now_ms, whole_windows=True)
-        alerts: list[Alert] = []
-        if output.judge_before_ms is not None and output.judge_partitions and rules:
-            totals = self.window_totals(output.judge_from_ms or 0, output.judge_before_ms, output.judge_partitions,
-                                        {rule.indicator for rule in rules}, {rule.window_kind for rule in rules})
-            alerts = judge(rules, totals)
-            kind_of = {rule.name: rule.window_kind for rule in rules}
-            self._insert("alerts", _ALERT_COLUMNS, [
-                [a.alert_id for a in alerts], [a.rule for a in alerts], [a.indicator for a in alerts],
-                [a.family for a in alerts], [a.severity for a in alerts], [a.tenant for a in alerts],
-                [a.channel for a in alerts], [kind_of[a.rule] for a in alerts],
-                [a.window_start_ms // 1000 for a in alerts],
-                [a.window_end_ms // 1000 for a in alerts], [a.value for a in alerts],
-                [a.threshold for a in alerts], [a.comparison for a in alerts], [a.numerator for a in alerts],
-                [a.denominator for a in alerts], [a.message for a in alerts], [now_ms] * len(alerts),
-            ])
         self._write_identity(output, now_ms)
         if output.checkpoints:
             cps = list(output.checkpoints.values())
@@ -234,7 +240,17 @@ class ClickHouseSink:
                 if self._hour_seen.get(cp.partition) != hour:
                     self.roll_up(cp.partition, cp.closed_before_ms, now_ms)
                     self._hour_seen[cp.partition] = hour
-        return alerts
+
+    def write_alerts(self, alerts: Sequence[Alert], now_ms: int) -> None:
+        """Alerts keyed by their deterministic id: judging a window again rewrites the same row."""
+        self._insert("alerts", _ALERT_COLUMNS, [
+            [a.alert_id for a in alerts], [a.rule for a in alerts], [a.indicator for a in alerts],
+            [a.family for a in alerts], [a.severity for a in alerts], [a.tenant for a in alerts],
+            [a.channel for a in alerts], [a.window_kind for a in alerts], [a.window_start_ms // 1000 for a in alerts],
+            [a.window_end_ms // 1000 for a in alerts], [a.value for a in alerts], [a.threshold for a in alerts],
+            [a.comparison for a in alerts], [a.numerator for a in alerts], [a.denominator for a in alerts],
+            [a.message for a in alerts], [now_ms] * len(alerts),
+        ])
 
     def _write_identity(self, output: Output, now_ms: int) -> None:
         identity = output.identity
@@ -280,7 +296,7 @@ class ClickHouseSink:
             keys.append([k for k, _ in c.sketch])
             counts.append([n for _, n in c.sketch])
         emitted = int(time.time() * 1000) if now_ms is None else now_ms
-        data = [
+        data: list[list[Any]] = [
             [c.window_kind for c in cells], [c.window_start_ms // 1000 for c in cells],
             [c.window_end_ms // 1000 for c in cells], [c.tenant for c in cells], [c.channel for c in cells],
             [c.role for c in cells], [c.flow for c in cells], [c.device_class for c in cells],

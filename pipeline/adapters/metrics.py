@@ -3,9 +3,16 @@ person ids never become labels."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from pipeline.core.evaluate import Alert
+from pipeline.core.processor import Output
+
+log = logging.getLogger("touchpoint.worker")
 
 EVENTS_IN = Counter("touchpoint_events_in", "Valid touchpoints read, by channel.", ["channel"])
 EVENTS_OUT = Counter("touchpoint_events_out", "Touchpoints written to ClickHouse, by channel.", ["channel"])
@@ -16,6 +23,10 @@ LATE = Counter("touchpoint_events_late",
                "Touchpoints whose window had already closed: kept in the raw table, not in indicators.",
                ["channel"])
 DUPLICATES = Counter("touchpoint_events_duplicate", "Touchpoints whose event_id was already counted.", ["channel"])
+CROSS_PARTITION_DUPLICATES = Counter(
+    "touchpoint_events_cross_partition_duplicate",
+    "Touchpoints whose event_id this worker also counted on another partition in the same window: counted twice. "
+    "A sender keyed a retry differently; see the README's dedup guarantee.", ["channel"])
 BATCH_SIZE = Histogram("touchpoint_batch_size_events", "Records per flush to ClickHouse.",
                        buckets=(10, 100, 500, 1_000, 2_500, 5_000, 10_000, 20_000, 50_000, 100_000))
 INSERT_SECONDS = Histogram("touchpoint_clickhouse_insert_duration_seconds",
@@ -31,13 +42,69 @@ IDENTIFIERS = Gauge("touchpoint_identity_identifiers", "Identifiers in this work
 IDENTITY_DECISIONS = Counter("touchpoint_identity_decisions",
                              "Identity graph decisions: merge, refuse_conflict, refuse_limit, forget.", ["action"])
 ROLE_TRANSITIONS = Counter("touchpoint_role_transitions", "Role changes written, by new role.", ["to_role"])
-ALERTS_FIRED = Counter("touchpoint_alerts_fired", "Alerts raised, by rule and severity.", ["rule", "severity"])
-# Liveness, set by the runner (deploy/prometheus/alerts.yml fires when they go stale):
+STORE_RETRIES = Counter("touchpoint_store_retries",
+                        "Store writes retried after a failure (the backoff doubles up to batch.retry_max_s).")
 LAST_FLUSH = Gauge("touchpoint_last_flush_timestamp_seconds",
-                   "Unix time of the last flush cycle that succeeded (an idle worker's empty flush counts).")
-EVENT_LOOP_HEARTBEAT = Gauge("touchpoint_event_loop_heartbeat_timestamp_seconds",
-                             "Unix time the worker's event loop last ran its heartbeat task: stale when it is stuck, "
-                             "even though /metrics, served from its own thread, still answers.")
+                   "When this worker last stored a flush (and committed its offsets): a stale value means stuck.")
+HEARTBEAT = Gauge("touchpoint_event_loop_heartbeat_timestamp_seconds",
+                  "When the worker's fetch loop last came round: /metrics answers from its own thread, so a stuck "
+                  "event loop shows as a stale heartbeat.")
+ALERTS_FIRED = Counter("touchpoint_alerts_fired", "Alerts raised, by rule and severity.", ["rule", "severity"])
+
+
+class PrometheusObserver:
+    """The runner's reports as metrics (and the alerts as log lines)."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+
+    def flushed(self, output: Output, alerts: Sequence[Alert], at_s: float) -> None:
+        BATCH_SIZE.observe(output.records)
+        for channel, n in output.events_in.items():
+            EVENTS_IN.labels(channel).inc(n)
+        out_by_channel: dict[str, int] = {}
+        for row in output.touchpoints:
+            out_by_channel[row.channel] = out_by_channel.get(row.channel, 0) + 1
+        for channel, n in out_by_channel.items():
+            EVENTS_OUT.labels(channel).inc(n)
+        for dead in output.dead_letters:
+            DEAD_LETTERED.labels(dead.channel, dead.reason).inc()
+        for channel, n in output.late.items():
+            LATE.labels(channel).inc(n)
+        for channel, n in output.duplicates.items():
+            DUPLICATES.labels(channel).inc(n)
+        for channel, n in output.cross_partition_duplicates.items():
+            CROSS_PARTITION_DUPLICATES.labels(channel).inc(n)
+        for record in output.identity.audit:
+            IDENTITY_DECISIONS.labels(record.action).inc()
+        for transition in output.identity.transitions:
+            ROLE_TRANSITIONS.labels(transition.to_role).inc()
+        for alert in alerts:
+            ALERTS_FIRED.labels(alert.rule, alert.severity).inc()
+            log.warning("ALERT %s: %s", alert.rule, alert.message)
+        LAST_FLUSH.set(at_s)
+
+    def store_failed(self, error: BaseException, attempt: int, retry_in_s: float) -> None:
+        INSERT_FAILURES.inc()
+        STORE_RETRIES.inc()
+
+    def commit_failed(self, error: BaseException) -> None:
+        """Logged by the runner; a later commit covers it."""
+
+    def progress(self, partition: int, lag: int | None, watermark_ms: int | None, now_ms: int) -> None:
+        if lag is not None:
+            CONSUMER_LAG.labels(self.topic, str(partition)).set(lag)
+        if watermark_ms is not None:
+            WATERMARK_LAG.labels(str(partition)).set((now_ms - watermark_ms) / 1000)
+
+    def heartbeat(self, at_s: float) -> None:
+        HEARTBEAT.set(at_s)
+
+    def identifiers(self, count: int) -> None:
+        IDENTIFIERS.set(count)
+
+    def forget(self, partition: int) -> None:
+        forget_partition(self.topic, partition)
 
 
 def observe_insert(table: str, seconds: float, rows: int) -> None:
@@ -53,14 +120,9 @@ def forget_partition(topic: str, partition: int) -> None:
             pass
 
 
-def serve(port: int, host: str | None = None) -> WSGIServer | None:
-    """Expose /metrics on this port (0 disables it), on the address of the metrics_host setting by default
-    (loopback: a container deployment sets 0.0.0.0 so Prometheus reaches it)."""
+def serve(port: int, host: str = "127.0.0.1") -> WSGIServer | None:
+    """Expose /metrics on this address (port 0 disables it); the server, to stop it (tests)."""
     if port:
-        if host is None:
-            from pipeline.settings import get_settings
-
-            host = get_settings().metrics_host
         server, _ = start_http_server(port, addr=host)
         return server
     return None

@@ -230,7 +230,7 @@ class PartitionWindows:
         """Windows ending at or before this are final (emitted, now or before a restart)."""
         return max(self._horizon, self.final_before_ms)
 
-    def add(self, events: list[dict[str, Any]], offsets: list[int]) -> list[int]:
+    def add(self, events: list[dict[str, Any]], offsets: list[int]) -> list[int]:  # noqa: C901 (the hot loop, inlined)
         """Fold events (in offset order) into their windows; returns ON_TIME, LATE or DUPLICATE per event."""
         window_ms, lateness = self.window_ms, self.lateness_ms
         dispatch, group_dispatch, slots, no_observers = self.dispatch, self.group_dispatch, self.slots, ((), ())

@@ -64,6 +64,6 @@ def decode_batch(values: Sequence[bytes | None], schema_for: SchemaLookup) -> De
                                                                f"after the Avro body (wrong schema id?)"))
             continue
         out.indexes.append(index)
-        out.events.append(event)
+        out.events.append(event)  # type: ignore[arg-type]  # a record schema reads as a dict
         out.schema_ids.append(schema_id)
     return out

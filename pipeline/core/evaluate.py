@@ -79,6 +79,7 @@ class Alert:
     numerator: float
     denominator: float
     message: str
+    window_kind: str = "1m"
 
 
 def _clock(ms: int) -> str:
@@ -116,6 +117,7 @@ def judge(rules: Iterable[AlertRule], totals: Iterable[WindowTotal]) -> list[Ale
                          f"{rule.comparison} {_shown(rule.threshold, indicator.unit)} on {total.channel} for "
                          f"{total.tenant} in "
                          f"{_clock(start)}-{_clock(end)[-5:]} UTC ({num:.0f} of {den:.0f})"),
+                window_kind=rule.window_kind,
             ))
     return alerts
 

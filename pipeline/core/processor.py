@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
-from pipeline.core.aggregate import DUPLICATE, LATE, NEVER, Checkpoint, PartitionWindows, WindowCell
+from pipeline.core.aggregate import DUPLICATE, LATE, NEVER, ON_TIME, Checkpoint, PartitionWindows, WindowCell
 from pipeline.core.decode import Rejection, SchemaLookup, decode_batch
 from pipeline.core.enrich import Enricher, IdentityOutput
 from pipeline.core.identity import IdentityConfig, Operation
@@ -39,22 +39,68 @@ class DeadLetter:
     detail: str
 
 
-# Order of the values in a touchpoint row; the ClickHouse adapter inserts them under these column names.
-TOUCHPOINT_COLUMNS: tuple[str, ...] = (
-    "event_id", "event_time_ms", "tenant", "channel", "event_type", "person_id", "role",
-    "is_customer", "is_user", "first_seen_ms", "customer_since_ms", "purchase_count", "resolved_from",
-    "anonymous_id", "user_id", "customer_id", "email_sha256", "phone_sha256", "helpdesk_requester_id",
-    "session_id", "journey_id", "flow", "device_class",
-    "outcome", "error_code", "duration_ms",
-    "survey_kind", "survey_score", "survey_scale_min", "survey_scale_max", "survey_about_channel",
-    "queue_ms", "handle_ms", "first_response_ms", "resolved", "escalated", "agent_id",
-    "lcp_ms", "inp_ms", "cls", "amount_minor", "currency", "sentiment", "app_version", "rage_clicks",
-    "attribute_keys", "attribute_values", "schema_id", "source_partition", "source_offset", "counted",
-)
+class TouchpointRow(NamedTuple):
+    """One enriched touchpoint as stored in ClickHouse's `touchpoints` table (the fields are its columns; a unit
+    test checks them against the DDL). A tuple underneath: rows are built per event and inserted by column."""
+
+    event_id: str
+    event_time_ms: int
+    tenant: str
+    channel: str
+    event_type: str
+    person_id: str
+    role: str
+    is_customer: int
+    is_user: int
+    first_seen_ms: int
+    customer_since_ms: int | None
+    purchase_count: int
+    resolved_from: list[str]
+    anonymous_id: str | None
+    user_id: str | None
+    customer_id: str | None
+    email_sha256: str | None
+    phone_sha256: str | None
+    helpdesk_requester_id: str | None
+    session_id: str | None
+    journey_id: str | None
+    flow: str | None
+    device_class: str | None
+    outcome: str | None
+    error_code: str | None
+    duration_ms: int | None
+    survey_kind: str | None
+    survey_score: int | None
+    survey_scale_min: int | None
+    survey_scale_max: int | None
+    survey_about_channel: str | None
+    queue_ms: int | None
+    handle_ms: int | None
+    first_response_ms: int | None
+    resolved: int | None
+    escalated: int | None
+    agent_id: str | None
+    lcp_ms: float | None
+    inp_ms: float | None
+    cls: float | None
+    amount_minor: int | None
+    currency: str | None
+    sentiment: float | None
+    app_version: str | None
+    rage_clicks: int | None
+    attribute_keys: list[str]
+    attribute_values: list[str]
+    schema_id: int
+    source_partition: int
+    source_offset: int
+    counted: int
+
+
+TOUCHPOINT_COLUMNS: tuple[str, ...] = TouchpointRow._fields
 
 
 def touchpoint_row(event: dict[str, Any], schema_id: int, partition: int, offset: int,
-                   counted: bool) -> tuple[Any, ...]:
+                   counted: bool) -> TouchpointRow:
     ids = event["identifiers"]
     survey = event.get("survey") or _EMPTY
     contact = event.get("contact") or _EMPTY
@@ -62,7 +108,7 @@ def touchpoint_row(event: dict[str, Any], schema_id: int, partition: int, offset
     amount = event.get("amount") or _EMPTY
     attributes = event.get("attributes") or _EMPTY
     resolved, escalated = contact.get("resolved"), contact.get("escalated")
-    return (
+    return TouchpointRow(
         event["event_id"], event["event_time"], event["tenant"], event["channel"], event["event_type"],
         event["person_id"], event["role"], int(event["is_customer"]), int(event["is_user"]),
         event["first_seen_ms"], event["customer_since_ms"], event["purchase_count"], event["resolved_from"],
@@ -90,7 +136,7 @@ _EMPTY: dict[str, Any] = {}
 class Output:
     """Everything produced since the last flush."""
 
-    touchpoints: list[tuple[Any, ...]] = field(default_factory=list)
+    touchpoints: list[TouchpointRow] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     window_cells: list[WindowCell] = field(default_factory=list)
     # Windows starting in [judge_from_ms, judge_before_ms) are now closed on every partition of this worker
@@ -103,6 +149,9 @@ class Output:
     events_in: Counter[str] = field(default_factory=Counter)  # by channel
     late: Counter[str] = field(default_factory=Counter)
     duplicates: Counter[str] = field(default_factory=Counter)
+    # Counted events whose id is also counted on another partition of this worker (a sender that keyed a retry
+    # differently): counted twice, so reported.
+    cross_partition_duplicates: Counter[str] = field(default_factory=Counter)
     records: int = 0
 
     def __len__(self) -> int:
@@ -202,7 +251,25 @@ class TouchpointProcessor:
                 late[channel] += 1
             rows.append(touchpoint_row(event, schema_id, partition, offset, counted=fate != LATE))
         self._activity[partition] = (now_ms, windows.watermark_ms)
+        if len(self.partitions) > 1:
+            self._find_cross_partition_duplicates(partition, events, fates)
         self._collect(partition)
+
+    def _find_cross_partition_duplicates(self, partition: int, events: Sequence[dict[str, Any]],
+                                         fates: Sequence[int]) -> None:
+        """Ids counted here that another partition of this worker counted in the same pane (while it is open)."""
+        others = [w.open for p, w in self.partitions.items() if p != partition]
+        window_ms, found = self.config.window_ms, self.output.cross_partition_duplicates
+        for event, fate in zip(events, fates, strict=True):
+            if fate != ON_TIME:
+                continue
+            event_time, event_id = event["event_time"], event["event_id"]
+            start = event_time - event_time % window_ms
+            for panes in others:
+                pane = panes.get(start)
+                if pane is not None and event_id in pane.event_ids:
+                    found[event["channel"]] += 1
+                    break
 
     def tick(self, now_ms: int, caught_up: Collection[int]) -> None:
         """Let event time flow on idle partitions, so the last windows of a quiet stream still close. Idle means

@@ -177,7 +177,7 @@ def banking_journey(rng: random.Random, ids: Ids) -> tuple[Person, Journey]:
                        "attributes": {"survey": "post_call"}}
         if resolved and failed_flows and rng.random() < 0.5:
             # Back in the app after the call; the fault is still intermittent, so the retry may fail again.
-            app, retry_failed = app_session(), []
+            app, retry_failed = app_session(), list[str]()
             yield from attempts(app, "login", 2, retry_failed, errors)
             if not retry_failed and failed_flows[-1] != "login":
                 yield from attempts(app, failed_flows[-1], 2, retry_failed, errors)

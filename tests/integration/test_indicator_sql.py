@@ -281,17 +281,19 @@ def assert_matches_reference(ch: Any, window_ms: int, indicators: tuple[str, ...
     return len(reference)
 
 
-def test_every_query_of_the_bi_guide_runs_on_clickhouse_18(sink, db):
+@pytest.mark.parametrize("doc", ["docs/clickhouse.md", "README.md"])
+def test_every_query_of_the_bi_guide_and_the_readme_runs_on_clickhouse_18(sink, db, doc):
     sink.write_cells([quantile_cell(BASE_MS, 0, [1200.0, 2600.0, 0.0]),
                       make_cell(BASE_MS, "error_rate", 0, 4.0, 1.0)])
-    guide = (PROJECT_ROOT / "docs" / "clickhouse.md").read_text()
-    for block in re.findall(r"```sql\n(.*?)```", guide, re.S):
-        for statement in split_statements(block):
-            sink.client.execute(statement.replace("touchpoint.", f"{db.clickhouse.database}."))
+    statements = [s for block in re.findall(r"```sql\n(.*?)```", (PROJECT_ROOT / doc).read_text(), re.S)
+                  for s in split_statements(block)]
+    assert statements
+    for statement in statements:
+        sink.client.execute(statement.replace("touchpoint.", f"{db.clickhouse.database}."))
 
 
-def test_write_judges_rules_of_every_window_kind_and_keeps_the_checkpoint_replay_point(sink):
-    from pipeline.core.evaluate import AlertRule
+def test_window_totals_judge_rules_of_every_window_kind_and_checkpoints_keep_the_replay_point(sink):
+    from pipeline.core.evaluate import AlertRule, judge
     from pipeline.core.processor import Output
 
     cells = [
@@ -307,11 +309,20 @@ def test_write_judges_rules_of_every_window_kind_and_keeps_the_checkpoint_replay
     checkpoint = aggregate.Checkpoint(0, 5, 9, BASE_MS + 65_000, BASE_MS + 60_000, BASE_MS + 40_000, BASE_MS)
     output = Output(window_cells=cells, judge_from_ms=BASE_MS, judge_before_ms=BASE_MS + 60_000,
                     judge_partitions=(0,), checkpoints={0: checkpoint})
-    alerts = sink.write(output, rules)
+
+    def write_and_judge():  # what the runner does with a flush
+        sink.write(output)
+        totals = sink.window_totals(BASE_MS, BASE_MS + 60_000, [0], {r.indicator for r in rules},
+                                    {r.window_kind for r in rules})
+        alerts = judge(rules, totals)
+        sink.write_alerts(alerts, now_ms=BASE_MS + 61_000)
+        return alerts
+
+    alerts = write_and_judge()
     assert {(a.rule, a.channel, a.value) for a in alerts} == {
         ("ux_error_rate_high", "MOBILE_APP", 0.5), ("ux_error_rate_high_15m", "MOBILE_APP", 0.25),
         ("cx_many_channels", "ALL", 2.5)}
-    sink.write(output, rules)  # a retried write replaces what it wrote
+    write_and_judge()  # a retried write replaces what it wrote
     stored = sink.client.execute("SELECT rule, window_kind, channel, toUInt32(window_start) FROM alerts FINAL "
                                  "ORDER BY rule")
     assert stored == [("cx_many_channels", "session", "ALL", BASE_MS // 1000),
@@ -391,9 +402,9 @@ def test_streamed_cells_equal_the_sql_batch_reference_over_the_raw_touchpoints(s
         output.checkpoints[partition] = windows.checkpoint()
     assert fates[LATE] > 50 and fates[DUPLICATE] > 200  # the stream did exercise both
 
-    sink.write(output, [])
+    sink.write(output)
     replay = ClickHouseSink(db.clickhouse, "it", "touchpoints")  # a restarted worker replays the same output
-    replay.write(output, [])
+    replay.write(output)
     replay.client.disconnect()
 
     indicators = ("csat", "error_rate", "lcp_p75")
@@ -445,7 +456,7 @@ def test_a_restart_from_the_stored_checkpoint_and_panes_stores_what_an_uninterru
     assert {k[0] for k in expected} == {"1m", "15m", "session"}
 
     first = PartitionWindows(0, 60_000, 10_000)
-    sink.write(run(first, 0, 2_900), [])  # then SIGKILL: nothing after this write survives
+    sink.write(run(first, 0, 2_900))  # then SIGKILL: nothing after this write survives
 
     checkpoint = sink.load_checkpoint(0)
     assert checkpoint is not None and checkpoint.commit_offset < 2_900
@@ -455,7 +466,7 @@ def test_a_restart_from_the_stored_checkpoint_and_panes_stores_what_an_uninterru
     output = run(second, checkpoint.commit_offset, len(events))
     second.advance_idle(BASE_MS + 6 * HOUR_MS)
     output.window_cells += second.drain_closed()
-    sink.write(output, [])
+    sink.write(output)
 
     stored = stored_cells(sink.client)
     assert set(stored) == set(expected)

@@ -287,3 +287,17 @@ def test_a_restored_worker_judges_only_windows_not_yet_final():
     processor.process(0, [Record(0, 9 + n, encode(e)) for n, e in enumerate(events)], BASE_MS + 10 * MINUTE)
     out = processor.take_output()
     assert (out.judge_from_ms, out.judge_before_ms) == (BASE_MS + 3 * MINUTE, BASE_MS + 6 * MINUTE)
+
+
+def test_an_event_id_counted_on_two_partitions_of_a_worker_is_reported():
+    processor = _processor()
+    processor.assign(0, None, now_ms=BASE_MS)
+    processor.assign(1, None, now_ms=BASE_MS)
+    first = task("SUCCESS", event_id="retried", event_time=BASE_MS + 1_000)
+    processor.process(0, [Record(0, 0, encode(first))], BASE_MS + 2_000)
+    processor.process(1, [Record(1, 0, encode(first)), Record(1, 1, encode(task("SUCCESS", event_id="other",
+                                                                                 event_time=BASE_MS + 1_500)))],
+                      BASE_MS + 2_000)
+    out = processor.take_output()
+    assert out.cross_partition_duplicates == {"WEB": 1}
+    assert out.duplicates == {}  # within a partition it would have been a plain duplicate, not counted

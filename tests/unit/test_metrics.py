@@ -3,6 +3,7 @@
 import socket
 
 from pipeline.adapters import metrics
+from pipeline.settings import Settings
 
 
 def free_port():
@@ -12,18 +13,14 @@ def free_port():
 
 
 def test_metrics_listen_on_loopback_by_default(monkeypatch):
-    for key in ("TOUCHPOINT_METRICS_HOST", "TOUCHPOINT_CONFIG"):
-        monkeypatch.delenv(key, raising=False)
-    from pipeline.settings import get_settings
-
-    get_settings.cache_clear()
+    monkeypatch.delenv("TOUCHPOINT_METRICS_HOST", raising=False)
+    assert Settings().metrics_host == "127.0.0.1"
     server = metrics.serve(free_port())
     try:
         assert server is not None and server.server_address[0] == "127.0.0.1"
     finally:
         server.shutdown()
         server.server_close()
-        get_settings.cache_clear()
 
 
 def test_metrics_host_setting_is_used(monkeypatch):

@@ -231,10 +231,11 @@ def test_migration_copies_the_earlier_windows_into_cells(modern):
         modern.query("DROP DATABASE upgrade")
 
 
-def test_every_query_of_the_bi_guide_runs_on_modern_clickhouse(modern):
-    guide = (Path(__file__).resolve().parents[2] / "docs" / "clickhouse.md").read_text()
-    statements = [s for block in re.findall(r"```sql\n(.*?)```", guide, re.S) for s in split_statements(block)]
-    assert len(statements) >= 8
+@pytest.mark.parametrize(("doc", "at_least"), [("docs/clickhouse.md", 8), ("README.md", 3)])
+def test_every_query_of_the_bi_guide_and_the_readme_runs_on_modern_clickhouse(modern, doc, at_least):
+    text = (Path(__file__).resolve().parents[2] / doc).read_text()
+    statements = [s for block in re.findall(r"```sql\n(.*?)```", text, re.S) for s in split_statements(block)]
+    assert len(statements) >= at_least
     modern.query("CREATE DATABASE IF NOT EXISTS touchpoint")
     for statement in statements:
         modern.query(statement)  # raises on a syntax or name error

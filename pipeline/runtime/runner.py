@@ -1,0 +1,290 @@
+"""The rules of delivery, in one place: when to flush, how to retry, and in which order things must happen so that
+nothing is lost and nothing counts twice.
+
+* Dead letters and identity operations are handed to Kafka when their flush starts, and are flushed (acknowledged)
+  before the offsets of the records that produced them are committed.
+* Offsets are committed only after the store has the rows, cells and checkpoints of the records below them.
+* A failed store write is retried with a bounded backoff, each failure reported; nothing is committed meanwhile,
+  so consumption waits at that point rather than running ahead of what is stored.
+* Writes go one at a time (the next flush waits for the one in flight), so commits happen in offset order.
+* A revoked partition's state is dropped (its next owner replays from the committed offset); a stop flushes and
+  waits for the last write.
+
+The runner is plain Python around the core's processor: Kafka, ClickHouse, metrics and the clock are ports
+(`pipeline.runtime.ports`), so every rule above is tested with fakes and an injected clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pipeline.core.aggregate import NEVER, Checkpoint
+from pipeline.core.evaluate import Alert, AlertRule, judge
+from pipeline.core.processor import Output, SourceRecord, TouchpointProcessor
+from pipeline.runtime.ports import Clock, DeadLetters, IdentityLog, Offsets, RunnerObserver, Store
+
+log = logging.getLogger("touchpoint.runner")
+
+T = TypeVar("T")
+RunBlocking = Callable[[Callable[[], T]], Awaitable[T]]
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryPolicy:
+    max_events: int  # flush once this many records are buffered...
+    max_wait_s: float  # ...or once the oldest buffered record has waited this long
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 30.0  # the backoff doubles up to this, so a recovered store is used within it
+    progress_every_s: float = 1.0  # how often lag, watermark and the heartbeat are reported
+
+
+class StoreUnavailable(RuntimeError):
+    """The store kept failing until the runner was asked to stop: the last flush is not stored, and the next
+    start replays it from the last committed offset."""
+
+
+async def _in_thread(call: Callable[[], T]) -> T:
+    # The store's driver blocks: a thread keeps the event loop (and the consumer's heartbeats) going.
+    return await asyncio.get_running_loop().run_in_executor(None, call)
+
+
+class Runner:
+    def __init__(self, processor: TouchpointProcessor, *, store: Store, dead_letters: DeadLetters,
+                 identity_log: IdentityLog | None, offsets: Offsets, clock: Clock, observer: RunnerObserver,
+                 policy: DeliveryPolicy, rules: Sequence[AlertRule] = (),
+                 run_blocking: RunBlocking[Any] = _in_thread, on_ready: Callable[[], None] | None = None) -> None:
+        self.processor = processor
+        self.store = store
+        self.dead_letters = dead_letters
+        self.identity_log = identity_log
+        self.offsets = offsets
+        self.clock = clock
+        self.observer = observer
+        self.policy = policy
+        self.rules = tuple(rules)
+        self._run_blocking = run_blocking
+        self._on_ready = on_ready  # called once the identity graph is built, before the first touchpoint
+        self._identity_ready = False
+        self._first_buffered_at: float | None = None
+        self._inflight: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._last_progress_at: float | None = None
+        # Flushes and checkpoint loads of newly assigned partitions take turns: one store connection, and a
+        # partition must not be restored while a write of its previous owner's output is still in flight.
+        self._storage_lock = asyncio.Lock()
+
+    # -- the fetch loop's calls -------------------------------------------------------------------------------
+
+    async def on_records(self, batches: Mapping[int, Sequence[SourceRecord]]) -> None:
+        """One fetch: each partition's records in offset order."""
+        await self.sync_assignment()
+        now_ms = self.clock.now_ms()
+        processor = self.processor
+        for partition, records in batches.items():
+            if records and processor.owns(partition):
+                processor.process(partition, records, now_ms)
+        self._mark_buffered()
+        if len(processor.output) >= self.policy.max_events:
+            await self.flush()
+
+    async def on_idle(self) -> None:
+        """Between fetches: let idle partitions' windows close, flush what is due, report progress."""
+        await self.sync_assignment()
+        self.processor.tick(self.clock.now_ms(), self._caught_up())
+        output = self.processor.output
+        due = (self._first_buffered_at is not None
+               and self.clock.monotonic() - self._first_buffered_at >= self.policy.max_wait_s)
+        # Closed windows (and windows to judge) go out at once: alerts should not wait for a full batch.
+        if due or output.window_cells or output.judge_before_ms is not None:
+            await self.flush()
+        self._report_progress()
+
+    async def sync_assignment(self) -> None:
+        """Follow the consumer's assignment: resume new partitions from their checkpoints, drop revoked ones.
+        The identity graph is built (or brought up to date) first: enrichment needs it."""
+        self._sync_identity()
+        assigned = self.offsets.assigned()
+        self.revoke(set(self.processor.partitions) - assigned)
+        new = sorted(assigned - set(self.processor.partitions))
+        if not new:
+            return
+        async with self._storage_lock:
+            await self._drain()
+            for partition in new:
+                await self._assign(partition)
+
+    def revoke(self, partitions: set[int]) -> None:
+        """Drop revoked partitions' open windows. No flush: the next owner replays from the last committed offset
+        and every write is idempotent (and a rebalance callback must not wait for a commit)."""
+        for partition in partitions:
+            if self.processor.owns(partition):
+                self.processor.revoke(partition)
+                self.observer.forget(partition)
+
+    def request_stop(self) -> None:
+        """From now on a failing store is not retried: the stop must not wait for it."""
+        self._stopping = True
+
+    async def stop(self) -> None:
+        """Final flush: store what was processed and commit it. Raises StoreUnavailable if the store fails."""
+        self.request_stop()
+        await self.flush(wait=True)
+
+    # -- flushing ---------------------------------------------------------------------------------------------
+
+    async def flush(self, *, wait: bool = False) -> None:
+        """Hand what the core produced to storage. The write runs in the background while the next fetch is
+        processed; writes stay one at a time, so offsets are committed in order and only after their rows."""
+        async with self._storage_lock:
+            output = self.processor.take_output()
+            self._first_buffered_at = None
+            if _has_work(output):
+                await self._drain()
+                await self._send_to_kafka(output)
+                self._inflight = asyncio.ensure_future(self._store_and_commit(output))
+            if wait:
+                await self._drain()
+
+    async def _send_to_kafka(self, output: Output) -> None:
+        if self.identity_log is not None and output.identity.operations:
+            self.identity_log.publish(output.identity.operations)
+        for dead in output.dead_letters:
+            await self.dead_letters.send(dead)
+
+    async def _drain(self) -> None:
+        """Wait for the write in flight, if any (its failure, on stop, surfaces here)."""
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            await inflight
+
+    async def _store_and_commit(self, output: Output) -> None:
+        alerts = await self._retrying(lambda: self._persist(output))
+        offsets = {p: cp.commit_offset for p, cp in output.checkpoints.items() if cp.commit_offset > 0}
+        if offsets:
+            # Dead letters and identity operations reach Kafka before the offsets that produced them are committed.
+            await self.dead_letters.flush()
+            if self.identity_log is not None:
+                await self.identity_log.flush()
+            try:
+                await self.offsets.commit(offsets)
+            except Exception as exc:  # e.g. a rebalance under way: the data is stored, a later commit covers it
+                self.observer.commit_failed(exc)
+                log.warning("Offset commit failed (%s: %s); the rows are stored and a later commit or a replay "
+                            "covers them", type(exc).__name__, exc)
+        self.observer.flushed(output, alerts, self.clock.now_ms() / 1000)
+
+    def _persist(self, output: Output) -> list[Alert]:
+        """Blocking: rows, cells and checkpoints, then the alerts of windows now closed on every partition (judged
+        from the stored cells, so partials written before a crash count too)."""
+        self.store.write(output)
+        if output.judge_before_ms is None or not output.judge_partitions or not self.rules:
+            return []
+        totals = self.store.window_totals(output.judge_from_ms or 0, output.judge_before_ms,
+                                          output.judge_partitions, {rule.indicator for rule in self.rules},
+                                          {rule.window_kind for rule in self.rules})
+        alerts = judge(self.rules, totals)
+        self.store.write_alerts(alerts, self.clock.now_ms())
+        return alerts
+
+    async def _retrying(self, call: Callable[[], T]) -> T:
+        attempt = 0
+        while True:
+            try:
+                return await self._run_blocking(call)
+            except Exception as exc:  # any failure: writes are idempotent, so the same batch may be written again
+                attempt += 1
+                delay = min(self.policy.retry_initial_s * 2 ** min(attempt - 1, 20), self.policy.retry_max_s)
+                self.observer.store_failed(exc, attempt, delay)
+                if self._stopping:
+                    raise StoreUnavailable(f"the store failed while stopping ({type(exc).__name__}: {exc}); the "
+                                           "next start replays from the last committed offset") from exc
+                log.error("Store write failed (attempt %d, %s: %s); retrying in %.1f s. Nothing is committed "
+                          "until it succeeds, so consumption waits here.", attempt, type(exc).__name__, exc, delay)
+                await self.clock.sleep(delay)
+
+    # -- assignment and identity ------------------------------------------------------------------------------
+
+    async def _assign(self, partition: int) -> None:
+        checkpoint = await self._run_blocking(lambda: self.store.load_checkpoint(partition))
+        if checkpoint is not None and self.offsets.committed(partition) is None:
+            # No offset committed for the group: the topic is new (recreated, or a memory-only broker restarted),
+            # or the worker died before its first commit. Either way it is read from the start, which rebuilds
+            # every window whole, so the checkpoint must not mark any as final.
+            log.warning("Ignoring the checkpoint of partition %d: the group has no committed offset there",
+                        partition)
+            checkpoint = None
+        panes = [] if checkpoint is None else await self._recent_panes(checkpoint)
+        if checkpoint is not None:
+            log.info("Resuming partition %d: windows before %d are final", partition, checkpoint.closed_before_ms)
+        self.processor.assign(partition, checkpoint, self.clock.now_ms(), panes)
+
+    async def _recent_panes(self, checkpoint: Checkpoint) -> list[Any]:
+        # Hopping windows span panes closed before the restart: their stored cells come back too.
+        config = self.processor.config
+        count = config.hopping_ms // config.window_ms - 1
+        return await self._run_blocking(
+            lambda: self.store.recent_panes(checkpoint.partition, checkpoint.closed_before_ms, count))
+
+    def _sync_identity(self) -> None:
+        """Build the graph from the whole log before the first touchpoint; afterwards apply other workers'
+        operations as the log hands them over."""
+        log_ = self.identity_log
+        if not self._identity_ready:
+            if log_ is not None:
+                self.processor.apply_identity(log_.initial_operations(), replay=True)
+                log_.take_incoming()  # the initial read handed these over too
+            self._identity_ready = True
+            if self._on_ready is not None:
+                self._on_ready()
+            return
+        if log_ is None:
+            return
+        incoming = log_.take_incoming()
+        if incoming:
+            self.processor.apply_identity(incoming)
+            self._mark_buffered()  # the aliases and transitions they cause are flushed like the rest
+
+    # -- progress ---------------------------------------------------------------------------------------------
+
+    def _mark_buffered(self) -> None:
+        if self._first_buffered_at is None:
+            self._first_buffered_at = self.clock.monotonic()
+
+    def _caught_up(self) -> set[int]:
+        """Partitions whose every record has been read (position at the high watermark)."""
+        caught_up = set()
+        for partition, windows in self.processor.partitions.items():
+            highwater = self.offsets.highwater(partition)
+            position = self.offsets.position(partition)
+            if position is None:
+                position = self.offsets.committed(partition) or windows.next_offset
+            if highwater is not None and position >= highwater:
+                caught_up.add(partition)
+        return caught_up
+
+    def _report_progress(self) -> None:
+        """Lag and watermark of every partition, whatever the store does: a worker stuck retrying must show its
+        lag growing, not the last value a successful write left."""
+        now = self.clock.monotonic()
+        if self._last_progress_at is not None and now - self._last_progress_at < self.policy.progress_every_s:
+            return
+        self._last_progress_at = now
+        now_ms = self.clock.now_ms()
+        self.observer.heartbeat(now_ms / 1000)
+        graph = self.processor.enricher.graph
+        if graph is not None:
+            self.observer.identifiers(len(graph))
+        for partition, windows in self.processor.partitions.items():
+            highwater = self.offsets.highwater(partition)
+            lag = None if highwater is None else max(0, highwater - windows.next_offset)
+            watermark = None if windows.watermark_ms == NEVER else windows.watermark_ms
+            self.observer.progress(partition, lag, watermark, now_ms)
+
+
+def _has_work(output: Output) -> bool:
+    return bool(output.records or output.window_cells or output.checkpoints or output.judge_before_ms is not None
+                or output.identity)

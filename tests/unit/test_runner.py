@@ -1,0 +1,497 @@
+"""The runner's rules of delivery, with in-memory fakes for Kafka and ClickHouse and an injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from pipeline.core.aggregate import Checkpoint, WindowCell
+from pipeline.core.evaluate import Alert, AlertRule, WindowTotal, totals_of
+from pipeline.core.identity import Operation
+from pipeline.core.processor import DeadLetter, Output, TouchpointProcessor, WindowConfig
+from pipeline.runtime.deadletters import HEADROOM_BYTES, dead_letter_message
+from pipeline.runtime.runner import DeliveryPolicy, Runner, StoreUnavailable
+from tests.factories import BASE_MS, encode, schema_for, task
+
+MINUTE = 60_000
+
+
+@dataclass
+class Record:
+    partition: int
+    offset: int
+    value: bytes | None
+    key: bytes | None = b"k"
+    headers: Sequence[tuple[str, bytes]] = ()
+
+
+class Journal:
+    """Everything the fakes were asked to do, in order."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, Any]] = []
+
+    def add(self, what: str, detail: Any = None) -> None:
+        self.entries.append((what, detail))
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.entries]
+
+
+class FakeStore:
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.failures_left = 0
+        self.rows: dict[str, Any] = {}  # event_id -> row: a re-written row replaces the first, as in ClickHouse
+        self.cells: list[WindowCell] = []
+        self.checkpoints: dict[int, Checkpoint] = {}
+        self.alerts: dict[str, Alert] = {}
+
+    def write(self, output: Output) -> None:
+        if self.failures_left:
+            self.failures_left -= 1
+            self.journal.add("store.fail")
+            raise ConnectionError("ClickHouse is down")
+        for row in output.touchpoints:
+            self.rows[row.event_id] = row
+        self.cells.extend(output.window_cells)
+        self.checkpoints.update(output.checkpoints)
+        self.journal.add("store.write", sorted(row.event_id for row in output.touchpoints))
+
+    def load_checkpoint(self, partition: int) -> Checkpoint | None:
+        return self.checkpoints.get(partition)
+
+    def recent_panes(self, partition: int, before_ms: int, count: int) -> list[WindowCell]:
+        return []
+
+    def window_totals(self, from_ms: int, before_ms: int, partitions: Sequence[int], indicators: set[str],
+                      window_kinds: Collection[str]) -> list[WindowTotal]:
+        cells = [c for c in self.cells if from_ms < c.window_end_ms <= before_ms and c.indicator in indicators
+                 and c.window_kind in window_kinds]
+        return totals_of(cells, None)
+
+    def write_alerts(self, alerts: Sequence[Alert], now_ms: int) -> None:
+        self.alerts.update({a.alert_id: a for a in alerts})
+        self.journal.add("store.alerts", [a.alert_id for a in alerts])
+
+
+class FakeDeadLetters:
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.sent: list[DeadLetter] = []
+
+    async def send(self, dead: DeadLetter) -> None:
+        self.sent.append(dead)
+        self.journal.add("deadletter.send", dead.record.offset)
+
+    async def flush(self) -> None:
+        self.journal.add("deadletter.flush")
+
+
+class FakeIdentityLog:
+    def __init__(self, journal: Journal, initial: list[Operation] | None = None) -> None:
+        self.journal = journal
+        self.initial = initial or []
+        self.incoming: list[Operation] = []
+        self.published: list[Operation] = []
+
+    def initial_operations(self) -> list[Operation]:
+        return list(self.initial)
+
+    def take_incoming(self) -> list[Operation]:
+        incoming, self.incoming = self.incoming, []
+        return incoming
+
+    def publish(self, operations: Sequence[Operation]) -> None:
+        self.published.extend(operations)
+        self.journal.add("identity.publish", len(operations))
+
+    async def flush(self) -> None:
+        self.journal.add("identity.flush")
+
+
+class FakeOffsets:
+    def __init__(self, journal: Journal, partitions: set[int]) -> None:
+        self.journal = journal
+        self.partitions = set(partitions)
+        self.committed_offsets: dict[int, int] = {}
+        self.high: dict[int, int] = {}
+        self.read: dict[int, int] = {}
+        self.fail_commits = False
+
+    def assigned(self) -> set[int]:
+        return set(self.partitions)
+
+    def committed(self, partition: int) -> int | None:
+        return self.committed_offsets.get(partition)
+
+    def position(self, partition: int) -> int | None:
+        return self.read.get(partition)
+
+    def highwater(self, partition: int) -> int | None:
+        return self.high.get(partition)
+
+    async def commit(self, offsets: Mapping[int, int]) -> None:
+        if self.fail_commits:
+            raise RuntimeError("rebalance in progress")
+        self.committed_offsets.update(offsets)
+        self.journal.add("commit", dict(offsets))
+
+
+@dataclass
+class FakeClock:
+    now: int = BASE_MS + 10 * MINUTE
+    mono: float = 1_000.0
+    sleeps: list[float] = field(default_factory=list)
+    on_sleep: Callable[[], None] | None = None
+
+    def now_ms(self) -> int:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, seconds: float) -> None:
+        self.mono += seconds
+        self.now += int(seconds * 1000)
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.advance(seconds)
+        if self.on_sleep is not None:
+            self.on_sleep()
+        await asyncio.sleep(0)  # like a real sleep, lets the fetch loop run meanwhile
+
+
+class FakeObserver:
+    def __init__(self) -> None:
+        self.flushes: list[Output] = []
+        self.failures: list[tuple[int, float]] = []
+        self.commit_failures = 0
+        self.lag: dict[int, int | None] = {}
+        self.heartbeats: list[float] = []
+        self.forgotten: list[int] = []
+        self.last_flush_at: float | None = None
+
+    def flushed(self, output: Output, alerts: Sequence[Alert], at_s: float) -> None:
+        self.flushes.append(output)
+        self.last_flush_at = at_s
+
+    def store_failed(self, error: BaseException, attempt: int, retry_in_s: float) -> None:
+        self.failures.append((attempt, retry_in_s))
+
+    def commit_failed(self, error: BaseException) -> None:
+        self.commit_failures += 1
+
+    def progress(self, partition: int, lag: int | None, watermark_ms: int | None, now_ms: int) -> None:
+        self.lag[partition] = lag
+
+    def heartbeat(self, at_s: float) -> None:
+        self.heartbeats.append(at_s)
+
+    def identifiers(self, count: int) -> None:
+        pass
+
+    def forget(self, partition: int) -> None:
+        self.forgotten.append(partition)
+
+
+async def _direct(call: Callable[[], Any]) -> Any:
+    return call()  # no thread: the fakes do not block, and the order of events stays deterministic
+
+
+class Harness:
+    def __init__(self, partitions: set[int] = frozenset({0}), *, max_events: int = 1_000, max_wait_s: float = 1.0,
+                 identity: FakeIdentityLog | None = None, rules: Sequence[AlertRule] = ()) -> None:
+        self.journal = Journal()
+        self.store = FakeStore(self.journal)
+        self.dead_letters = FakeDeadLetters(self.journal)
+        self.identity = identity
+        if identity is not None:
+            identity.journal = self.journal
+        self.offsets = FakeOffsets(self.journal, set(partitions))
+        self.clock = FakeClock()
+        self.observer = FakeObserver()
+        config = WindowConfig(MINUTE, 5_000, 300_000, 30_000)
+        processor = TouchpointProcessor(config, schema_for, identity_enabled=identity is not None)
+        self.runner = Runner(processor, store=self.store, dead_letters=self.dead_letters, identity_log=identity,
+                             offsets=self.offsets, clock=self.clock, observer=self.observer,
+                             policy=DeliveryPolicy(max_events, max_wait_s, retry_initial_s=0.5, retry_max_s=4.0),
+                             rules=rules, run_blocking=_direct)
+
+    def records(self, partition: int, start: int, events: list[dict[str, Any]]) -> list[Record]:
+        return [Record(partition, start + n, encode(e)) for n, e in enumerate(events)]
+
+
+def close_windows(h: Harness, read: Mapping[int, int]) -> None:
+    """Every record read and the partitions quiet past the session gap: every window closes, so checkpoints may
+    commit up to the last record."""
+    h.clock.advance(40 * 60)
+    for partition, offset in read.items():
+        h.offsets.high[partition] = h.offsets.read[partition] = offset
+    h.runner.processor.tick(h.clock.now_ms(), set(read))
+
+
+def _tasks(n: int, *, prefix: str = "t", outcome: str = "SUCCESS", at: int = BASE_MS) -> list[dict[str, Any]]:
+    return [task(outcome, event_id=f"{prefix}{i}", event_time=at + i * 100, user_id=f"u{i % 3}") for i in range(n)]
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_offsets_are_committed_only_after_the_store_has_the_rows_and_dead_letters_are_flushed():
+    h = Harness()
+
+    async def scenario() -> None:
+        records = h.records(0, 0, _tasks(3))
+        records.insert(1, Record(0, 99, b"not avro"))  # a poison record among good ones
+        records = [Record(0, n, r.value) for n, r in enumerate(records)]
+        await h.runner.on_records({0: records})
+        close_windows(h, {0: 4})
+        await h.runner.flush(wait=True)
+
+    run(scenario())
+    names = h.journal.names()
+    assert names.index("deadletter.send") < names.index("store.write") < names.index("deadletter.flush") \
+        < names.index("commit")
+    assert h.store.rows.keys() == {"t0", "t1", "t2"}
+    assert [d.reason for d in h.dead_letters.sent] == ["undecodable"]
+    assert h.offsets.committed_offsets == {0: 4}  # the dead letter's offset is committed like the others
+
+
+def test_identity_operations_reach_the_log_before_the_commit():
+    h = Harness(identity=FakeIdentityLog(Journal()))
+
+    async def scenario() -> None:
+        events = [task("SUCCESS", event_id="a", event_time=BASE_MS, user_id="u1", anonymous_id="anon-1")]
+        await h.runner.on_records({0: h.records(0, 0, events)})
+        close_windows(h, {0: 1})
+        await h.runner.flush(wait=True)
+
+    run(scenario())
+    names = h.journal.names()
+    assert "identity.publish" in names and "commit" in names
+    assert names.index("identity.publish") < names.index("store.write") < names.index("identity.flush") \
+        < names.index("commit")
+    assert h.offsets.committed_offsets == {0: 1}
+
+
+def test_a_failing_store_is_retried_with_a_bounded_backoff_and_nothing_is_committed_meanwhile():
+    h = Harness()
+    h.store.failures_left = 5
+    commits_during_failures: list[dict[int, int]] = []
+    h.clock.on_sleep = lambda: commits_during_failures.append(dict(h.offsets.committed_offsets))
+
+    async def scenario() -> None:
+        await h.runner.on_records({0: h.records(0, 0, _tasks(4))})
+        await h.runner.flush(wait=True)
+
+    run(scenario())
+    assert h.clock.sleeps == [0.5, 1.0, 2.0, 4.0, 4.0]  # doubling, capped at retry_max_s
+    assert [attempt for attempt, _ in h.observer.failures] == [1, 2, 3, 4, 5]
+    assert all(c == {} for c in commits_during_failures)
+    assert h.store.rows.keys() == {"t0", "t1", "t2", "t3"}
+    assert len(h.observer.flushes) == 1
+
+
+def test_a_stop_does_not_wait_for_a_store_that_keeps_failing_and_commits_nothing():
+    h = Harness()
+    h.store.failures_left = 10**6
+
+    async def scenario() -> None:
+        await h.runner.on_records({0: h.records(0, 0, _tasks(2))})
+        with pytest.raises(StoreUnavailable):
+            await h.runner.stop()
+
+    run(scenario())
+    assert h.offsets.committed_offsets == {}
+    assert h.clock.sleeps == []  # no retry once stopping
+
+
+def test_the_stop_flushes_what_was_buffered_and_commits_it():
+    h = Harness(max_wait_s=60)
+
+    async def scenario() -> None:
+        await h.runner.on_records({0: h.records(0, 0, _tasks(5))})
+        assert h.store.rows == {}  # below max_events and max_wait: still buffered
+        close_windows(h, {0: 5})
+        await h.runner.stop()
+
+    run(scenario())
+    assert h.store.rows.keys() == {f"t{i}" for i in range(5)}
+    assert h.offsets.committed_offsets == {0: 5}
+
+
+def test_flush_policy_by_size_and_by_age():
+    h = Harness(max_events=10, max_wait_s=1.0)
+
+    def writes() -> int:
+        return h.journal.names().count("store.write")
+
+    async def scenario() -> None:
+        await h.runner.on_records({0: h.records(0, 0, _tasks(4, prefix="a"))})
+        await h.runner.on_idle()
+        h.clock.advance(0.5)
+        await h.runner.on_idle()
+        assert writes() == 0  # young and small: waits
+        h.clock.advance(0.6)
+        await h.runner.on_idle()  # the oldest record waited past max_wait_s
+        await h.runner.flush(wait=True)
+        assert writes() == 1
+        await h.runner.on_records({0: h.records(0, 4, _tasks(6, prefix="b", at=BASE_MS + 500))})
+        assert writes() == 1
+        await h.runner.on_records({0: h.records(0, 10, _tasks(4, prefix="c", at=BASE_MS + 1_200))})
+        await h.runner.flush(wait=True)  # waits for the write the size trigger started
+        assert writes() == 2
+
+    run(scenario())
+    assert set(h.store.rows) == {*(f"a{i}" for i in range(4)), *(f"b{i}" for i in range(6)),
+                                 *(f"c{i}" for i in range(4))}
+
+
+def test_size_trigger_flushes_without_waiting_for_the_clock():
+    h = Harness(max_events=5, max_wait_s=3600)
+
+    async def scenario() -> None:
+        await h.runner.on_records({0: h.records(0, 0, _tasks(5))})
+        await h.runner.flush(wait=True)  # waits for the write the size trigger started; adds nothing
+
+    run(scenario())
+    assert h.journal.names().count("store.write") == 1
+
+
+def test_a_revoked_partition_is_dropped_and_its_offsets_are_not_committed():
+    h = Harness(partitions={0, 1})
+
+    async def scenario() -> None:
+        await h.runner.on_records({0: h.records(0, 0, _tasks(2, prefix="p0")),
+                                   1: h.records(1, 0, _tasks(2, prefix="p1"))})
+        h.offsets.partitions = {0}
+        h.runner.revoke({1})
+        close_windows(h, {0: 2})
+        await h.runner.stop()
+
+    run(scenario())
+    assert h.observer.forgotten == [1]
+    assert not h.runner.processor.owns(1)
+    assert h.offsets.committed_offsets == {0: 2}  # partition 1's next owner replays it
+
+
+def test_a_failed_commit_is_reported_and_the_next_one_covers_it():
+    h = Harness()
+
+    async def scenario() -> None:
+        h.offsets.fail_commits = True
+        await h.runner.on_records({0: h.records(0, 0, _tasks(2))})
+        close_windows(h, {0: 2})
+        await h.runner.flush(wait=True)
+        assert h.observer.commit_failures == 1 and h.offsets.committed_offsets == {}
+        h.offsets.fail_commits = False
+        await h.runner.on_records({0: h.records(0, 2, _tasks(1, prefix="n", at=BASE_MS + 40 * MINUTE))})
+        close_windows(h, {0: 3})
+        await h.runner.stop()
+
+    run(scenario())
+    assert h.offsets.committed_offsets == {0: 3}
+
+
+def test_a_checkpoint_is_used_only_when_the_group_has_a_committed_offset():
+    h = Harness(partitions={0, 1})
+    for partition in (0, 1):
+        h.store.checkpoints[partition] = Checkpoint(partition, 7, 9, BASE_MS + 3 * MINUTE, BASE_MS + 3 * MINUTE)
+    h.offsets.committed_offsets = {0: 7}  # partition 1: the topic was recreated, nothing committed
+
+    run(h.runner.sync_assignment())
+    windows = h.runner.processor.partitions
+    assert windows[0].closed_before_ms == BASE_MS + 3 * MINUTE and windows[0].next_offset == 7
+    assert windows[1].next_offset == 0 and windows[1].closed_before_ms < BASE_MS
+
+
+def test_lag_and_heartbeat_are_reported_while_the_store_keeps_failing():
+    h = Harness(max_wait_s=0.1)
+    h.store.failures_left = 10**6
+    lags: list[int | None] = []
+
+    def during_retry() -> None:
+        h.offsets.high[0] += 50  # traffic keeps arriving while the worker is stuck
+        lags.append(h.observer.lag.get(0))
+
+    h.offsets.high[0] = 3
+    h.clock.on_sleep = during_retry
+
+    async def scenario() -> None:
+        await h.runner.on_records({0: h.records(0, 0, _tasks(3))})
+        h.clock.advance(1)
+        await h.runner.on_idle()  # starts the failing write in the background
+        for _ in range(3):
+            await asyncio.sleep(0)
+            h.clock.advance(1.5)
+            await h.runner.on_idle()
+        h.runner.request_stop()
+        with pytest.raises(StoreUnavailable):
+            await h.runner.flush(wait=True)
+
+    run(scenario())
+    assert len(h.observer.heartbeats) >= 3
+    assert h.observer.lag[0] is not None and h.observer.lag[0] >= 50  # not the 0 of the last good write
+    assert h.observer.last_flush_at is None
+
+
+def test_windows_closed_on_every_partition_are_judged_from_the_store_and_alerts_written():
+    rule = AlertRule("ux_error_rate_high", "error_rate", "above", 0.15, 5, "warning")
+    h = Harness(rules=[rule])
+
+    async def scenario() -> None:
+        closer = task("SUCCESS", event_id="late-closer", event_time=BASE_MS + 3 * MINUTE, user_id="u9")
+        events = [*_tasks(10, outcome="FAILURE"), closer]
+        await h.runner.on_records({0: h.records(0, 0, events)})
+        await h.runner.flush(wait=True)
+
+    run(scenario())
+    assert [a.rule for a in h.store.alerts.values()] == ["ux_error_rate_high"]
+    alert = next(iter(h.store.alerts.values()))
+    assert (alert.denominator, alert.value, alert.window_kind) == (10, 1.0, "1m")
+    names = h.journal.names()
+    assert names.index("store.write") < names.index("store.alerts")
+
+
+def test_initial_identity_operations_are_applied_before_the_first_record_and_incoming_ones_flushed():
+    from pipeline.core.identity import Link
+
+    ready: list[int] = []
+    identity = FakeIdentityLog(Journal(), initial=[Link(BASE_MS, "anonymous_id:x", "user_id:u-known", "e0")])
+    h = Harness(identity=identity)
+    h.runner._on_ready = lambda: ready.append(len(h.runner.processor.enricher.graph or ()))
+
+    async def scenario() -> None:
+        events = [task("SUCCESS", event_id="a", event_time=BASE_MS + 1, anonymous_id="x")]
+        await h.runner.on_records({0: h.records(0, 0, events)})
+        await h.runner.flush(wait=True)
+
+    run(scenario())
+    assert ready and ready[0] >= 2  # the graph was built before the first touchpoint
+    graph = h.runner.processor.enricher.graph
+    assert graph is not None
+    known = graph.resolve(["user_id:u-known"], BASE_MS + 1)
+    row = h.store.rows["a"]
+    assert row.person_id == known.person_id  # the anonymous id resolved through the initial link
+    assert row.person_id != graph.resolve(["anonymous_id:never-linked"], BASE_MS + 1).person_id
+
+
+def test_an_oversized_dead_letter_goes_without_its_bytes_but_with_the_reason_size_and_source():
+    small = DeadLetter(Record(2, 41, b"x" * 100), "unknown", "undecodable", "bad magic byte")
+    big = DeadLetter(Record(2, 42, b"x" * 2_000_000), "unknown", "undecodable", "bad magic byte")
+    message = dead_letter_message(small, "touchpoints", 1_048_576)
+    assert message.value == b"x" * 100 and dict(message.headers)["source.offset"] == b"41"
+    message = dead_letter_message(big, "touchpoints", 1_048_576)
+    headers = dict(message.headers)
+    assert message.value is None
+    assert headers["reason"] == b"undecodable" and headers["source.size"] == b"2000000"
+    assert headers["source.offset"] == b"42" and headers["source.partition"] == b"2"
+    edge = DeadLetter(Record(0, 1, b"x" * (1_048_576 - HEADROOM_BYTES - 1), key=None), "WEB", "r", "d")
+    assert dead_letter_message(edge, "t", 1_048_576).value is not None
