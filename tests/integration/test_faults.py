@@ -92,8 +92,6 @@ def test_broker_stopped_and_restarted_mid_stream_loses_and_doubles_nothing(stop,
     assert_values_equal(stored_values(ch), reference.indicator_values(events, settings.window.size_s * 1000))
 
 
-@pytest.mark.xfail(strict=True, reason="worker.py: SIGTERM with the broker down waits in aiokafka's fetcher close "
-                                       "(issue 9); the runner rewrite fixes it, then remove this mark")
 def test_sigterm_with_the_broker_down_ends_the_worker_within_30_s(own_kafka, start_worker, ch):
     settings, broker = own_kafka
     events = traffic(2_000, start_ms=int(time.time() * 1000) - 60_000, seed=17, prefix="t")
@@ -140,15 +138,9 @@ def poison(kind: str, now: int) -> tuple[bytes | None, str]:
     }[kind]
 
 
-TOO_BIG_FOR_THE_WORKERS_PRODUCER = pytest.mark.xfail(
-    strict=True, reason="worker.py: the dead-letter producer keeps aiokafka's 1 MiB max_request_size, so "
-                        "MessageSizeTooLargeError crashes the worker on every restart (issue 9); remove when fixed")
-
-
 @pytest.mark.parametrize("kind", ["random_bytes", "unknown_schema_id", "truncated", "empty", "null_value",
                                   "blank_identifiers", "raw_email_in_hash", "a_year_ahead",
-                                  pytest.param("one_mb", marks=TOO_BIG_FOR_THE_WORKERS_PRODUCER),
-                                  pytest.param("ten_mb", marks=TOO_BIG_FOR_THE_WORKERS_PRODUCER)])
+                                  "one_mb", "ten_mb"])
 def test_a_poison_record_becomes_one_dead_letter_and_the_partition_goes_on(kind, isolated, start_worker, ch):
     if not is_apache_kafka(isolated):
         pytest.skip("the fault matrix runs on Apache Kafka (this broker is Tansu)")
@@ -173,7 +165,9 @@ def test_a_poison_record_becomes_one_dead_letter_and_the_partition_goes_on(kind,
     headers = {k: v.decode() for k, v in dead[0].headers}
     assert headers["reason"] == reason and headers["detail"]
     assert headers["source.offset"] == str(offset) and headers["source.partition"] == str(before.get().partition)
-    if dead[0].value != value:  # the original bytes, or only past the dead-letter topic's limit, their size
-        assert value is not None and headers.get("size") == str(len(value)), headers
+    assert headers["source.size"] == str(len(value or b""))
+    if dead[0].value != value:  # the original bytes, or only past the producers' limit, the reason and size alone
+        assert value is not None and dead[0].value is None and headers["payload"].startswith("omitted"), headers
+        assert len(value) > isolated.kafka.max_message_bytes - 16_384
     assert worker.process.poll() is None
     assert ch.execute("SELECT uniqExact(event_id) FROM touchpoints")[0][0] == 2
