@@ -212,7 +212,7 @@ def _bounded_lines(handle: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | 
 
 
 def read_jsonl(path: Path, encoder: TouchpointEncoder, now_ms: int, max_future_ms: int,
-               max_record_bytes: int = 1_048_588) -> tuple[list[tuple[int, dict[str, Any]]], list[BadLine]]:
+               max_record_bytes: int = 1_048_576) -> tuple[list[tuple[int, dict[str, Any]]], list[BadLine]]:
     """Check every line of a JSON Lines file (size, UTF-8, JSON, Avro schema, contract) before anything is
     published: (line number, touchpoint) of the good lines and the bad lines with their reason."""
     good: list[tuple[int, dict[str, Any]]] = []

@@ -40,7 +40,7 @@ def test_a_10_mb_line_is_reported_by_number_and_the_lines_after_it_are_read(tmp_
     sample = events(3)
     huge = dict(sample[1], attributes={"blob": "x" * 10_000_000})
     path = write_lines(tmp_path / "t.jsonl", [json.dumps(e).encode() for e in (sample[0], huge, sample[2])])
-    accepted, bad = read_jsonl(path, encoder, NOW_MS, 300_000, max_record_bytes=1_048_588)
+    accepted, bad = read_jsonl(path, encoder, NOW_MS, 300_000, max_record_bytes=1_048_576)
     assert [n for n, _ in accepted] == [1, 3]
     assert [b.line_number for b in bad] == [2] and "10,000," in bad[0].reason
 
@@ -49,6 +49,6 @@ def test_a_record_over_the_broker_limit_is_a_bad_line_before_sending(tmp_path, e
     sample = events(2)
     big = dict(sample[0], attributes={"blob": "y" * 1_100_000})  # under 4x the limit as JSON, over it as Avro
     path = write_lines(tmp_path / "t.jsonl", [json.dumps(big).encode(), json.dumps(sample[1]).encode()])
-    accepted, bad = read_jsonl(path, encoder, NOW_MS, 300_000, max_record_bytes=1_048_588)
+    accepted, bad = read_jsonl(path, encoder, NOW_MS, 300_000, max_record_bytes=1_048_576)
     assert [n for n, _ in accepted] == [2]
     assert [b.line_number for b in bad] == [1] and "kafka.max_message_bytes" in bad[0].reason
