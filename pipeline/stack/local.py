@@ -287,6 +287,15 @@ def broker_kind(settings: Settings) -> str:
     return "kafka" if java is not None and java >= 17 and kafka_jars(stack.kafka_libs_dir) else "tansu"
 
 
+def new_cluster_id() -> str:
+    """A KRaft cluster id as Kafka writes them (URL-safe base64 of 16 random bytes), never starting with "-",
+    which the storage tool would take for an option (Kafka's own Uuid.randomUuid avoids it the same way)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def render_kafka_config(home: Path, host: str, port: int, controller_port: int) -> tuple[str, str]:
     """server.properties of a one-node KRaft cluster (broker and controller) whose data is under `home`, and
     the log4j2 configuration that keeps its log to warnings and start/stop lines."""
@@ -370,7 +379,7 @@ class KafkaBroker(_Broker):
         (self.home / "config" / "log4j2.properties").write_text(log4j)
         if (self.home / "data" / "meta.properties").exists():
             return  # formatted once; its topics survive restarts
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        cluster_id = new_cluster_id()
         log_config = self.home / "config" / "log4j2.properties"
         with self.log_file.open("ab") as log:
             done = subprocess.run([java, "-Xmx256m", f"-Dlog4j2.configurationFile={log_config}",
