@@ -256,6 +256,9 @@ class TansuBroker(_Broker):
                 "--storage-engine", "memory://tansu/"]
 
 
+Broker = TansuBroker  # the name tests of a broker of their own used before Apache Kafka came (a Tansu broker)
+
+
 @lru_cache(maxsize=8)
 def java_major_version(java: str) -> int | None:
     """The major version of this Java executable (17 for "17.0.15"), None when there is none."""
