@@ -185,7 +185,8 @@ _ALERT_COLUMNS = ("alert_id", "rule", "indicator", "family", "severity", "tenant
 _AUDIT_COLUMNS = ("at_ms", "action", "identifier_a", "identifier_b", "from_person_id", "into_person_id", "reason",
                   "event_id", "recorded_at_ms")
 _CHECKPOINT_COLUMNS = ("consumer_group", "topic", "partition", "commit_offset", "read_offset", "watermark_ms",
-                       "closed_before_ms", "replay_watermark_ms", "replay_closed_before_ms", "written_at_ms")
+                       "closed_before_ms", "replay_watermark_ms", "replay_closed_before_ms", "state",
+                       "written_at_ms")
 
 
 _QUANTILE_SUFFIX = re.compile(r"_p(\d{2})$")  # lcp_p75 -> 0.75, for indicators the registry gives no q
@@ -282,7 +283,7 @@ class ClickHouseSink:
                 [self.consumer_group] * len(cps), [self.topic] * len(cps), [c.partition for c in cps],
                 [c.commit_offset for c in cps], [c.read_offset for c in cps], [c.watermark_ms for c in cps],
                 [c.closed_before_ms for c in cps], [c.replay_watermark_ms for c in cps],
-                [c.replay_closed_before_ms for c in cps], [now_ms] * len(cps),
+                [c.replay_closed_before_ms for c in cps], [c.state or b"" for c in cps], [now_ms] * len(cps),
             ])
             for cp in cps:
                 # Rolling needs a query or two: only when the partition's closed horizon entered a new hour.
@@ -471,16 +472,35 @@ class ClickHouseSink:
         return None
 
     def load_checkpoint(self, partition: int) -> Checkpoint | None:
-        """The furthest-along checkpoint of a partition: any checkpoint is true of its stream prefix."""
+        """The furthest-along checkpoint of a partition: any checkpoint is true of its stream prefix. Its state
+        (a snapshot of the open windows) is None in checkpoints written before snapshots."""
+        where = "consumer_group = %(group)s AND topic = %(topic)s AND partition = %(partition)s"
+        params: dict[str, Any] = {"group": self.consumer_group, "topic": self.topic, "partition": partition}
         rows = self._execute(
             "SELECT commit_offset, read_offset, watermark_ms, closed_before_ms, replay_watermark_ms, "
-            "replay_closed_before_ms FROM pipeline_checkpoints "
-            "WHERE consumer_group = %(group)s AND topic = %(topic)s AND partition = %(partition)s "
-            "ORDER BY read_offset DESC, watermark_ms DESC LIMIT 1",
-            {"group": self.consumer_group, "topic": self.topic, "partition": partition},
-        )
+            f"replay_closed_before_ms, written_at_ms FROM pipeline_checkpoints WHERE {where} "
+            "ORDER BY read_offset DESC, watermark_ms DESC, written_at_ms DESC LIMIT 1", params)
         if not rows:
             return None
-        commit_offset, read_offset, watermark_ms, closed_before_ms, replay_watermark_ms, replay_closed = rows[0]
+        commit_offset, read_offset, watermark_ms, closed_before_ms, replay_watermark, replay_closed, written = rows[0]
+        # Then that row's state alone: rows not merged away yet hold megabytes of older states each.
+        states = self._execute(
+            f"SELECT state FROM pipeline_checkpoints WHERE {where} AND read_offset = %(read)s "
+            "AND watermark_ms = %(watermark)s AND written_at_ms = %(written)s LIMIT 1",
+            {**params, "read": read_offset, "watermark": watermark_ms, "written": written},
+            settings={"strings_as_bytes": True})  # compressed binary, not text
         return Checkpoint(partition, commit_offset, read_offset, watermark_ms, closed_before_ms,
-                          replay_watermark_ms=replay_watermark_ms, replay_closed_before_ms=replay_closed)
+                          replay_watermark_ms=replay_watermark, replay_closed_before_ms=replay_closed,
+                          state=(states[0][0] or None) if states else None)
+
+    def pane_event_ids(self, partition: int, from_ms: int, before_offset: int) -> list[tuple[int, str]]:
+        """(event time, event id) of the partition's counted touchpoints read before `before_offset` with event
+        times from `from_ms` on. From a checkpoint's open_from_ms, before its commit_offset: the dedup sets of the
+        panes open at that offset (a snapshot leaves them out; a replay from a held-back offset needs them too).
+        Late events are not counted and duplicates have no row of their own, so neither is among them."""
+        from_ms = max(0, from_ms)
+        return [(int(event_time_ms), event_id) for event_time_ms, event_id in self._execute(
+            "SELECT event_time_ms, event_id FROM touchpoints "
+            "WHERE source_partition = %(partition)s AND counted = 1 AND source_offset < %(before)s "
+            "AND event_time >= toDateTime(%(from_s)s) AND event_time_ms >= %(from_ms)s",
+            {"partition": partition, "before": before_offset, "from_s": from_ms // 1000, "from_ms": from_ms})]
