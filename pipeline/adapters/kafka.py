@@ -33,14 +33,22 @@ def ensure_topics(bootstrap_servers: str, topics: dict[str, int], replication_fa
         existing = set(admin.list_topics())
         wanted = [NewTopic(name, partitions, replication_factor, topic_configs=config or {})
                   for name, partitions in topics.items() if name not in existing]
-        if wanted:
-            try:
-                admin.create_topics(wanted)
-            except TopicAlreadyExistsError:
-                pass  # another init won the race; the topic is there, which is all we need
-        return [t.name for t in wanted]
+        return _create(admin, wanted)
     finally:
         admin.close()
+
+
+def _create(admin: KafkaAdminClient, wanted: list[NewTopic]) -> list[str]:
+    """Create each topic; those that exist already (another init won the race, or the broker's metadata had not
+    shown them to list_topics yet) are not reported as created."""
+    created = []
+    for topic in wanted:
+        try:
+            admin.create_topics([topic])
+            created.append(topic.name)
+        except TopicAlreadyExistsError:
+            pass  # the topic is there, which is all we need
+    return created
 
 
 BOOTSTRAP_TIMEOUT_MS = 10_000  # an operator's command tells "broker unreachable" after this, not after 30 s
@@ -57,11 +65,7 @@ def apply_topics(bootstrap_servers: str, specs: Iterable[TopicSpec], replication
         existing = set(admin.list_topics())
         wanted = [NewTopic(spec.name, spec.partitions, replication_factor, topic_configs=dict(spec.config))
                   for spec in specs if spec.name not in existing]
-        if wanted:
-            try:
-                admin.create_topics(wanted)
-            except TopicAlreadyExistsError:
-                pass  # another init won the race; its settings are set below on the next init
+        created = _create(admin, wanted)
         present = [spec for spec in specs if spec.name in existing]
         reconfigured: list[str] = []
         if present:
@@ -78,7 +82,7 @@ def apply_topics(bootstrap_servers: str, specs: Iterable[TopicSpec], replication
                     reconfigured.append(spec.name)
             if changes:
                 admin.alter_configs(changes)
-        return [t.name for t in wanted], reconfigured
+        return created, reconfigured
     finally:
         admin.close()
 
