@@ -145,7 +145,7 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
     from resuming to the last row: the worker's own rate, without the publisher on the same cores."""
     from pipeline.adapters.clickhouse import connect
     from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher, partition_key
-    from pipeline.bootstrap import initialise
+    from pipeline.app.bootstrap import initialise
     from pipeline.contract.registry import open_registry, parse_for_decoding
 
     run = uuid.uuid4().hex[:8]
@@ -180,7 +180,7 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
     settings.stack.state_dir.mkdir(parents=True, exist_ok=True)
     client = connect(bench.clickhouse)
     with log_path.open("w") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], stdout=log,
+        worker = subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "worker"], stdout=log,
                                   stderr=subprocess.STDOUT, env=env)
     try:
         publisher = TouchpointPublisher(bench.kafka.bootstrap_servers, bench.kafka.topic, encoder)
