@@ -167,7 +167,7 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 
 
 def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: float) -> None:
-    """Stack up, init, a worker and an alerter, generated traffic of every scenario, and the live view until it is done."""
+    """Stack up, init, a worker and an alerter, generated traffic of every scenario, and the live view until done."""
     from pipeline.bootstrap import initialise
     from pipeline.stack import local
 
@@ -221,4 +221,5 @@ def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: f
     console.print("\ndone; the stack stays up (`touchpoint stack down` stops it), `touchpoint console` serves the "
                   "operations console again. Query ClickHouse for more, "
                   "e.g. clickhouse-client --port "
-                  f"{settings.clickhouse.port} -d {settings.clickhouse.database} -q 'SELECT * FROM alert_current FINAL'")
+                  f"{settings.clickhouse.port} -d {settings.clickhouse.database} "
+                  "-q 'SELECT * FROM alert_current FINAL'")
