@@ -191,7 +191,6 @@ class ConsoleSettings(BaseModel):
     token: str = Field("", description="Bearer token for the console's actions (acknowledge, silence, resolve, "
                                        "erase); empty = actions refused.")
     overview_minutes: int = Field(15, ge=1, description="Minutes of closed 1-minute windows the overview pools.")
-    firing_for_s: int = Field(300, ge=1, description="An alert whose window ended this recently is firing.")
     dead_letters_scanned: int = Field(1000, ge=1, description="The console reads this many newest dead letters.")
 
 
