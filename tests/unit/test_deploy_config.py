@@ -31,7 +31,6 @@ DOCUMENTED_METRICS = {
     "touchpoint_clickhouse_insert_duration_seconds": "histogram",
     "touchpoint_consumer_lag_events": "gauge",
     "touchpoint_watermark_lag_seconds": "gauge",
-    "touchpoint_alerts_fired_total": "counter",
 }
 HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
 METRIC_TOKEN = re.compile(r"\btouchpoint_[a-z0-9_]+\b")
@@ -294,11 +293,16 @@ def test_dashboard_has_tenant_and_channel_variables_that_its_clickhouse_panels_u
             assert "${channel:singlequote}" in sql, panel["title"]
 
 
-def test_dashboard_has_an_alerts_panel_reading_the_alerts_table(dashboard):
-    panels = [p for p in clickhouse_panels(dashboard) if "touchpoint.alerts" in p["targets"][0]["rawSql"]]
-    assert panels and panels[0]["type"] == "table"
-    sql = panels[0]["targets"][0]["rawSql"]
-    assert "FINAL" in sql and "$__timeFilter(window_start)" in sql
+def test_dashboard_alert_panels_read_the_alerters_tables(dashboard):
+    sqls = {p["title"]: p["targets"][0]["rawSql"] for p in clickhouse_panels(dashboard)}
+    table = [p for p in clickhouse_panels(dashboard) if p["type"] == "table"
+             and "touchpoint.alert_current" in p["targets"][0]["rawSql"]]
+    assert table and "touchpoint.alert_events" in table[0]["targets"][0]["rawSql"]
+    assert "$__timeFilter(" in table[0]["targets"][0]["rawSql"]
+    assert any("touchpoint.alert_events" in sql and "to_state" in sql for sql in sqls.values())
+    every_query = json.dumps(dashboard)
+    assert "touchpoint.alerts " not in every_query and "touchpoint.alerts\\n" not in every_query  # old table
+    assert "alerts_fired" not in every_query  # workers no longer judge, so they count no alerts
 
 
 def test_grafana_reads_clickhouse_as_a_read_only_user_of_its_own(services):
