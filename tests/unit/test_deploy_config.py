@@ -135,6 +135,27 @@ def test_compose_runs_init_worker_and_generator_from_the_dockerfile(services):
     assert "container_name" not in services["worker"]  # replicas need generated names
 
 
+def test_compose_runs_the_alerter_console_and_collector_beside_the_workers(services, monkeypatch):
+    for name in ("alerter", "console", "collector"):
+        assert name in app_services(services), name
+        assert services[name]["command"] == [name]
+        assert services[name]["depends_on"]["init"]["condition"] == "service_completed_successfully"
+    assert services["alerter"]["deploy"]["replicas"] >= 2  # the lease keeps one active, the other stands by
+    for key in list(os.environ):
+        if key.startswith("TOUCHPOINT_"):
+            monkeypatch.delenv(key)
+    for name in ("console", "collector"):
+        for key, value in environment(services[name]).items():
+            monkeypatch.setenv(key, value)
+        settings = getattr(Settings(), name)
+        for key in environment(services[name]):
+            monkeypatch.delenv(key, raising=False)
+        assert settings.host == "0.0.0.0", name  # reachable through the published port, not loopback only
+        published = [p for p in services[name]["ports"] if p.endswith(f":{settings.port}")]
+        assert published and all(p.startswith("127.0.0.1:") for p in published), name  # host side on loopback
+        assert f":{settings.port}/" in " ".join(services[name]["healthcheck"]["test"]), name
+
+
 def test_every_touchpoint_variable_in_compose_is_a_setting(services):
     known = settings_env_names()
     used = {key for s in services.values() for key in environment(s) if key.startswith("TOUCHPOINT_")}
@@ -149,7 +170,7 @@ def test_every_touchpoint_variable_in_the_dockerfile_is_a_setting():
     assert used <= settings_env_names(), sorted(used - settings_env_names())
 
 
-@pytest.mark.parametrize("service", ["init", "worker", "generator"])
+@pytest.mark.parametrize("service", ["init", "worker", "generator", "alerter", "console", "collector"])
 def test_compose_environment_is_read_by_settings(services, service, monkeypatch):
     for key in list(os.environ):
         if key.startswith("TOUCHPOINT_"):
