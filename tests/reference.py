@@ -186,9 +186,9 @@ def firing_series(values: dict[tuple[int, str, str, str], tuple], rules: Sequenc
     for rule in rules:
         assert rule["kind"] == "threshold", "the batch reference reads threshold rules only"
         series: dict[tuple[str, str], list[tuple[int, float, float]]] = defaultdict(list)
-        for (start, tenant, channel, indicator), (num, den) in values.items():
-            if indicator == rule["indicator"] and start + window_ms <= until_ms:
-                series[(tenant, channel)].append((start, num, den))
+        for (start_s, tenant, channel, indicator), (num, den) in values.items():
+            if indicator == rule["indicator"] and start_s * 1000 + window_ms <= until_ms:
+                series[(tenant, channel)].append((start_s, num, den))
         for (tenant, channel), windows in series.items():
             run = 0
             for _start, num, den in sorted(windows):
@@ -208,7 +208,8 @@ def alert_transitions(values: dict[tuple[int, str, str, str], tuple], rules: Seq
     batch 1-minute totals, window by window up to `until_ms`: what the alerter must write reading the store."""
     engine = AlertEngine(parse_rules(rules), {"1m": window_ms, "session": window_ms, "15m": 15 * window_ms})
     by_end: dict[int, list[WindowTotal]] = defaultdict(list)
-    for (start, tenant, channel, indicator), (num, den) in values.items():
+    for (start_s, tenant, channel, indicator), (num, den) in values.items():
+        start = start_s * 1000  # indicator_values keys windows by their start in seconds
         by_end[start + window_ms].append(WindowTotal(start, start + window_ms, tenant, channel, indicator, num, den))
     out = set()
     for end in range(min(by_end), until_ms + 1, window_ms) if by_end else ():
