@@ -4,6 +4,7 @@ alerter applies in its next cycle, so the engine stays the only writer of alert 
 
 from __future__ import annotations
 
+import builtins
 import time
 import uuid
 from typing import Any
@@ -180,7 +181,7 @@ class LifecycleAlertStore:
         assert found is not None
         return found
 
-    def cases(self, now_ms: int, everything: bool = False) -> list[dict[str, Any]]:
+    def cases(self, now_ms: int, everything: bool = False) -> builtins.list[dict[str, Any]]:
         statuses = ("open", "escalated", "closed") if everything else ("open", "escalated")
         out = []
         for case in self.store.list_cases(statuses, 500):

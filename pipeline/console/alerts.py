@@ -5,6 +5,7 @@ writes `silences`, and the alerter applies them; follow-up cases come from `case
 
 from __future__ import annotations
 
+import builtins
 from typing import Any, Protocol
 
 ACTIONS = ("acknowledge", "silence", "resolve")
@@ -22,7 +23,7 @@ class AlertStore(Protocol):
     def act(self, alert_id: str, action: str, actor: str, note: str, silenced_until_ms: int,
             now_ms: int) -> dict[str, Any]: ...
 
-    def cases(self, now_ms: int, everything: bool = False) -> list[dict[str, Any]]:
+    def cases(self, now_ms: int, everything: bool = False) -> builtins.list[dict[str, Any]]:
         """Follow-up cases (open and escalated, or all), each with `sla_remaining_ms` (negative: overdue)."""
 
 
