@@ -121,7 +121,7 @@ def init(
 
 @app.command()
 def worker() -> None:
-    """Run a stream worker: consume touchpoints, compute indicator windows and alerts, write to ClickHouse."""
+    """Run a stream worker: consume touchpoints, compute indicator windows, write to ClickHouse (alerts: alerter)."""
     from pipeline.adapters.clickhouse import DatabaseInUse
     from pipeline.adapters.worker import run_worker
 
