@@ -93,15 +93,13 @@ def console_stack(stack_settings: Settings, tmp_path_factory: pytest.TempPathFac
     settings.alerting.topic = f"it-{run}.alerts"
     settings.alerting.cycle_s = 0.3
     settings.alerting.lease_ttl_s = 3
-    settings.alerting.start_lookback_s = 700  # the ten minutes of traffic, not more
+    settings.alerting.start_lookback_s = 1_200  # the ten minutes of traffic and the time to store them
     # The default rules but the seasonal one: ten minutes of traffic have no weeks of history to compare with.
     settings.alerting.rules = [r for r in settings.alerting.rules if r.get("kind") != "seasonal"]
     initialise(settings)
     logs = tmp_path_factory.mktemp("console-worker")
     worker = WorkerProcess(settings, logs / "worker.log")
-    with (logs / "alerter.log").open("a") as alerter_log:  # the one alerting path: the alerter beside the worker
-        alerter = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "alerter"], stdout=alerter_log,
-                                   stderr=subprocess.STDOUT, env={**os.environ, **to_env(settings)})
+    alerter: subprocess.Popen[bytes] | None = None
     ch = connect(settings.clickhouse)
     server: uvicorn.Server | None = None
     thread: threading.Thread | None = None
@@ -126,6 +124,11 @@ def console_stack(stack_settings: Settings, tmp_path_factory: pytest.TempPathFac
             return len(rows) == 4 and all(c > last_ms - last_ms % 10_000 for _, c in rows)
 
         _wait(closed, 180, "every window closed", worker)
+        # The one alerting path: the alerter beside the worker. Started once the past ten minutes are stored: an
+        # alerter that has already judged up to now does not go back for windows backfilled after it.
+        with (logs / "alerter.log").open("a") as alerter_log:
+            alerter = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "alerter"], stdout=alerter_log,
+                                       stderr=subprocess.STDOUT, env={**os.environ, **to_env(settings)})
         deadline = time.monotonic() + 120
         while not ch.execute("SELECT count() FROM alert_current WHERE state = 'firing'")[0][0]:
             if time.monotonic() > deadline or alerter.poll() is not None:
@@ -138,7 +141,7 @@ def console_stack(stack_settings: Settings, tmp_path_factory: pytest.TempPathFac
         _wait(lambda: server.started, 20, "the console to listen")
         yield {"settings": settings, "base": f"http://127.0.0.1:{server.config.port}", "ch": ch, "worker": worker}
     finally:
-        if alerter.poll() is None:
+        if alerter is not None and alerter.poll() is None:
             alerter.send_signal(signal.SIGTERM)
             try:
                 alerter.wait(timeout=20)
