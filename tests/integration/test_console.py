@@ -269,7 +269,7 @@ def test_the_page_shows_the_alerters_states_and_cases_with_sla_countdowns(consol
     assert set(stored) <= set(page)  # every active series is on the page, with the alerter's state
     assert all(page[fp] == state or page[fp] in ("acknowledged", "silenced") for fp, state in stored.items())
     rules = {rule for (rule,) in ch.execute("SELECT rule FROM alert_current WHERE state = 'firing'")}
-    assert {"ux_bad_cx_good", "ux_good_cx_bad"} <= rules, rules  # the seeds' divergences
+    assert {"ux_error_rate_high", "cx_csat_low"} <= rules, rules  # the bank's failing app, the hospital's visit
     _wait(lambda: ch.execute("SELECT count() FROM cases FINAL WHERE status = 'open'")[0][0] > 0, 30, "an open case")
     open_cases = {case_id for (case_id,) in ch.execute("SELECT case_id FROM cases FINAL WHERE status != 'closed'")}
     browser.get(console_stack["base"] + "/#cases")
