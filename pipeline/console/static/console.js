@@ -235,7 +235,7 @@ async function loadHealth() {
 
 // --- wiring ------------------------------------------------------------------------------------------------
 async function refresh() {
-  const tasks = [loadOverview(), loadAlerts(), loadHealth(), loadChannels().then(loadSeries)];
+  const tasks = [loadOverview(), loadAlerts(), loadCases(), loadHealth(), loadChannels().then(loadSeries)];
   const results = await Promise.allSettled(tasks);
   const failed = results.filter((r) => r.status === "rejected").map((r) => r.reason.message);
   setStatus(failed.length ? "update failed: " + failed.join("; ") : "updated " + new Date().toISOString().slice(11, 19) + " UTC");
@@ -253,6 +253,5 @@ $("alerts-table").addEventListener("click", (event) => {
 });
 $("journey-form").addEventListener("submit", loadJourney);
 $("j-erase").addEventListener("click", erasePerson);
-loadCases();
 refresh();
 setInterval(refresh, POLL_MS);
