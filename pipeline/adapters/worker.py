@@ -35,7 +35,6 @@ from pipeline.adapters import metrics
 from pipeline.adapters.clickhouse import ClickHouseSink, claim_database
 from pipeline.adapters.identity_log import decode_chunk, encode_chunks
 from pipeline.contract.registry import open_registry, parse_for_decoding
-from pipeline.core.evaluate import AlertRule
 from pipeline.core.identity import Operation
 from pipeline.core.processor import DeadLetter, TouchpointProcessor
 from pipeline.runtime.deadletters import dead_letter_message
@@ -319,7 +318,6 @@ def create_app(settings: Settings) -> TouchpointApp:
     app.touchpoint_topic = settings.kafka.topic
     app.topics.add(app.topic(settings.kafka.topic, value_serializer="raw", key_serializer="raw"))
     identity_log = FaustIdentityLog(app, new_identity_table(app, settings)) if settings.identity.enabled else None
-    rules = [AlertRule(**rule.model_dump()) for rule in settings.alert_rules]
     policy = DeliveryPolicy(settings.batch.max_events, settings.batch.max_wait_s,
                             retry_max_s=settings.batch.retry_max_s)
 
@@ -328,7 +326,7 @@ def create_app(settings: Settings) -> TouchpointApp:
                                observe=metrics.observe_insert)
         return Runner(processor_for(settings), store=store, dead_letters=FaustDeadLetters(app, settings),
                       identity_log=identity_log, offsets=offsets, clock=SystemClock(),
-                      observer=metrics.PrometheusObserver(settings.kafka.topic), policy=policy, rules=rules,
+                      observer=metrics.PrometheusObserver(settings.kafka.topic), policy=policy,
                       on_ready=_freeze_start_up_heap)
 
     app.make_runner = make_runner
