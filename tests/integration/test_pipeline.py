@@ -237,6 +237,7 @@ def test_schema_v1_and_v2_are_read_side_by_side(isolated, start_worker, ch):
 
 
 def test_sigkill_mid_stream_loses_and_doubles_nothing(isolated, publisher, start_worker, ch):
+    isolated.window.idle_close_s = 15  # a slow restart must not idle-close windows the stream still fills
     start_ms = int(time.time() * 1000) - 300_000
     events = traffic(40_000, start_ms=start_ms, seed=5, prefix="k")
     publisher.publish_many(events)
@@ -286,6 +287,7 @@ def test_publish_command_reports_bad_lines_and_publishes_nothing_or_every_good_l
 
 
 def test_two_workers_share_the_partitions_and_count_each_event_once(isolated, publisher, start_worker, ch):
+    isolated.window.idle_close_s = 15  # a pause during the rebalance must not idle-close windows still filling
     start_ms = int(time.time() * 1000) - 240_000
     events = traffic(20_000, start_ms=start_ms, seed=9, prefix="w")
     first = start_worker()
@@ -309,6 +311,8 @@ def test_after_sigkill_the_restarted_worker_replays_only_what_came_after_the_las
     now it resumes from the snapshot in the last checkpoint, and the counts stay exact."""
     isolated.window.session_gap_s = 1_800  # the production default: every person's session is open throughout
     isolated.batch.snapshot_interval_s = 1.0
+    # The pause before the kill must not idle-close the windows the next records fall in (they would be late).
+    isolated.window.idle_close_s = 15
     isolated.metrics_port = _free_port()
     start_ms = int(time.time() * 1000) - 300_000
     events = traffic(20_000, start_ms=start_ms, seed=7, prefix="r")
