@@ -14,8 +14,9 @@ from typing import Any, NamedTuple, Protocol
 from pipeline.core.aggregate import DUPLICATE, LATE, NEVER, ON_TIME, Checkpoint, PartitionWindows, WindowCell
 from pipeline.core.decode import Rejection, SchemaLookup, decode_batch
 from pipeline.core.enrich import Enricher, IdentityOutput
-from pipeline.core.identity import IdentityConfig, Operation
+from pipeline.core.identity import Forget, IdentityConfig, Operation, person_id_of
 from pipeline.core.indicators import APDEX_DEFAULT_T_MS, DEFAULT_APDEX_T_MS, Indicator, catalogue
+from pipeline.core.journeys import JourneyConfig, JourneyRow, PartitionJourneys, ProfileRow
 from pipeline.core.validate import violation
 
 UNKNOWN_CHANNEL = "unknown"
@@ -152,6 +153,8 @@ class Output:
     # Counted events whose id is also counted on another partition of this worker (a sender that keyed a retry
     # differently): counted twice, so reported.
     cross_partition_duplicates: Counter[str] = field(default_factory=Counter)
+    journeys: list[JourneyRow] = field(default_factory=list)  # closed journeys
+    profiles: dict[tuple[str, str], ProfileRow] = field(default_factory=dict)  # (tenant, person) -> latest
     records: int = 0
 
     def __len__(self) -> int:
@@ -176,8 +179,11 @@ class WindowConfig:
 
 class TouchpointProcessor:
     def __init__(self, config: WindowConfig, schema_for: SchemaLookup, identity: IdentityConfig | None = None,
-                 *, identity_enabled: bool = True) -> None:
+                 *, identity_enabled: bool = True, journeys: JourneyConfig | None = None) -> None:
+        """journeys: how journeys are cut and their effort weighed; None: no journeys nor profiles."""
         self.config = config
+        self.journey_config = journeys
+        self.journeys: dict[int, PartitionJourneys] = {}
         self.schema_for = schema_for
         self.enricher = Enricher(identity, enabled=identity_enabled)
         self.indicators = config.indicators()
@@ -200,6 +206,12 @@ class TouchpointProcessor:
                                    hopping_ms=config.hopping_ms, session_gap_ms=config.session_gap_ms,
                                    session_max_ms=config.session_max_ms, recent_panes=recent_panes)
         self.partitions[partition] = windows
+        if self.journey_config is not None:
+            # From the replay point, like the windows: the replayed touchpoints rebuild the open journeys.
+            start = NEVER if checkpoint is None else (checkpoint.watermark_ms if checkpoint.replay_watermark_ms is None
+                                                      else checkpoint.replay_watermark_ms)
+            self.journeys[partition] = PartitionJourneys(partition, self.journey_config, config.window_ms,
+                                                         config.lateness_ms, start)
         self._activity[partition] = (now_ms, windows.watermark_ms)
         # A restored partition's final windows were judged before; a new one's have all to be judged.
         restored = windows.closed_before_ms
@@ -208,6 +220,7 @@ class TouchpointProcessor:
     def revoke(self, partition: int) -> None:
         """Drop a partition's open windows: its next owner rebuilds them from the committed offset."""
         self.partitions.pop(partition, None)
+        self.journeys.pop(partition, None)
         self._activity.pop(partition, None)
         self.output.checkpoints.pop(partition, None)
 
@@ -250,6 +263,12 @@ class TouchpointProcessor:
             if fate == LATE:
                 late[channel] += 1
             rows.append(touchpoint_row(event, schema_id, partition, offset, counted=fate != LATE))
+        journeys = self.journeys.get(partition)
+        if journeys is not None:
+            add = journeys.add
+            for event, fate in zip(events, fates, strict=True):
+                if fate != LATE:  # folded when counted: duplicates and late copies never reach a journey
+                    add(event, fate == ON_TIME)
         self._activity[partition] = (now_ms, windows.watermark_ms)
         if len(self.partitions) > 1:
             self._find_cross_partition_duplicates(partition, events, fates)
@@ -280,11 +299,19 @@ class TouchpointProcessor:
             idle_ms = now_ms - seen_ms
             if idle_ms >= self.config.idle_close_ms and watermark_ms != NEVER and partition in caught_up:
                 self.partitions[partition].advance_idle(watermark_ms + idle_ms)
+                journeys = self.journeys.get(partition)
+                if journeys is not None:
+                    journeys.advance(watermark_ms + idle_ms)
                 self._collect(partition)
         self._evaluate()
 
     def _collect(self, partition: int) -> None:
         windows = self.partitions[partition]
+        journeys = self.journeys.get(partition)
+        if journeys is not None:
+            rows, profiles = journeys.drain()
+            self.output.journeys.extend(rows)
+            self.output.profiles.update(profiles)
         closed = windows.drain_closed()
         if closed:
             self.output.window_cells.extend(closed)
@@ -312,6 +339,10 @@ class TouchpointProcessor:
     def apply_identity(self, operations: Sequence[Operation], *, replay: bool = False) -> None:
         """Identity operations from the shared log (other workers' links and facts, erasures)."""
         self.enricher.apply(operations, replay=replay)
+        forgotten = [person_id_of(op.identifier) for op in operations if isinstance(op, Forget)]
+        if forgotten:
+            for journeys in self.journeys.values():
+                journeys.forget(forgotten)
 
     def take_output(self) -> Output:
         out, self.output = self.output, Output()
