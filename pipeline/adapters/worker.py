@@ -284,7 +284,8 @@ def processor_for(settings: Settings) -> TouchpointProcessor:
                           int(window.idle_close_s * 1000), hopping_ms=window.hopping_size_s * 1000,
                           session_gap_ms=window.session_gap_s * 1000, session_max_ms=window.session_max_s * 1000,
                           apdex_t_ms=dict(window.apdex_t_ms), apdex_default_t_ms=window.apdex_default_t_ms)
-    return TouchpointProcessor(config, schema_for, settings.identity.core(), identity_enabled=settings.identity.enabled)
+    return TouchpointProcessor(config, schema_for, settings.identity.core(), identity_enabled=settings.identity.enabled,
+                               journeys=settings.journeys.core())
 
 
 def create_app(settings: Settings) -> TouchpointApp:

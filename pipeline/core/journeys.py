@@ -120,7 +120,7 @@ class JourneyRow(NamedTuple):
     cx_score: float | None  # mean survey score rescaled to 0-100
     nps_status: str
     purchases: int
-    first_purchase_ms: int | None
+    first_purchase_ms: int  # 0 when none
     cancellations: int
     effort: float
     source_partition: int
@@ -312,7 +312,7 @@ class _Journey:
             list(self.channels), list(self.cases), self.touchpoints, self.switches, self.contacts, repeat, self.wait,
             self.failures, self.product_bad, self.service_failures, int(self.state == 3), self.rage, self.resolved,
             [s[0] for s in self.surveys], [s[1] for s in self.surveys], self.ux_score(), self.cx_score(), nps,
-            self.purchases, self.first_purchase, self.cancellations, effort, partition)
+            self.purchases, self.first_purchase or 0, self.cancellations, effort, partition)
 
 
 class _Profile:
