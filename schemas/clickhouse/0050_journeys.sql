@@ -122,23 +122,23 @@ FROM
 )
 GROUP BY tenant, day, ux;
 
--- Churn by service experience, per tenant and day: customers with journeys that day, split by the service in
--- them ('bad': a detractor score, an unresolved contact or a repeat contact; else 'good'), and how many of them
--- cancelled or became former customers within 30 days of their last journey that day.
+-- Churn by service experience, per tenant and day: customers with contacts or survey answers in journeys that
+-- day, split by the service in them ('bad': a detractor score, an unresolved contact or a repeat contact; else
+-- 'good'), and how many of them cancelled or became former customers within 30 days from their first journey that
+-- day (in the same journey or a later one).
 CREATE VIEW IF NOT EXISTS churn_by_service AS
 SELECT tenant, day, service, count() AS customers, sum(churned) AS churned, churned / customers AS churn_rate
 FROM
 (
     SELECT tenant, current_person_id, day, service,
-           left_ms > last_ms AND left_ms <= last_ms + 30 * 86400000 AS churned
+           left_ms >= first_ms AND left_ms < first_ms + 30 * 86400000 AS churned
     FROM
     (
-        SELECT tenant, current_person_id, toDate(start) AS day, max(end_ms) AS last_ms,
+        SELECT tenant, current_person_id, toDate(start) AS day, min(start_ms) AS first_ms,
                if(countIf(nps_status = 'detractor' OR resolved = 0 OR repeat_contacts > 0) > 0, 'bad', 'good')
                    AS service
         FROM journeys_by_person
-        WHERE role_start IN ('customer', 'habitual_customer') AND cancellations = 0
-              AND (contacts > 0 OR length(survey_kinds) > 0)
+        WHERE role_start IN ('customer', 'habitual_customer') AND (contacts > 0 OR length(survey_kinds) > 0)
         GROUP BY tenant, current_person_id, day
     ) AS served
     ANY LEFT JOIN
