@@ -167,6 +167,9 @@ class ProfileRow(NamedTuple):
 
 
 PROFILE_COLUMNS: tuple[str, ...] = ProfileRow._fields
+# Rows are built once per closed journey: tuple.__new__ skips the named tuple's keyword-checking constructor.
+_new_journey_row: Any = tuple.__new__
+_new_profile_row: Any = tuple.__new__
 
 
 class _Journey:
@@ -180,7 +183,7 @@ class _Journey:
     def __init__(self, tenant: str, person: str, key: str, event_time: int) -> None:
         self.tenant, self.person, self.key = tenant, person, key
         self.start = self.last = event_time
-        self.cases: list[str] = []
+        self.cases: list[str] | None = None  # containers stay None until needed: fewer objects for the GC
         self.channels: list[str] = []
         self.roles: list[tuple[str, int]] = []  # (role, since) each time it changes
         self.touchpoints = self.switches = self.contacts = self.wait = self.failures = 0
@@ -188,12 +191,12 @@ class _Journey:
         self.product_ok = self.product_bad = 0
         self.state = 0  # product results: 0 none yet, 1 worked, 2 worked then failed, 3 intermittent
         self.resolved: int | None = None
-        self.surveys: list[tuple[str, int, int, int]] = []  # (kind, score, scale min, scale max)
+        self.surveys: list[tuple[str, int, int, int]] | None = None  # (kind, score, scale min, scale max)
         self.nps: tuple[int, int, int] | None = None  # (time, score, scale max) of the latest NPS
-        self.contact_places: dict[str, int] = {}  # channel -> contacts started and surveys answered
-        self.contact_hours: dict[int, int] = {}
+        self.contact_places: dict[str, int] | None = None  # channel -> contacts started and surveys answered
+        self.contact_hours: dict[int, int] | None = None
         self.last_touch: tuple[int, str, str, int | None] = (event_time, "", "", None)
-        self.searches: list[str] = []
+        self.searches: list[str] | None = None
         self.since: int | None = None  # customer since, as of its last touchpoint
         self.first_purchase: int | None = None
 
@@ -235,6 +238,8 @@ class _Journey:
             if results is not None and results.strip() == "0":
                 query = (event.get("attributes") or {}).get("query") or event.get("flow") or ""
                 if query:
+                    if self.searches is None:
+                        self.searches = []
                     self.searches.append(query)
         else:
             contact = event.get("contact")
@@ -256,6 +261,8 @@ class _Journey:
                 survey = event.get("survey")
                 if survey is not None:
                     score, low, high = survey["score"], survey["scale_min"], survey["scale_max"]
+                    if self.surveys is None:
+                        self.surveys = []
                     self.surveys.append((survey["kind"], score, low, high))
                     ok = int(score >= high - 1) if survey["kind"] != "CES" else int(score >= high - 2)
                     if survey["kind"] == "NPS" and (self.nps is None or event_time >= self.nps[0]):
@@ -270,8 +277,11 @@ class _Journey:
         if event_time >= self.last_touch[0]:
             self.last_touch = (event_time, channel, event_type, ok)
         journey_id = event.get("journey_id")
-        if journey_id is not None and journey_id not in self.cases:
-            self.cases.append(journey_id)
+        if journey_id is not None:
+            if self.cases is None:
+                self.cases = [journey_id]
+            elif journey_id not in self.cases:
+                self.cases.append(journey_id)
 
     def _product(self, worked: bool) -> None:
         if worked:
@@ -287,32 +297,38 @@ class _Journey:
                 self.state = 2
 
     def _place(self, channel: str, event_time: int) -> None:
-        self.contact_places[channel] = self.contact_places.get(channel, 0) + 1
+        places, hours = self.contact_places, self.contact_hours
+        if places is None or hours is None:
+            places, hours = self.contact_places, self.contact_hours = {}, {}
+        places[channel] = places.get(channel, 0) + 1
         hour = event_time % DAY_MS // HOUR_MS
-        self.contact_hours[hour] = self.contact_hours.get(hour, 0) + 1
+        hours[hour] = hours.get(hour, 0) + 1
 
     def ux_score(self) -> float | None:
         results = self.product_ok + self.product_bad
         return None if not results else round(100.0 * self.product_ok / results, 1)
 
     def cx_score(self) -> float | None:
-        scaled = [100.0 * (score - low) / (high - low) for _, score, low, high in self.surveys if high > low]
+        scaled = [100.0 * (score - low) / (high - low) for _, score, low, high in self.surveys or () if high > low]
         return None if not scaled else round(sum(scaled) / len(scaled), 1)
 
-    def row(self, partition: int, weights: Mapping[str, float]) -> JourneyRow:
-        repeat = max(self.contacts - 1, 0)
-        effort = effort_index({
-            "switches": self.switches, "contacts": self.contacts, "repeat_contacts": repeat,
-            "wait_minutes": self.wait / 60_000, "failures": self.failures, "intermittent": float(self.state == 3),
-            "rage": self.rage, "unresolved": float(self.resolved == 0),
-        }, weights)
+    def row(self, partition: int, terms: list[tuple[float, float]], total_weight: float) -> JourneyRow:
+        repeat = self.contacts - 1 if self.contacts > 1 else 0
+        effort = 0.0
+        if total_weight > 0:  # effort_index, unrolled over EFFORT_COMPONENTS in order (the hot path of closing)
+            (w0, c0), (w1, c1), (w2, c2), (w3, c3), (w4, c4), (w5, _), (w6, c6), (w7, _) = terms
+            score = (w0 * min(self.switches / c0, 1.0) + w1 * min(self.contacts / c1, 1.0)
+                     + w2 * min(repeat / c2, 1.0) + w3 * min(self.wait / 60_000 / c3, 1.0)
+                     + w4 * min(self.failures / c4, 1.0) + (w5 if self.state == 3 else 0.0)
+                     + w6 * min(self.rage / c6, 1.0) + (w7 if self.resolved == 0 else 0.0))
+            effort = round(100.0 * score / total_weight, 1)
         nps = "" if self.nps is None else nps_status(self.nps[1], self.nps[2])
-        return JourneyRow(
+        return _new_journey_row(JourneyRow, (
             self.tenant, self.person, self.key, self.start, self.last, self.roles[0][0], self.roles[-1][0],
-            list(self.channels), list(self.cases), self.touchpoints, self.switches, self.contacts, repeat, self.wait,
+            list(self.channels), list(self.cases or ()), self.touchpoints, self.switches, self.contacts, repeat, self.wait,
             self.failures, self.product_bad, self.service_failures, int(self.state == 3), self.rage, self.resolved,
-            [s[0] for s in self.surveys], [s[1] for s in self.surveys], self.ux_score(), self.cx_score(), nps,
-            self.purchases, self.first_purchase or 0, self.cancellations, effort, partition)
+            [s[0] for s in self.surveys or ()], [s[1] for s in self.surveys or ()], self.ux_score(), self.cx_score(), nps,
+            self.purchases, self.first_purchase or 0, self.cancellations, effort, partition))
 
 
 class _Profile:
@@ -322,14 +338,14 @@ class _Profile:
         self.journeys = 0
         self.updated = 0
         self.roles: list[tuple[str, int]] = []
-        self.places: dict[str, int] = {}
-        self.hours: dict[int, int] = {}
+        self.places: dict[str, int] | None = None
+        self.hours: dict[int, int] | None = None
         self.last: tuple[int, str, str, int | None, float, float | None, float | None] = (0, "", "", None, 0.0, None,
                                                                                          None)
         self.pre = [0.0, 0, 0.0, 0]  # ux sum, ux n, cx sum, cx n
         self.post = [0.0, 0, 0.0, 0]
         self.nps: tuple[int, int, int] | None = None
-        self.searches: list[str] = []
+        self.searches: list[str] | None = None
 
     def fold(self, journey: _Journey, row: JourneyRow) -> None:
         self.journeys += 1
@@ -337,10 +353,14 @@ class _Profile:
         for role, at in journey.roles:
             if not self.roles or self.roles[-1][0] != role:
                 self.roles.append((role, at))
-        for channel, n in journey.contact_places.items():
-            self.places[channel] = self.places.get(channel, 0) + n
-        for hour, n in journey.contact_hours.items():
-            self.hours[hour] = self.hours.get(hour, 0) + n
+        if journey.contact_places and journey.contact_hours:
+            places = self.places if self.places is not None else {}
+            hours = self.hours if self.hours is not None else {}
+            for channel, n in journey.contact_places.items():
+                places[channel] = places.get(channel, 0) + n
+            for hour, n in journey.contact_hours.items():
+                hours[hour] = hours.get(hour, 0) + n
+            self.places, self.hours = places, hours
         if journey.last_touch[0] >= self.last[0]:
             self.last = (*journey.last_touch, row.effort, row.ux_score, row.cx_score)
         since = journey.since
@@ -354,28 +374,31 @@ class _Profile:
         if journey.nps is not None and (self.nps is None or journey.nps[0] >= self.nps[0]):
             self.nps = journey.nps
         if journey.searches:
-            self.searches = (self.searches + journey.searches)[-NO_RESULT_KEEP:]
+            self.searches = ((self.searches or []) + journey.searches)[-NO_RESULT_KEEP:]
 
     def row(self, tenant: str, person: str, partition: int) -> ProfileRow:
-        channel, channel_n = _preferred(self.places)
-        hour, hour_n = _preferred(self.hours)
+        places = self.places or {}
+        channel, channel_n = _preferred(places)
+        hour, hour_n = _preferred(self.hours or {})
         at, last_channel, last_type, last_ok, effort, ux, cx = self.last
         pre, post = self.pre, self.post
         nps = self.nps
-        return ProfileRow(
+        return _new_profile_row(ProfileRow, (
             tenant, person, self.updated, self.journeys, self.roles[-1][0] if self.roles else "",
             [r for r, _ in self.roles], [t for _, t in self.roles], channel or "", channel_n, hour, hour_n,
-            sum(self.places.values()), at, last_channel, last_type, last_ok, effort, ux, cx,
+            sum(places.values()), at, last_channel, last_type, last_ok, effort, ux, cx,
             _mean(pre[0], pre[1]), int(pre[1]), _mean(pre[2], pre[3]), int(pre[3]),
             _mean(post[0], post[1]), int(post[1]), _mean(post[2], post[3]), int(post[3]),
             None if nps is None else nps[1], "" if nps is None else nps_status(nps[1], nps[2]),
-            None if nps is None else nps[0], list(self.searches), partition)
+            None if nps is None else nps[0], list(self.searches or ()), partition))
 
 
 def _preferred(counts: Mapping[Any, int]) -> tuple[Any, int]:
     """The most frequent key and its count; ties go to the smallest key, so the choice is deterministic."""
     if not counts:
         return None, 0
+    if len(counts) == 1:
+        return next(iter(counts.items()))
     key = min(counts, key=lambda k: (-counts[k], k))
     return key, counts[key]
 
@@ -402,14 +425,24 @@ class PartitionJourneys:
         self.profiles: dict[tuple[str, str], _Profile] = {}
         self._closed_before = watermark_ms - watermark_ms % window_ms
         self.rows: list[JourneyRow] = []  # closed since the last drain
-        self.changed: dict[tuple[str, str], ProfileRow] = {}
+        self.changed: set[tuple[str, str]] = set()  # persons whose profile changed since the last drain
+        weights = config.effort_weights
+        self._terms = [(float(weights.get(c.id, 0.0)), c.cap) for c in EFFORT_COMPONENTS]
+        self._total_weight = sum(weight for weight, _ in self._terms)
 
     def add(self, event: dict[str, Any], counted: bool = True) -> None:
         """One touchpoint that is not late (in offset order): folded into its person's journey when counted (a
         duplicate is not), and its time moves the watermark."""
         event_time = event["event_time"]
         if counted:
-            self._fold(event, event_time)
+            tenant = event["tenant"]
+            journey_id = event.get("journey_id")
+            journey = None if journey_id is None else self.cases.get((tenant, journey_id))
+            if journey is None:
+                journey = self._journey_of(tenant, event["person_id"], event_time, event["event_id"])
+            journey.add(event, event_time)
+            if journey_id is not None:
+                self.cases[(tenant, journey_id)] = journey
         if event_time - self.lateness_ms > self.watermark:
             self.advance(event_time - self.lateness_ms)
 
@@ -419,35 +452,35 @@ class PartitionJourneys:
             self.watermark = watermark_ms
             horizon = watermark_ms - watermark_ms % self.window_ms
             if horizon > self._closed_before:
-                self.close(horizon, self.rows, self.changed)
+                self.close(horizon)
 
     def drain(self) -> tuple[list[JourneyRow], dict[tuple[str, str], ProfileRow]]:
-        rows, changed = self.rows, self.changed
-        self.rows, self.changed = [], {}
-        return rows, changed
+        """Journeys closed since the last drain, and the current rows of the profiles they changed."""
+        rows, self.rows = self.rows, []
+        profiles = {person: self.profiles[person].row(person[0], person[1], self.partition)
+                    for person in sorted(self.changed) if person in self.profiles}
+        self.changed = set()
+        return rows, profiles
 
-    def _fold(self, event: dict[str, Any], event_time: int) -> None:
-        tenant, person = event["tenant"], event["person_id"]
-        journey_id = event.get("journey_id")
-        journey = None if journey_id is None else self.cases.get((tenant, journey_id))
-        if journey is None:
-            found = self.open.get((tenant, person))
-            gap = self.config.gap_ms
-            if found:
-                for candidate in reversed(found):  # the latest journey within a gap of the touchpoint
-                    if event_time - candidate.last < gap and candidate.start - event_time < gap:
-                        journey = candidate
-                        break
-            if journey is None:
-                journey = _Journey(tenant, person, event["event_id"], event_time)
-                self.open.setdefault((tenant, person), []).append(journey)
-        journey.add(event, event_time)
-        if journey_id is not None:
-            self.cases[(tenant, journey_id)] = journey
+    def _journey_of(self, tenant: str, person: str, event_time: int, event_id: str) -> _Journey:
+        """The person's latest open journey within a gap of the touchpoint, or a new one it starts."""
+        key = (tenant, person)
+        found = self.open.get(key)
+        gap = self.config.gap_ms
+        if found:
+            for candidate in reversed(found):
+                if event_time - candidate.last < gap and candidate.start - event_time < gap:
+                    return candidate
+        journey = _Journey(tenant, person, event_id, event_time)
+        if found:
+            found.append(journey)
+        else:
+            self.open[key] = [journey]
+        return journey
 
-    def close(self, horizon_ms: int, rows: list[JourneyRow], profiles: dict[tuple[str, str], ProfileRow]) -> None:
-        """Journeys whose last touchpoint plus gap the closed horizon reached: their rows, and the latest rows of
-        their persons' profiles."""
+    def close(self, horizon_ms: int) -> None:
+        """Journeys whose last touchpoint plus gap the closed horizon reached become rows and are folded into their
+        persons' profiles."""
         if horizon_ms <= self._closed_before:
             return
         self._closed_before = horizon_ms
@@ -463,26 +496,26 @@ class PartitionJourneys:
             else:
                 del self.open[key]
         closing.sort(key=lambda j: (j.last, j.key))  # profiles fold journeys in the order they ended
-        weights = self.config.effort_weights
+        terms, total_weight, rows, changed = self._terms, self._total_weight, self.rows, self.changed
         for journey in closing:
-            for case in journey.cases:
+            for case in journey.cases or ():
                 if self.cases.get((journey.tenant, case)) is journey:
                     del self.cases[(journey.tenant, case)]
-            row = journey.row(self.partition, weights)
+            row = journey.row(self.partition, terms, total_weight)
             rows.append(row)
             person = (journey.tenant, journey.person)
             profile = self.profiles.get(person)
             if profile is None:
                 profile = self.profiles[person] = _Profile()
             profile.fold(journey, row)
-            profiles[person] = profile.row(journey.tenant, journey.person, self.partition)
+            changed.add(person)
 
     def forget(self, person_ids: Iterable[str]) -> None:
         """Erasure: drop the persons' open journeys and profiles."""
         gone = set(person_ids)
         for key in [k for k in self.open if k[1] in gone]:
             for journey in self.open.pop(key):
-                for case in journey.cases:
+                for case in journey.cases or ():
                     self.cases.pop((journey.tenant, case), None)
         for key in [k for k in self.profiles if k[1] in gone]:
             del self.profiles[key]
@@ -501,7 +534,7 @@ class PartitionJourneys:
             journeys = [_journey_from(s) for s in found]
             self.open[(journeys[0].tenant, journeys[0].person)] = journeys
             for journey in journeys:
-                for case in journey.cases:
+                for case in journey.cases or ():
                     self.cases[(journey.tenant, case)] = journey
         self.profiles = {(tenant, person): _profile_from(s) for tenant, person, s in state["profiles"]}
 
@@ -527,11 +560,11 @@ def _journey_from(state: list[Any]) -> _Journey:
     tenant, person, key, start, values = state
     journey = _Journey(tenant, person, key, start)
     for name, value in zip(_JOURNEY_FIELDS, values, strict=True):
-        if name in ("contact_places", "contact_hours"):
+        if name in ("contact_places", "contact_hours") and value is not None:
             value = {k: v for k, v in value}
         elif name == "roles":
             value = [(r, t) for r, t in value]
-        elif name in ("surveys",):
+        elif name == "surveys" and value is not None:
             value = [tuple(s) for s in value]
         elif name in ("nps", "last_touch") and value is not None:
             value = tuple(value)
@@ -552,7 +585,7 @@ def _profile_state(profile: _Profile) -> list[Any]:
 def _profile_from(values: list[Any]) -> _Profile:
     profile = _Profile()
     for name, value in zip(_PROFILE_FIELDS, values, strict=True):
-        if name in ("places", "hours"):
+        if name in ("places", "hours") and value is not None:
             value = {k: v for k, v in value}
         elif name == "roles":
             value = [(r, t) for r, t in value]

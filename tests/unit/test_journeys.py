@@ -252,6 +252,11 @@ def test_journeys_are_the_same_whatever_the_batches_duplicates_and_snapshots():
     whole = run(events, [len(events)])
     assert len(whole[0]) > 20 and len(whole[1]) == 6
     assert sum(r.touchpoints for r in whole[0]) == len(events)
+    for r in whole[0]:  # the closing path's unrolled formula is the registry's effort_index
+        assert r.effort == effort_index({
+            "switches": r.channel_switches, "contacts": r.contacts, "repeat_contacts": r.repeat_contacts,
+            "wait_minutes": r.wait_ms / 60_000, "failures": r.failures, "intermittent": r.intermittent,
+            "rage": r.rage_touchpoints, "unresolved": float(r.resolved == 0)})
     rng = random.Random(3)
     batches = []
     left = len(events)
