@@ -234,13 +234,15 @@ class _Journey:
                 result, ok = False, 0
             if result is not None:
                 self._product(result)
-            results = (event.get("attributes") or {}).get("results")
-            if results is not None and results.strip() == "0":
-                query = (event.get("attributes") or {}).get("query") or event.get("flow") or ""
-                if query:
-                    if self.searches is None:
-                        self.searches = []
-                    self.searches.append(query)
+            attributes = event.get("attributes")
+            if attributes:
+                results = attributes.get("results")
+                if results is not None and results.strip() == "0":
+                    query = attributes.get("query") or event.get("flow") or ""
+                    if query:
+                        if self.searches is None:
+                            self.searches = []
+                        self.searches.append(query)
         else:
             contact = event.get("contact")
             if contact is not None:
@@ -304,6 +306,35 @@ class _Journey:
         hour = event_time % DAY_MS // HOUR_MS
         hours[hour] = hours.get(hour, 0) + 1
 
+    def row(self, partition: int, terms: list[tuple[float, float]], total_weight: float) -> JourneyRow:
+        """The closed journey's row; it takes over the journey's lists (a closed journey is not used again)."""
+        contacts, wait, failures, rage = self.contacts, self.wait / 60_000, self.failures, self.rage
+        repeat = contacts - 1 if contacts > 1 else 0
+        effort = 0.0
+        if total_weight > 0:  # effort_index, unrolled over EFFORT_COMPONENTS in order (the hot path of closing)
+            (w0, c0), (w1, c1), (w2, c2), (w3, c3), (w4, c4), (w5, _), (w6, c6), (w7, _) = terms
+            switches = self.switches
+            score = (w0 * (switches / c0 if switches < c0 else 1.0) + w1 * (contacts / c1 if contacts < c1 else 1.0)
+                     + w2 * (repeat / c2 if repeat < c2 else 1.0) + w3 * (wait / c3 if wait < c3 else 1.0)
+                     + w4 * (failures / c4 if failures < c4 else 1.0) + (w5 if self.state == 3 else 0.0)
+                     + w6 * (rage / c6 if rage < c6 else 1.0) + (w7 if self.resolved == 0 else 0.0))
+            effort = round(100.0 * score / total_weight, 1)
+        results = self.product_ok + self.product_bad
+        ux = round(100.0 * self.product_ok / results, 1) if results else None
+        surveys = self.surveys
+        if surveys:
+            kinds, scores, cx = [s[0] for s in surveys], [s[1] for s in surveys], self.cx_score()
+        else:
+            kinds, scores, cx = [], [], None
+        nps = "" if self.nps is None else nps_status(self.nps[1], self.nps[2])
+        roles = self.roles
+        return _new_journey_row(JourneyRow, (
+            self.tenant, self.person, self.key, self.start, self.last, roles[0][0], roles[-1][0],
+            self.channels, self.cases or [], self.touchpoints, self.switches, contacts, repeat, self.wait,
+            failures, self.product_bad, self.service_failures, int(self.state == 3), rage, self.resolved,
+            kinds, scores, ux, cx, nps, self.purchases, self.first_purchase or 0, self.cancellations, effort,
+            partition))
+
     def ux_score(self) -> float | None:
         results = self.product_ok + self.product_bad
         return None if not results else round(100.0 * self.product_ok / results, 1)
@@ -312,38 +343,22 @@ class _Journey:
         scaled = [100.0 * (score - low) / (high - low) for _, score, low, high in self.surveys or () if high > low]
         return None if not scaled else round(sum(scaled) / len(scaled), 1)
 
-    def row(self, partition: int, terms: list[tuple[float, float]], total_weight: float) -> JourneyRow:
-        repeat = self.contacts - 1 if self.contacts > 1 else 0
-        effort = 0.0
-        if total_weight > 0:  # effort_index, unrolled over EFFORT_COMPONENTS in order (the hot path of closing)
-            (w0, c0), (w1, c1), (w2, c2), (w3, c3), (w4, c4), (w5, _), (w6, c6), (w7, _) = terms
-            score = (w0 * min(self.switches / c0, 1.0) + w1 * min(self.contacts / c1, 1.0)
-                     + w2 * min(repeat / c2, 1.0) + w3 * min(self.wait / 60_000 / c3, 1.0)
-                     + w4 * min(self.failures / c4, 1.0) + (w5 if self.state == 3 else 0.0)
-                     + w6 * min(self.rage / c6, 1.0) + (w7 if self.resolved == 0 else 0.0))
-            effort = round(100.0 * score / total_weight, 1)
-        nps = "" if self.nps is None else nps_status(self.nps[1], self.nps[2])
-        return _new_journey_row(JourneyRow, (
-            self.tenant, self.person, self.key, self.start, self.last, self.roles[0][0], self.roles[-1][0],
-            list(self.channels), list(self.cases or ()), self.touchpoints, self.switches, self.contacts, repeat, self.wait,
-            self.failures, self.product_bad, self.service_failures, int(self.state == 3), self.rage, self.resolved,
-            [s[0] for s in self.surveys or ()], [s[1] for s in self.surveys or ()], self.ux_score(), self.cx_score(), nps,
-            self.purchases, self.first_purchase or 0, self.cancellations, effort, partition))
-
 
 class _Profile:
-    __slots__ = ("hours", "journeys", "last", "nps", "places", "post", "pre", "roles", "searches", "updated")
+    # Immutable tuples of numbers and strings where possible: the garbage collector stops tracking those, and
+    # profiles live as long as the worker.
+    __slots__ = ("hours", "journeys", "last", "nps", "places", "roles", "scores", "searches", "updated")
 
     def __init__(self) -> None:
         self.journeys = 0
         self.updated = 0
-        self.roles: list[tuple[str, int]] = []
+        self.roles: tuple[tuple[str, int], ...] = ()
         self.places: dict[str, int] | None = None
         self.hours: dict[int, int] | None = None
         self.last: tuple[int, str, str, int | None, float, float | None, float | None] = (0, "", "", None, 0.0, None,
                                                                                          None)
-        self.pre = [0.0, 0, 0.0, 0]  # ux sum, ux n, cx sum, cx n
-        self.post = [0.0, 0, 0.0, 0]
+        # before the first purchase: ux sum, ux n, cx sum, cx n; then the same after it
+        self.scores: tuple[float, ...] = (0.0, 0, 0.0, 0, 0.0, 0, 0.0, 0)
         self.nps: tuple[int, int, int] | None = None
         self.searches: list[str] | None = None
 
@@ -352,7 +367,7 @@ class _Profile:
         self.updated = max(self.updated, journey.last)
         for role, at in journey.roles:
             if not self.roles or self.roles[-1][0] != role:
-                self.roles.append((role, at))
+                self.roles = (*self.roles, (role, at))
         if journey.contact_places and journey.contact_hours:
             places = self.places if self.places is not None else {}
             hours = self.hours if self.hours is not None else {}
@@ -364,33 +379,46 @@ class _Profile:
         if journey.last_touch[0] >= self.last[0]:
             self.last = (*journey.last_touch, row.effort, row.ux_score, row.cx_score)
         since = journey.since
-        side = self.pre if since is None or journey.start < since else self.post
-        if row.ux_score is not None:
-            side[0] += row.ux_score
-            side[1] += 1
-        if row.cx_score is not None:
-            side[2] += row.cx_score
-            side[3] += 1
+        ux, cx = row.ux_score, row.cx_score
+        if ux is not None or cx is not None:
+            scores = list(self.scores)
+            side = 0 if since is None or journey.start < since else 4
+            if ux is not None:
+                scores[side] += ux
+                scores[side + 1] += 1
+            if cx is not None:
+                scores[side + 2] += cx
+                scores[side + 3] += 1
+            self.scores = tuple(scores)
         if journey.nps is not None and (self.nps is None or journey.nps[0] >= self.nps[0]):
             self.nps = journey.nps
         if journey.searches:
             self.searches = ((self.searches or []) + journey.searches)[-NO_RESULT_KEEP:]
 
     def row(self, tenant: str, person: str, partition: int) -> ProfileRow:
-        places = self.places or {}
-        channel, channel_n = _preferred(places)
-        hour, hour_n = _preferred(self.hours or {})
+        places = self.places
+        if places:
+            channel, channel_n = _preferred(places)
+            hour, hour_n = _preferred(self.hours or {})
+            contact_n = sum(places.values())
+        else:
+            channel, channel_n, hour, hour_n, contact_n = "", 0, None, 0, 0
         at, last_channel, last_type, last_ok, effort, ux, cx = self.last
-        pre, post = self.pre, self.post
-        nps = self.nps
+        pre_ux, pre_ux_n, pre_cx, pre_cx_n, post_ux, post_ux_n, post_cx, post_cx_n = self.scores
+        roles, nps = self.roles, self.nps
+        if nps is None:
+            nps_score, status, nps_at = None, "", None
+        else:
+            nps_score, status, nps_at = nps[1], nps_status(nps[1], nps[2]), nps[0]
         return _new_profile_row(ProfileRow, (
-            tenant, person, self.updated, self.journeys, self.roles[-1][0] if self.roles else "",
-            [r for r, _ in self.roles], [t for _, t in self.roles], channel or "", channel_n, hour, hour_n,
-            sum(places.values()), at, last_channel, last_type, last_ok, effort, ux, cx,
-            _mean(pre[0], pre[1]), int(pre[1]), _mean(pre[2], pre[3]), int(pre[3]),
-            _mean(post[0], post[1]), int(post[1]), _mean(post[2], post[3]), int(post[3]),
-            None if nps is None else nps[1], "" if nps is None else nps_status(nps[1], nps[2]),
-            None if nps is None else nps[0], list(self.searches or ()), partition))
+            tenant, person, self.updated, self.journeys, roles[-1][0] if roles else "",
+            [r for r, _ in roles], [t for _, t in roles], channel, channel_n, hour, hour_n, contact_n,
+            at, last_channel, last_type, last_ok, effort, ux, cx,
+            round(pre_ux / pre_ux_n, 1) if pre_ux_n else None, int(pre_ux_n),
+            round(pre_cx / pre_cx_n, 1) if pre_cx_n else None, int(pre_cx_n),
+            round(post_ux / post_ux_n, 1) if post_ux_n else None, int(post_ux_n),
+            round(post_cx / post_cx_n, 1) if post_cx_n else None, int(post_cx_n),
+            nps_score, status, nps_at, list(self.searches) if self.searches else [], partition))
 
 
 def _preferred(counts: Mapping[Any, int]) -> tuple[Any, int]:
@@ -419,6 +447,7 @@ class PartitionJourneys:
         self.partition = partition
         self.config = config
         self.window_ms, self.lateness_ms = window_ms, lateness_ms
+        self.gap_ms = config.gap_ms
         self.watermark = watermark_ms
         self.open: dict[tuple[str, str], list[_Journey]] = {}  # (tenant, person) -> open journeys, oldest first
         self.cases: dict[tuple[str, str], _Journey] = {}  # (tenant, journey_id) -> the open journey carrying it
@@ -439,7 +468,13 @@ class PartitionJourneys:
             journey_id = event.get("journey_id")
             journey = None if journey_id is None else self.cases.get((tenant, journey_id))
             if journey is None:
-                journey = self._journey_of(tenant, event["person_id"], event_time, event["event_id"])
+                found = self.open.get((tenant, event["person_id"]))
+                if found is not None and len(found) == 1:  # the usual case: the person's one open journey
+                    journey = found[0]
+                    if event_time - journey.last >= self.gap_ms or journey.start - event_time >= self.gap_ms:
+                        journey = None
+                if journey is None:
+                    journey = self._journey_of(tenant, event["person_id"], event_time, event["event_id"])
             journey.add(event, event_time)
             if journey_id is not None:
                 self.cases[(tenant, journey_id)] = journey
@@ -458,7 +493,7 @@ class PartitionJourneys:
         """Journeys closed since the last drain, and the current rows of the profiles they changed."""
         rows, self.rows = self.rows, []
         profiles = {person: self.profiles[person].row(person[0], person[1], self.partition)
-                    for person in sorted(self.changed) if person in self.profiles}
+                    for person in self.changed if person in self.profiles}
         self.changed = set()
         return rows, profiles
 
@@ -588,8 +623,8 @@ def _profile_from(values: list[Any]) -> _Profile:
         if name in ("places", "hours") and value is not None:
             value = {k: v for k, v in value}
         elif name == "roles":
-            value = [(r, t) for r, t in value]
-        elif name in ("nps", "last") and value is not None:
+            value = tuple((r, t) for r, t in value)
+        elif name in ("nps", "last", "scores") and value is not None:
             value = tuple(value)
         setattr(profile, name, value)
     return profile
