@@ -110,6 +110,9 @@ class BatchSettings(BaseModel):
     max_wait_s: float = Field(1.0, gt=0, description="...or once the oldest buffered event waited this long.")
     retry_max_s: float = Field(30.0, gt=0, description="A failed store write is retried with a backoff doubling "
                                "from 0.5 s up to this; nothing is committed meanwhile.")
+    snapshot_interval_s: float = Field(
+        5.0, gt=0, description="Checkpoint each partition's open windows (sessions, open panes) at most this often; "
+                               "a restart replays only the records read since its last checkpoint.")
 
 
 class IdentitySettings(BaseModel):
@@ -158,6 +161,51 @@ def default_alert_rules() -> list[AlertRuleSettings]:
     ]
 
 
+class ConsoleSettings(BaseModel):
+    host: str = Field("127.0.0.1", description="Address the operations console listens on (loopback by default).")
+    port: int = Field(8088, ge=0, le=65535, description="Port of the operations console.")
+    token: str = Field("", description="Bearer token for the console's actions (acknowledge, silence, resolve, "
+                                       "erase); empty = actions refused.")
+    overview_minutes: int = Field(15, ge=1, description="Minutes of closed 1-minute windows the overview pools.")
+    firing_for_s: int = Field(300, ge=1, description="An alert whose window ended this recently is firing.")
+    dead_letters_scanned: int = Field(1000, ge=1, description="The console reads this many newest dead letters.")
+
+
+class WriteKeySettings(BaseModel):
+    id: str = Field(description="Names the key in logs and answers; never the secret itself.")
+    sha256: str = Field(pattern="^[0-9a-f]{64}$", description="SHA-256 hex of the key: keys are never stored.")
+    revoked: bool = False
+    events_per_s: float = Field(2_000.0, gt=0, description="Sustained events per second this key may send.")
+    burst: int = Field(10_000, ge=1, description="Events the key may send at once above its rate.")
+
+
+class TenantSettings(BaseModel):
+    name: str = Field(description="The tenant its keys write; events naming another tenant are refused.")
+    keys: list[WriteKeySettings] = []
+    cors_origins: list[str] = Field([], description="Browser origins allowed to send for this tenant "
+                                                    "(scheme://host[:port], or * for any).")
+
+
+class CollectorSettings(BaseModel):
+    host: str = Field("127.0.0.1", description="Listen address of `touchpoint collector` (loopback by default).")
+    port: int = Field(8089, ge=0, le=65535, description="Port of `touchpoint collector` (the console has 8088).")
+    tenants: list[TenantSettings] = Field([], description="Tenants and their write keys (JSON list in env).")
+    max_request_bytes: int = Field(1_048_576, ge=1024, description="Largest body, after gunzip (413 above).")
+    max_event_bytes: int = Field(32_768, ge=256, description="Largest touchpoint, Avro-encoded; larger ones are "
+                                                            "rejected one by one.")
+    max_events_per_request: int = Field(1_000, ge=1, description="Most touchpoints in one request (413 above).")
+    ack_timeout_s: float = Field(5.0, gt=0, description="Longest wait for the broker to acknowledge a request's "
+                                                        "events before answering 503.")
+    max_pending_requests: int = Field(256, ge=1, description="Requests waiting for the broker at once; more wait "
+                                                             "up to ack_timeout_s, then get 503 (bounded memory).")
+    max_unacked_events: int = Field(50_000, ge=100, description="Events handed to the producer and not yet "
+                                                                "acknowledged or failed; more wait, then 503.")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503.")
+    webhook_dirs: list[Path] = Field([], description="Extra folders of webhook mappings (<source>.toml); they "
+                                                     "override the shipped ones of the same name.")
+    workers: int = Field(1, ge=1, description="Server processes (each with its own producer).")
+
+
 class StackSettings(BaseModel):
     state_dir: Path = PROJECT_ROOT / ".touchpoint"
     tansu_sha256: str = "38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723"
@@ -177,6 +225,10 @@ class Settings(BaseSettings):
     identity: IdentitySettings = IdentitySettings()
     alert_rules: list[AlertRuleSettings] = Field(default_factory=default_alert_rules)
     stack: StackSettings = StackSettings()
+    console: ConsoleSettings = ConsoleSettings()
+
+
+    collector: CollectorSettings = CollectorSettings()
     metrics_port: int = Field(9108, ge=0, le=65_535, description="Prometheus /metrics port of a worker; 0 disables it.")
     metrics_host: str = Field("127.0.0.1", description="Address /metrics listens on (0.0.0.0 in a container).")
     log_level: str = "info"

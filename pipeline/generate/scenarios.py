@@ -448,8 +448,18 @@ def conversion_journey(rng: random.Random, ids: Ids) -> tuple[Person, Journey]:
         yield {**web, "event_type": "task", "flow": "checkout", "outcome": "SUCCESS",
                "duration_ms": rng.randint(20_000, 90_000), "rage_clicks": 0}
         person.customer_id = ids.new("shop-c")  # the first purchase makes a customer
-        yield {"channel": "BILLING", "event_type": "purchase", "journey_id": ids.new("ord"),
+        order = ids.new("ord")
+        yield {"channel": "BILLING", "event_type": "purchase", "journey_id": order,
                "amount": {"minor_units": rng.randint(999, 25_000), "currency": "EUR"}}
+        if rng.random() < 0.2:
+            yield _timed({"channel": "CHATBOT", "event_type": "contact", "flow": "order_status", "journey_id": order,
+                          "session_id": ids.new("chat"), "outcome": "SUCCESS",
+                          "contact": _contact(rng, queue=(0, 2_000), handle=(30_000, 120_000), resolved=True,
+                                              agent="shop-bot"),
+                          "sentiment": _sentiment(rng, 0.0, 0.7)})
+        if rng.random() < 0.3:
+            yield {"channel": "SURVEY", "event_type": "survey_response", "journey_id": order,
+                   "survey": _survey("CSAT", rng.choice((5, 4, 4, 3)), "WEB"), "sentiment": _sentiment(rng, 0.0, 0.9)}
 
     return person, steps()
 
@@ -463,6 +473,12 @@ def churn_journey(rng: random.Random, ids: Ids) -> tuple[Person, Journey]:
     def steps() -> Journey:
         yield {"channel": "BILLING", "event_type": "subscription_renewed", "flow": "monthly",
                "amount": {"minor_units": 1_299, "currency": "EUR"}}
+        app = {"channel": "MOBILE_APP", "device_class": "MOBILE", "session_id": ids.new("app-s"),
+               "app_version": "tv-9.1.0"}
+        yield {**app, "event_type": "screen_view", "flow": "watch", "rage_clicks": 0,
+               "web_vitals": _vitals(rng, (600.0, 1_800.0))}
+        yield {**app, "event_type": "task", "flow": "watch", "outcome": "FAILURE", "error_code": "PLAYBACK_ERROR",
+               "duration_ms": rng.randint(2_000, 20_000), "rage_clicks": rng.choice((0, 3, 4))}
         case = ids.new("case")
         tries = 1 if good else rng.randint(2, 3)
         for n in range(tries):
@@ -472,7 +488,8 @@ def churn_journey(rng: random.Random, ids: Ids) -> tuple[Person, Journey]:
                           "outcome": "SUCCESS" if resolved else "FAILURE",
                           "contact": _contact(rng, queue=(5_000, 60_000) if good else (120_000, 900_000),
                                               handle=(60_000, 300_000), resolved=resolved,
-                                              agent=f"tv-agent-{rng.randint(1, 30):02d}")})
+                                              agent=f"tv-agent-{rng.randint(1, 30):02d}"),
+                          "sentiment": _sentiment(rng, 0.2, 0.9) if resolved else _sentiment(rng, -0.9, 0.0)})
         if rng.random() < 0.7:
             score = rng.choice((9, 10, 10)) if good else rng.randint(0, 6)
             yield {"channel": "SURVEY", "event_type": "survey_response", "journey_id": case,

@@ -235,8 +235,11 @@ class Runner:
         log_ = self.identity_log
         if not self._identity_ready:
             if log_ is not None:
+                started = self.clock.monotonic()
                 self.processor.apply_identity(log_.initial_operations(), replay=True)
                 log_.take_incoming()  # the initial read handed these over too
+                log.info("Identity graph ready: %d identifiers in %.1f s",
+                         len(self.processor.enricher.graph or ()), self.clock.monotonic() - started)
             self._identity_ready = True
             if self._on_ready is not None:
                 self._on_ready()
