@@ -290,3 +290,48 @@ def test_processor_without_journeys_emits_none_and_forget_reaches_the_profiles()
 @pytest.mark.parametrize("weights", [{"switches": 0}, {}])
 def test_effort_without_weights_is_zero(weights):
     assert effort_index({"switches": 3}, weights) == 0.0
+
+
+def run_with_restarts(events: list[dict[str, Any]], batches: list[int], restart_after: set[int]) -> tuple[Any, Any]:
+    """Journey rows and final profiles when the worker stops after some batches and a new one continues from the
+    checkpoint with state it wrote (the snapshot of windows, journeys and profiles), as bounded-restart does."""
+    def new() -> TouchpointProcessor:
+        return TouchpointProcessor(WindowConfig(MINUTE, 10_000, 10 * 24 * HOUR, 1_000), schema_for,
+                                   snapshot_interval_ms=60_000,
+                                   journeys=JourneyConfig(gap_ms=30 * MINUTE, case_gap_ms=HOUR))
+
+    now = events[-1]["event_time"]
+    proc = new()
+    proc.assign(0, None, now_ms=now)
+    rows, profiles, touchpoints = [], {}, []
+    records = [Record(0, n, encode(e, 2)) for n, e in enumerate(events)]
+    start = 0
+    for number, size in enumerate(batches):
+        proc.process(0, records[start:start + size], now_ms=now)
+        start += size
+        out = proc.take_output(now, force_checkpoints=number in restart_after)
+        rows += out.journeys
+        profiles.update(out.profiles)
+        touchpoints += out.touchpoints
+        if number in restart_after:
+            checkpoint, enricher = out.checkpoints[0], proc.enricher
+            assert checkpoint.state is not None and checkpoint.commit_offset == start
+            proc = new()
+            proc.enricher = enricher  # the identity graph is the identity log's business
+            ids = [(t.event_time_ms, t.event_id) for t in touchpoints
+                   if t.counted and t.event_time_ms >= checkpoint.open_from_ms]
+            assert proc.assign(0, checkpoint, now_ms=now, pane_event_ids=ids).how == "state"
+            assert proc.journeys[0].open or proc.journeys[0].profiles
+    proc.tick(now + 10 * 24 * HOUR, caught_up={0})
+    out = proc.take_output(now + 10 * 24 * HOUR)
+    rows += out.journeys
+    profiles.update(out.profiles)
+    return sorted(rows), dict(sorted(profiles.items()))
+
+
+def test_journeys_and_profiles_survive_restarts_through_the_checkpoint_snapshot():
+    events = persons_stream(11)
+    batches = [37] * (len(events) // 37) + [len(events) % 37]
+    whole = run(events, [len(events)])
+    assert run_with_restarts(events, batches, set()) == whole
+    assert run_with_restarts(events, batches, {2, 5, 9}) == whole
