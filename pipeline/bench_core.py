@@ -8,6 +8,7 @@ import argparse
 import gc
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,13 +18,13 @@ from pipeline.core.processor import TouchpointProcessor, WindowConfig
 from pipeline.settings import Settings
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Record:
     partition: int
     offset: int
-    value: bytes
+    value: bytes | None
     key: bytes | None = None
-    headers: tuple[tuple[str, bytes], ...] = ()
+    headers: Sequence[tuple[str, bytes]] = ()
 
 
 def _records(events: int, seed: int, settings: Settings) -> tuple[list[_Record], int, Any]:
