@@ -44,7 +44,8 @@ def test_a_worker_writes_the_bank_and_hospital_journeys_and_profiles(isolated, p
                    **hosp),
     ])
     publisher.flush()
-    wait_until(lambda: ch.execute("SELECT count() FROM journeys FINAL")[0][0] == 2, 90, "two journeys", worker)
+    wait_until(lambda: ch.execute("SELECT count() FROM journeys FINAL")[0][0] == 2
+               and ch.execute("SELECT count() FROM person_profiles FINAL")[0][0] == 2, 90, "two journeys", worker)
     rows = {r[0]: r[1:] for r in ch.execute(
         "SELECT tenant, person_id, channels, channel_switches, contacts, resolved, product_failures, "
         "service_failures, ux_score, cx_score, effort FROM journeys FINAL")}
