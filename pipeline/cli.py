@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import typer
 from rich.console import Console
@@ -16,10 +18,16 @@ app = typer.Typer(help="Touchpoint pipeline: customer touchpoints in, live CX an
 stack_app = typer.Typer(help="The local stack: Tansu broker and ClickHouse server on loopback.",
                         no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
+alerts_app = typer.Typer(help="Alerts judged by `touchpoint alerter`: list, acknowledge, resolve, silence.",
+                         no_args_is_help=True)
+app.add_typer(alerts_app, name="alerts")
+cases_app = typer.Typer(help="Follow-up cases of detractor customers: list, close.", no_args_is_help=True)
+app.add_typer(cases_app, name="cases")
 deadletters_app = typer.Typer(help="Dead letters: list them, replay them once the cause is fixed.",
                               no_args_is_help=True)
 app.add_typer(deadletters_app, name="deadletters")
 console = Console()
+T = TypeVar("T")
 
 
 def _print_services(statuses: list) -> None:
@@ -144,6 +152,99 @@ def collector_key(
     print(f"write key (give it to the sender; it is not stored): {key}")
     print(f'\n[[collector.tenants]]\nname = "{tenant}"\ncors_origins = []\n[[collector.tenants.keys]]\n'
           f'id = "{key_id}"\nsha256 = "{key_digest(key)}"\nevents_per_s = 2000\nburst = 10000')
+
+
+@app.command()
+def alerter() -> None:
+    """Run the alert engine: judges the closed windows of every partition, notifies, opens cases (one active)."""
+    from pipeline.alerter import run_alerter
+
+    run_alerter(get_settings())
+
+
+def _admin(call: Callable[[], T]) -> T:
+    """Run an operator's command; their mistakes are one red line, not a traceback."""
+    from pipeline.alert_admin import AdminError
+
+    try:
+        return call()
+    except AdminError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+
+
+@alerts_app.command("list")
+def alerts_list(all_states: bool = typer.Option(False, "--all", help="Also inactive and resolved alerts.")) -> None:
+    """Current state per alert series."""
+    from pipeline.alert_admin import list_alerts
+
+    table = Table("fingerprint", "state", "rule", "tenant", "channel", "since (UTC)", "value", "acked by")
+    for fp, rule, tenant, channel, state, since_ms, value, acked, _level in list_alerts(get_settings(), all_states):
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(since_ms / 1000)) if since_ms else "-"
+        table.add_row(fp, state, rule, tenant, channel, since, "-" if value is None else f"{value:.4g}", acked)
+    console.print(table)
+
+
+@alerts_app.command("ack")
+def alerts_ack(fingerprint: str, by: str = typer.Option(..., "--by", help="Who acknowledges."),
+               comment: str = "") -> None:
+    """Acknowledge a firing alert: it stops repeating and escalating."""
+    from pipeline.alert_admin import command
+
+    fp = _admin(lambda: command(get_settings(), "ack", fingerprint, by, comment))
+    console.print(f"acknowledgement of {fp} recorded; the alerter applies it in its next cycle")
+
+
+@alerts_app.command("resolve")
+def alerts_resolve(fingerprint: str, by: str = typer.Option(..., "--by", help="Who resolves."),
+                   comment: str = "") -> None:
+    """Resolve an alert by hand (it fires again if its next windows still breach)."""
+    from pipeline.alert_admin import command
+
+    fp = _admin(lambda: command(get_settings(), "resolve", fingerprint, by, comment))
+    console.print(f"resolution of {fp} recorded; the alerter applies it in its next cycle")
+
+
+@alerts_app.command("silence")
+def alerts_silence(
+    matchers: list[str] = typer.Argument(None, help="label=value pairs that must all match, e.g. tenant=bank."),
+    duration: float = typer.Option(3600.0, help="Seconds from now."),
+    by: str = typer.Option("", "--by"), comment: str = "",
+    expire: str = typer.Option("", help="End this silence id now instead."),
+) -> None:
+    """Mute notifications of matching alerts until the silence ends (transitions are still recorded)."""
+    from pipeline.alert_admin import expire_silence, silence
+
+    if expire:
+        _admin(lambda: expire_silence(get_settings(), expire))
+        console.print(f"silence {expire} ended")
+        return
+    made = _admin(lambda: silence(get_settings(), matchers or [], duration, by, comment))
+    console.print(f"silence {made.silence_id} until "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(made.ends_at_ms / 1000))} UTC")
+
+
+@cases_app.command("list")
+def cases_list(all_cases: bool = typer.Option(False, "--all", help="Also closed cases."),
+               limit: int = 200) -> None:
+    """Open (and escalated) follow-up cases, newest first."""
+    from pipeline.alert_admin import list_cases
+
+    table = Table("case", "status", "tenant", "person", "reason", "queue", "opened (UTC)", "SLA due (UTC)", "level")
+    for c in list_cases(get_settings(), all_cases, limit):
+        table.add_row(c.case_id, c.status, c.tenant, c.person_id, c.reason, c.queue,
+                      time.strftime("%Y-%m-%d %H:%M", time.gmtime(c.opened_at_ms / 1000)),
+                      time.strftime("%Y-%m-%d %H:%M", time.gmtime(c.sla_due_ms / 1000)), str(c.escalation_level))
+    console.print(table)
+
+
+@cases_app.command("close")
+def cases_close(case_id: str, by: str = typer.Option(..., "--by", help="Who closes it."), comment: str = "") -> None:
+    """Close a follow-up case."""
+    from pipeline.alert_admin import command
+
+    cid = _admin(lambda: command(get_settings(), "close_case", case_id, by, comment))
+    console.print(f"closing of case {cid} recorded; the alerter applies it in its next cycle")
 
 
 @app.command()
@@ -347,6 +448,8 @@ def bench(
     drain: bool = typer.Option(False, help="Publish the events while the worker is paused, then time the worker "
                                            "draining them (its own rate, publisher off the cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    alerts: bool = typer.Option(False, "--alerts", help="Measure the alerter instead: 10,000 series per window, "
+                                                        "window close to webhook notification."),
     collector: bool = typer.Option(False, "--collector", help="Instead: HTTP load on a collector on loopback "
                                                                "(--events touchpoints, 100 per request)."),
     concurrency: int = typer.Option(8, help="--collector: keep-alive connections posting at once."),
@@ -360,6 +463,11 @@ def bench(
 
     settings = get_settings()
     local.up(settings)
+    if alerts:
+        from pipeline.alert_bench import print_alert_bench
+
+        print_alert_bench(settings, console, as_json)
+        return
     if collector:
         from pipeline.collector.bench import run_collector_bench
 

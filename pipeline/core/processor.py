@@ -415,6 +415,13 @@ class TouchpointProcessor:
             for journeys in self.journeys.values():
                 journeys.forget(forgotten)
 
+    def snapshot_due(self, now_ms: int) -> bool:
+        """A partition moved since its last snapshot and the interval has passed: a flush now checkpoints it, so
+        the last records before a quiet spell are not left to a replay."""
+        interval, taken = self.snapshot_interval_ms, self._snapshot_at
+        return interval is not None and any(
+            taken.get(p) is None or now_ms - taken[p] >= interval for p in self._changed)
+
     def take_output(self, now_ms: int | None = None, *, force_checkpoints: bool = False) -> Output:
         """Everything produced since the last call. With snapshots, a partition whose windows moved gets a
         checkpoint with state when snapshot_interval_ms passed since its last one (first time: at once), or when
