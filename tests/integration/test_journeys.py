@@ -75,3 +75,29 @@ def test_the_views_recover_the_scenarios_true_rates_on_clickhouse_18(isolated, c
         assert users > 500 and within_sampling_error(converted, users, TRUE_RATES["conversion"][ux])
     for service, (customers, churned) in churn.items():
         assert customers > 500 and within_sampling_error(churned, customers, TRUE_RATES["churn"][service])
+
+
+def test_a_journey_open_at_a_restart_goes_on_in_the_next_worker(isolated, publisher, start_worker, ch):
+    """The journey travels in the checkpoint's snapshot: the second worker continues it, it is not cut in two."""
+    isolated.journeys.gap_s = isolated.journeys.case_gap_s = 20
+    t0 = int(time.time() * 1000) - 60_000
+    bank = {"tenant": "bank", "anonymous_id": None, "user_id": "u-jr", "customer_id": "c-jr"}
+    first = start_worker(isolated)
+    publisher.publish_many([
+        touchpoint("jr1", t0, channel="MOBILE_APP", event_type="screen_view", **bank),
+        touchpoint("jr2", t0 + 1_000, channel="MOBILE_APP", event_type="task", outcome="FAILURE", **bank),
+    ])
+    publisher.flush()
+    wait_until(lambda: ch.execute("SELECT count() FROM touchpoints")[0][0] == 2, 60, "the app touchpoints", first)
+    assert first.stop() == 0
+    assert ch.execute("SELECT count() FROM journeys")[0][0] == 0  # still open: it was in the snapshot
+    second = start_worker(isolated)
+    publisher.publish_many([
+        touchpoint("jr3", t0 + 2_000, channel="CONTACT_CENTRE", event_type="contact", journey_id="case-jr",
+                   outcome="SUCCESS", contact={"queue_ms": 10_000, "handle_ms": 100_000, "first_response_ms": None,
+                                               "resolved": True, "escalated": False, "agent_id": "a1"}, **bank),
+    ])
+    publisher.flush()
+    wait_until(lambda: ch.execute("SELECT count() FROM journeys FINAL")[0][0] >= 1, 120, "the journey", second)
+    assert ch.execute("SELECT journey_key, touchpoints, channels, channel_switches FROM journeys FINAL") == [
+        ("jr1", 3, ["MOBILE_APP", "CONTACT_CENTRE"], 1)]
