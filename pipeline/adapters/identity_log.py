@@ -19,13 +19,13 @@ from collections.abc import Iterable
 
 from pipeline.core.identity import Operation, decode_operation, encode_operation
 from pipeline.settings import Settings
+from pipeline.topics import identity_changelog_topic
 
 OPERATIONS_PER_CHUNK = 2_000  # keeps a changelog record far below the broker's default 1 MB limit
 
 
 def changelog_topic(settings: Settings) -> str:
-    """Faust names a table's changelog `<app id>-<table>-changelog`; the app id is the consumer group."""
-    return f"{settings.kafka.consumer_group}-{settings.identity.table}-changelog"
+    return identity_changelog_topic(settings)
 
 
 def encode_chunks(operations: Iterable[Operation]) -> list[str]:

@@ -163,9 +163,13 @@ class Runner:
             await self.dead_letters.send(dead)
 
     async def _drain(self) -> None:
-        """Wait for the write in flight, if any (its failure, on stop, surfaces here)."""
+        """Wait for the write in flight, if any (its failure, on stop, surfaces here). While it waits (a store
+        that keeps failing holds the fetch loop here), lag and the heartbeat are still reported."""
         if self._inflight is not None:
             inflight, self._inflight = self._inflight, None
+            while not inflight.done():
+                await asyncio.wait({inflight}, timeout=self.policy.progress_every_s)
+                self._report_progress()
             await inflight
 
     async def _store_and_commit(self, output: Output) -> None:
