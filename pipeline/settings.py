@@ -17,6 +17,7 @@ from pydantic_settings import (
 )
 
 from pipeline.core.identity import DAY_MS, IdentityConfig
+from pipeline.core.journeys import DEFAULT_EFFORT_WEIGHTS, EFFORT_COMPONENTS, JourneyConfig
 from pipeline.core.validate import BLANK_IDENTIFIERS
 
 if TYPE_CHECKING:
@@ -101,6 +102,32 @@ class WindowSettings(BaseModel):
                             int(self.idle_close_s * 1000), hopping_ms=self.hopping_size_s * 1000,
                             session_gap_ms=self.session_gap_s * 1000, session_max_ms=self.session_max_s * 1000,
                             apdex_t_ms=dict(self.apdex_t_ms), apdex_default_t_ms=self.apdex_default_t_ms)
+
+
+class JourneySettings(BaseModel):
+    enabled: bool = Field(True, description="Cut journeys and keep person profiles (tables journeys, person_profiles).")
+    gap_s: int = Field(1800, ge=1, description="A journey ends after this much inactivity...")
+    case_gap_s: int = Field(86_400, ge=1, description="...or this much while it carries a journey_id (a case, a "
+                            "booking, an order) that a later touchpoint may share.")
+    effort_weights: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_EFFORT_WEIGHTS),
+        description="Weight of each effort index component (docs/indicators.md, Journey effort index).")
+
+    @field_validator("effort_weights")
+    @classmethod
+    def _known_components(cls, weights: dict[str, float]) -> dict[str, float]:
+        known = {c.id for c in EFFORT_COMPONENTS}
+        unknown = sorted(set(weights) - known)
+        if unknown:
+            raise ValueError(f"unknown effort components {unknown}; known: {sorted(known)}")
+        if any(w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
+            raise ValueError("effort weights must be >= 0 and not all 0")
+        return weights
+
+    def core(self) -> JourneyConfig | None:
+        if not self.enabled:
+            return None
+        return JourneyConfig(self.gap_s * 1000, self.case_gap_s * 1000, dict(self.effort_weights))
 
 
 class BatchSettings(BaseModel):
@@ -278,6 +305,7 @@ class Settings(BaseSettings):
     clickhouse: ClickHouseSettings = ClickHouseSettings()
     window: WindowSettings = WindowSettings()
     batch: BatchSettings = BatchSettings()
+    journeys: JourneySettings = JourneySettings()
     identity: IdentitySettings = IdentitySettings()
     alerting: AlertingSettings = AlertingSettings()
     stack: StackSettings = StackSettings()

@@ -19,6 +19,7 @@ from clickhouse_driver import Client
 from pipeline.core.aggregate import Checkpoint, WindowCell
 from pipeline.core.evaluate import WindowTotal
 from pipeline.core.indicators import BY_ID
+from pipeline.core.journeys import JOURNEY_COLUMNS, PROFILE_COLUMNS
 from pipeline.core.processor import TOUCHPOINT_COLUMNS, Output
 from pipeline.settings import SCHEMAS_DIR, ClickHouseSettings
 
@@ -274,6 +275,7 @@ class ClickHouseSink:
         if output.window_cells:
             self.write_cells(output.window_cells, now_ms, whole_windows=True)
         self._write_identity(output, now_ms)
+        self.write_journeys(output, now_ms)
         if output.checkpoints:
             cps = list(output.checkpoints.values())
             self._insert("pipeline_checkpoints", _CHECKPOINT_COLUMNS, [
@@ -288,6 +290,15 @@ class ClickHouseSink:
                 if self._hour_seen.get(cp.partition) != hour:
                     self.roll_up(cp.partition, cp.closed_before_ms, now_ms)
                     self._hour_seen[cp.partition] = hour
+
+    def write_journeys(self, output: Output, now_ms: int) -> None:
+        """Closed journeys and the profiles they changed; a replayed journey or profile replaces its first copy."""
+        for table, columns, rows in (("journeys", JOURNEY_COLUMNS, output.journeys),
+                                     ("person_profiles", PROFILE_COLUMNS, list(output.profiles.values()))):
+            if rows:
+                data = [list(column) for column in zip(*rows, strict=True)]
+                data.append([now_ms] * len(rows))
+                self._insert(table, (*columns, "recorded_at_ms"), data)
 
     def _write_identity(self, output: Output, now_ms: int) -> None:
         identity = output.identity

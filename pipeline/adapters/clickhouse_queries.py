@@ -65,6 +65,16 @@ WHERE c.state IN ('pending', 'firing', 'no_data') OR c.since_ms >= (toUInt64(now
 ORDER BY c.since_ms DESC, c.rule
 LIMIT 12
 """
+# The demo's two tenants: their journeys, pooled.
+LIVE_JOURNEYS = """
+SELECT tenant, count() AS journeys, avg(channel_switches), avg(contacts > 0), avgIf(resolved, isNotNull(resolved)),
+       avgIf(ux_score, isNotNull(ux_score)), avgIf(cx_score, isNotNull(cx_score)), avg(effort),
+       argMax(arrayStringConcat(channels, ' > '), end_ms)
+FROM journeys FINAL
+WHERE start >= now() - %(seconds)s AND tenant IN ('bank', 'hospital')
+GROUP BY tenant
+ORDER BY tenant
+"""
 
 
 class ConsoleQueries:
@@ -216,3 +226,8 @@ class ConsoleQueries:
     def live_alerts(self, seconds: int) -> list[tuple[Any, ...]]:
         """(since, state, severity, rule, tenant, channel, message) of alerts active or changed in the last seconds."""
         return list(self.execute(LIVE_ALERTS, {"seconds": seconds}))
+
+
+    def live_journeys(self, seconds: int) -> list[tuple[Any, ...]]:
+        """Per demo tenant: journeys, mean switches, share with a contact, resolved, UX, CX, effort, latest path."""
+        return list(self.execute(LIVE_JOURNEYS, {"seconds": seconds}))

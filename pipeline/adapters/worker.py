@@ -293,7 +293,8 @@ def processor_for(settings: Settings) -> TouchpointProcessor:
 
     config = settings.window.core()
     return TouchpointProcessor(config, schema_for, settings.identity.core(), identity_enabled=settings.identity.enabled,
-                               snapshot_interval_ms=int(settings.batch.snapshot_interval_s * 1000))
+                               snapshot_interval_ms=int(settings.batch.snapshot_interval_s * 1000),
+                               journeys=settings.journeys.core())
 
 
 def create_app(settings: Settings) -> TouchpointApp:

@@ -288,7 +288,7 @@ def publish(
 
 @app.command()
 def generate(
-    scenario: str = typer.Option("mixed", help="banking_app, hospital_booking or mixed."),
+    scenario: str = typer.Option("mixed", help="banking_app, hospital_booking, mixed, conversion or churn."),
     rate: float = typer.Option(200.0, help="Events per second (event time and, when publishing, wall time)."),
     count: int = typer.Option(0, help="Events to make; 0 = run for --duration seconds."),
     duration: float = typer.Option(60.0, help="Seconds to run when --count is 0."),

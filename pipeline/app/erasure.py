@@ -4,8 +4,9 @@
    those persons were resolved from.
 2. Write a Forget operation per identifier to the identity table (pipeline/adapters/identity_log.py): every
    worker drops the person from its graph, and replays of their old events no longer identify them.
-3. Delete their rows from touchpoints, person_aliases, role_transitions and identity_audit, and wait until
-   ClickHouse has applied the deletions.
+3. Delete their rows from touchpoints, person_aliases, role_transitions, journeys, person_profiles and
+   identity_audit, and wait until ClickHouse has applied the deletions (workers drop their open journeys and
+   profiles on the Forget operations).
 4. Record the erasure in identity_audit under the identifier's SHA-256 only.
 
 Indicator windows and alerts hold no person data (counts per channel and minute) and are kept.
@@ -93,6 +94,8 @@ def forget(settings: Settings, identifier: str, *, settle_s: float = 2.0, timeou
         "ALTER TABLE touchpoints DELETE WHERE person_id IN %(p)s OR hasAny(resolved_from, %(i)s)",
         "ALTER TABLE person_aliases DELETE WHERE alias_person_id IN %(p)s OR person_id IN %(p)s",
         "ALTER TABLE role_transitions DELETE WHERE person_id IN %(p)s",
+        "ALTER TABLE journeys DELETE WHERE person_id IN %(p)s",
+        "ALTER TABLE person_profiles DELETE WHERE person_id IN %(p)s",
         "ALTER TABLE identity_audit DELETE WHERE identifier_a IN %(it)s OR identifier_b IN %(it)s "
         "OR from_person_id IN %(p)s OR into_person_id IN %(p)s",
     ):

@@ -51,6 +51,14 @@ def _percent(num: float | None, den: float | None) -> str:
     return "-" if not den or num is None else f"{num / den:.0%} [dim]({den:.0f})[/]"
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:.0%}"  # NaN: no journey had the figure
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:.0f}/100"
+
+
 def _pooled(cells: dict[tuple[str, str], dict[str, tuple[float, float]]], tenant: str, indicator: str) -> float | None:
     num = sum(v[indicator][0] for (t, _), v in cells.items() if t == tenant and indicator in v)
     den = sum(v[indicator][1] for (t, _), v in cells.items() if t == tenant and indicator in v)
@@ -95,6 +103,13 @@ def snapshot(settings: Settings, minutes: int) -> Group:
         if cx is not None:
             cx_text = ("[red]bad[/] " if cx < _threshold(settings, "csat", 0.6) else "[green]good[/] ") + cx_text
         verdicts.add_row(tenant, ux_text, cx_text)
+    journeys = Table(title="Journeys across channels (closed after their inactivity gap): the bank and the hospital")
+    for column in ("tenant", "journeys", "switches", "with a contact", "resolved", "UX score", "CX score", "effort",
+                   "latest journey"):
+        journeys.add_column(column)
+    for tenant, count, switches, contacted, resolved, ux, cx, effort, latest in queries.live_journeys(seconds):
+        journeys.add_row(tenant, str(count), f"{switches:.1f}", f"{contacted:.0%}", _share(resolved), _score(ux),
+                         _score(cx), f"{effort:.0f}", latest)
     alerts = Table(title="Alerts (states from `touchpoint alerter`)")
     for column in ("since (UTC)", "state", "severity", "rule", "tenant", "channel", "message"):
         alerts.add_column(column)
@@ -104,7 +119,7 @@ def snapshot(settings: Settings, minutes: int) -> Group:
     queries.close()
     stamp = datetime.now(UTC).strftime("%H:%M:%S UTC")
     note = f"[dim]{stamp} - indicators appear when a window closes (its end + lateness)[/]"
-    return Group(table, verdicts, alerts, note)
+    return Group(table, verdicts, journeys, alerts, note)
 
 
 def watch(settings: Settings, console: Console, *, refresh_s: float, minutes: int, once: bool) -> None:
@@ -160,7 +175,9 @@ def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: f
     console.print("[bold]3/4[/] starting a worker and an alerter (logs: .touchpoint/demo-worker.log, demo-alerter.log)")
     log_path = settings.stack.state_dir / "demo-worker.log"
     # A short idle close lets the last windows close soon after the traffic stops.
-    env = {**os.environ, "TOUCHPOINT_WINDOW__IDLE_CLOSE_S": "5", "TOUCHPOINT_METRICS_PORT": "9108"}
+    # Generated journeys are time-compressed (seconds, not hours), so short journey gaps close them in view.
+    env = {**os.environ, "TOUCHPOINT_WINDOW__IDLE_CLOSE_S": "5", "TOUCHPOINT_METRICS_PORT": "9108",
+           "TOUCHPOINT_JOURNEYS__GAP_S": "20", "TOUCHPOINT_JOURNEYS__CASE_GAP_S": "30"}
     with log_path.open("w") as log:
         worker = subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "worker"], stdout=log,
                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)

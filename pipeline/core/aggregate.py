@@ -248,6 +248,8 @@ class PartitionWindows:
             if cell.window_kind == PANE and cell.partition == partition and cell.window_start_ms < self.final_before_ms:
                 self.recent.setdefault(cell.window_start_ms, {})[cell.key] = (cell.count, cell.total, cell.sketch)
         self.closed: list[WindowCell] = []  # emitted since the last drain_closed()
+        self.restored = False  # continued from a checkpoint's snapshot (restore())
+        self.extra_state: dict[str, Any] = {}  # the snapshot's other per-partition state (journeys), when restored
         # pane start -> event ids counted in it before the replay point, taken by the pane when the replay opens it
         self._seeded: dict[int, set[str]] = {}
         for event_time, event_id in pane_event_ids:
@@ -509,12 +511,13 @@ class PartitionWindows:
         closed, self.closed = self.closed, []
         return closed
 
-    def checkpoint(self, *, with_state: bool = False) -> Checkpoint:
-        """With state: a snapshot of the open windows, so the offset to commit is the next one to read. Without:
-        the offset to commit is held back to the oldest open pane or session, so a restart rebuilds it whole."""
+    def checkpoint(self, *, with_state: bool = False, extra: dict[str, Any] | None = None) -> Checkpoint:
+        """With state: a snapshot of the open windows (and extra, other per-partition state of the core as of the
+        same offset: journeys), so the offset to commit is the next one to read. Without: the offset to commit is
+        held back to the oldest open pane or session, so a restart rebuilds it whole."""
         if with_state:
             return Checkpoint(self.partition, self.next_offset, self.next_offset, self.watermark_ms,
-                              self.closed_before_ms, self._watermark, self._horizon, self.snapshot())
+                              self.closed_before_ms, self._watermark, self._horizon, self.snapshot(extra))
         commit, replay = self.next_offset, (self._watermark, self._horizon)
         for pane in self.open.values():
             if pane.first_offset < commit:
@@ -529,7 +532,12 @@ class PartitionWindows:
     def _config(self) -> list[int]:
         return [self.window_ms, self.lateness_ms, self.hopping_ms, self.session_gap_ms, self.session_max_ms]
 
-    def snapshot(self) -> bytes:
+    @property
+    def replay_watermark_ms(self) -> int:
+        """The watermark records are judged against from here (a restored watermark aside)."""
+        return self._watermark
+
+    def snapshot(self, extra: dict[str, Any] | None = None) -> bytes:
         """Everything a continuation needs but the panes' event ids, as versioned, zlib-compressed JSON; restore()
         turns it into windows that treat every later record exactly as these would. Counts are keyed by indicator
         id (a changed catalogue is detected), sessions are stored column by column (they compress better)."""
@@ -565,6 +573,7 @@ class PartitionWindows:
             "clock": [self._watermark, self._restored_watermark, self._horizon, self.final_before_ms,
                       self.next_offset],
             "channels": self.channel_names,
+            "extra": extra or {},
             "panes": panes,
             "sessions": {
                 "tenant": tenants,
@@ -629,6 +638,7 @@ class PartitionWindows:
             state["clock"])
         self.channel_names = list(state["channels"])
         self.channel_bits = {name: bit for bit, name in enumerate(self.channel_names)}
+        self.restored, self.extra_state = True, dict(state.get("extra") or {})
         self._load_panes(state["panes"], [slot_of.get(indicator) for indicator, _ in state["indicators"]])
         self._load_sessions(state["sessions"])
         window_ms, closed_before = self.window_ms, self.closed_before_ms

@@ -643,6 +643,17 @@ def markdown(indicators: tuple[Indicator, ...] = REGISTRY) -> str:
                 f"- windows: {', '.join(i.windows)}",
                 "",
             ]
+    from pipeline.core.journeys import EFFORT_FORMULA, effort_markdown  # journeys builds on this registry
+
+    lines += [
+        "## Journey effort index", "",
+        "How hard one journey (a person's touchpoints across channels, see docs/clickhouse.md) was for the person, "
+        "0 (effortless) to 100, in `journeys.effort`. Each component counts up to its cap; the weights are "
+        "settings (`[journeys] effort_weights`).", "",
+        f"- formula: `{EFFORT_FORMULA}`, rounded to one decimal",
+        "- unit: points 0-100; kind: per journey", "",
+        effort_markdown(), "",
+    ]
     return "\n".join(lines)
 
 

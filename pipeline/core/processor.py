@@ -23,8 +23,9 @@ from pipeline.core.aggregate import (
 )
 from pipeline.core.decode import Rejection, SchemaLookup, decode_batch
 from pipeline.core.enrich import Enricher, IdentityOutput
-from pipeline.core.identity import IdentityConfig, Operation
+from pipeline.core.identity import Forget, IdentityConfig, Operation, person_id_of
 from pipeline.core.indicators import Indicator, catalogue
+from pipeline.core.journeys import JourneyConfig, JourneyRow, PartitionJourneys, ProfileRow
 from pipeline.core.validate import violation
 
 UNKNOWN_CHANNEL = "unknown"
@@ -156,6 +157,8 @@ class Output:
     # Counted events whose id is also counted on another partition of this worker (a sender that keyed a retry
     # differently): counted twice, so reported.
     cross_partition_duplicates: Counter[str] = field(default_factory=Counter)
+    journeys: list[JourneyRow] = field(default_factory=list)  # closed journeys
+    profiles: dict[tuple[str, str], ProfileRow] = field(default_factory=dict)  # (tenant, person) -> latest
     records: int = 0
 
     def __len__(self) -> int:
@@ -191,14 +194,20 @@ class Resume:
 
 class TouchpointProcessor:
     def __init__(self, config: WindowConfig, schema_for: SchemaLookup, identity: IdentityConfig | None = None,
-                 *, identity_enabled: bool = True, snapshot_interval_ms: int | None = None) -> None:
+                 *, identity_enabled: bool = True, snapshot_interval_ms: int | None = None,
+                 journeys: JourneyConfig | None = None) -> None:
         """snapshot_interval_ms: checkpoints carry a snapshot of the open windows, one per partition at most this
         often (see take_output), so the committed offset follows the flushed data; None: checkpoints without state
-        at every output, their offset held back to the oldest open window (the behaviour before snapshots)."""
+        at every output, their offset held back to the oldest open window (the behaviour before snapshots).
+        journeys: how journeys are cut and their effort weighed; None: no journeys nor profiles. Open journeys
+        and profiles travel in the snapshots; a replay from a checkpoint without state rebuilds journeys from
+        its replay point on (those begun before it are cut there)."""
         self.config = config
         self.snapshot_interval_ms = snapshot_interval_ms
         self._snapshot_at: dict[int, int] = {}  # partition -> now_ms of its last checkpoint with state
         self._changed: set[int] = set()  # partitions whose windows moved since their last checkpoint with state
+        self.journey_config = journeys
+        self.journeys: dict[int, PartitionJourneys] = {}
         self.schema_for = schema_for
         self.enricher = Enricher(identity, enabled=identity_enabled)
         self.indicators = config.indicators()
@@ -239,14 +248,34 @@ class TouchpointProcessor:
             windows = PartitionWindows(partition, config.window_ms, config.lateness_ms, self.indicators, checkpoint,
                                        recent_panes=recent_panes, pane_event_ids=pane_event_ids or (), **lengths)
         self.partitions[partition] = windows
+        if self.journey_config is not None:
+            self.journeys[partition] = self._journeys_for(partition, checkpoint, windows)
         self._snapshot_at.pop(partition, None)
         self._changed.discard(partition)
         self._activity[partition] = (now_ms, windows.watermark_ms)
         return resume
 
+    def _journeys_for(self, partition: int, checkpoint: Checkpoint | None,
+                      windows: PartitionWindows) -> PartitionJourneys:
+        """Open journeys and profiles restored with the windows' snapshot, or rebuilt from the replay point on."""
+        assert self.journey_config is not None
+        config = self.config
+        restored = windows.extra_state.get("journeys") if windows.restored else None
+        if restored is not None:
+            journeys = PartitionJourneys(partition, self.journey_config, config.window_ms, config.lateness_ms)
+            journeys.restore(restored)
+            return journeys
+        # From where the windows' replay starts: the replayed touchpoints rebuild the open journeys.
+        start = NEVER if checkpoint is None else (checkpoint.watermark_ms if checkpoint.replay_watermark_ms is None
+                                                  else checkpoint.replay_watermark_ms)
+        if windows.restored:  # a snapshot from before journeys: they begin at its read offset
+            start = windows.replay_watermark_ms
+        return PartitionJourneys(partition, self.journey_config, config.window_ms, config.lateness_ms, start)
+
     def revoke(self, partition: int) -> None:
         """Drop a partition's open windows: its next owner rebuilds them from the committed offset."""
         self.partitions.pop(partition, None)
+        self.journeys.pop(partition, None)
         self._activity.pop(partition, None)
         self.output.checkpoints.pop(partition, None)
         self._snapshot_at.pop(partition, None)
@@ -292,6 +321,12 @@ class TouchpointProcessor:
             if fate == LATE:
                 late[channel] += 1
             rows.append(touchpoint_row(event, schema_id, partition, offset, counted=fate != LATE))
+        journeys = self.journeys.get(partition)
+        if journeys is not None:
+            add = journeys.add
+            for event, fate in zip(events, fates, strict=True):
+                if fate != LATE:  # folded when counted: duplicates and late copies never reach a journey
+                    add(event, fate == ON_TIME)
         self._activity[partition] = (now_ms, windows.watermark_ms)
         if len(self.partitions) > 1:
             self._find_cross_partition_duplicates(partition, events, fates)
@@ -325,10 +360,18 @@ class TouchpointProcessor:
                 windows.advance_idle(watermark_ms + idle_ms)
                 if windows.watermark_ms != before:
                     self._changed.add(partition)
+                journeys = self.journeys.get(partition)
+                if journeys is not None:
+                    journeys.advance(watermark_ms + idle_ms)
                 self._collect(partition)
 
     def _collect(self, partition: int) -> None:
         windows = self.partitions[partition]
+        journeys = self.journeys.get(partition)
+        if journeys is not None:
+            rows, profiles = journeys.drain()
+            self.output.journeys.extend(rows)
+            self.output.profiles.update(profiles)
         closed = windows.drain_closed()
         if closed:
             self.output.window_cells.extend(closed)
@@ -338,6 +381,10 @@ class TouchpointProcessor:
     def apply_identity(self, operations: Sequence[Operation], *, replay: bool = False) -> None:
         """Identity operations from the shared log (other workers' links and facts, erasures)."""
         self.enricher.apply(operations, replay=replay)
+        forgotten = [person_id_of(op.identifier) for op in operations if isinstance(op, Forget)]
+        if forgotten:
+            for journeys in self.journeys.values():
+                journeys.forget(forgotten)
 
     def snapshot_due(self, now_ms: int) -> bool:
         """A partition moved since its last snapshot and the interval has passed: a flush now checkpoints it, so
@@ -359,7 +406,9 @@ class TouchpointProcessor:
             for partition in sorted(self._changed):
                 last = self._snapshot_at.get(partition)
                 if force_checkpoints or last is None or now_ms is None or now_ms - last >= interval:
-                    out.checkpoints[partition] = self.partitions[partition].checkpoint(with_state=True)
+                    journeys = self.journeys.get(partition)
+                    extra = None if journeys is None else {"journeys": journeys.state()}
+                    out.checkpoints[partition] = self.partitions[partition].checkpoint(with_state=True, extra=extra)
                     if now_ms is not None:
                         self._snapshot_at[partition] = now_ms
                     self._changed.discard(partition)

@@ -20,6 +20,16 @@ SCENARIOS: dict[str, str] = {
                         "appointments, low CSAT, complaints (good UX, bad CX).",
     "mixed": "Both of the above plus ordinary, healthy traffic on all ten channels for the bank, the hospital "
              "and a shop.",
+    "conversion": "A shop's signed-in users browse and try tasks; half of them meet failures. Users with clean "
+                  "sessions buy more often (true rates in TRUE_RATES).",
+    "churn": "A streaming service's customers contact support; half of them get bad service (unresolved, "
+             "repeat contacts, detractor scores). They cancel more often (true rates in TRUE_RATES).",
+}
+# The true rates behind the conversion and churn scenarios: P(buys | UX of the sessions) and P(cancels | service),
+# which journeys and the conversion_by_ux / churn_by_service views are to recover.
+TRUE_RATES: dict[str, dict[str, float]] = {
+    "conversion": {"clean": 0.35, "failures": 0.12},
+    "churn": {"good": 0.06, "bad": 0.30},
 }
 
 Step = dict[str, Any]  # fields one journey step sets; the driver adds id, time, tenant and identifiers
@@ -410,6 +420,87 @@ def hospital_everyday_journey(rng: random.Random, ids: Ids) -> tuple[Person, Jou
     return person, steps()
 
 
+# --- conversion and churn: experience that changes what people do ---------------------------------------------
+
+
+def conversion_journey(rng: random.Random, ids: Ids) -> tuple[Person, Journey]:
+    """A signed-in shop user: a web session whose tasks all work (clean) or meet at least one failure; then a
+    purchase with the true rate of its class."""
+    person = Person("shop", ids.new("ck"), ids.new("shop-u"))
+    clean = rng.random() < 0.5
+
+    def steps() -> Journey:
+        web = {"channel": "WEB", "device_class": rng.choice(("DESKTOP", "MOBILE")), "session_id": ids.new("s"),
+               "app_version": "shop-web-88"}
+        for _ in range(rng.randint(1, 3)):
+            yield {**web, "event_type": "page_view", "flow": "browse", "duration_ms": rng.randint(200, 1_500),
+                   "web_vitals": _vitals(rng, (900.0, 2_400.0)), "rage_clicks": 0,
+                   "attributes": {"path": rng.choice(("/", "/sale", "/c/shoes", "/p/42"))}}
+        flows = rng.sample(("search", "add_to_cart", "wishlist"), 2)
+        failing = -1 if clean else rng.randrange(len(flows))
+        for n, flow in enumerate(flows):
+            failed = n == failing
+            yield {**web, "event_type": "task", "flow": flow, "outcome": "FAILURE" if failed else "SUCCESS",
+                   "error_code": "HTTP_500" if failed else None, "duration_ms": rng.randint(1_000, 20_000),
+                   "rage_clicks": rng.choice((0, 3, 5)) if failed else 0}
+        if rng.random() >= TRUE_RATES["conversion"]["clean" if clean else "failures"]:
+            return
+        yield {**web, "event_type": "task", "flow": "checkout", "outcome": "SUCCESS",
+               "duration_ms": rng.randint(20_000, 90_000), "rage_clicks": 0}
+        person.customer_id = ids.new("shop-c")  # the first purchase makes a customer
+        order = ids.new("ord")
+        yield {"channel": "BILLING", "event_type": "purchase", "journey_id": order,
+               "amount": {"minor_units": rng.randint(999, 25_000), "currency": "EUR"}}
+        if rng.random() < 0.2:
+            yield _timed({"channel": "CHATBOT", "event_type": "contact", "flow": "order_status", "journey_id": order,
+                          "session_id": ids.new("chat"), "outcome": "SUCCESS",
+                          "contact": _contact(rng, queue=(0, 2_000), handle=(30_000, 120_000), resolved=True,
+                                              agent="shop-bot"),
+                          "sentiment": _sentiment(rng, 0.0, 0.7)})
+        if rng.random() < 0.3:
+            yield {"channel": "SURVEY", "event_type": "survey_response", "journey_id": order,
+                   "survey": _survey("CSAT", rng.choice((5, 4, 4, 3)), "WEB"), "sentiment": _sentiment(rng, 0.0, 0.9)}
+
+    return person, steps()
+
+
+def churn_journey(rng: random.Random, ids: Ids) -> tuple[Person, Journey]:
+    """A subscriber who contacts support: good service (resolved at once, a good score) or bad (unresolved, a
+    repeat contact, a detractor score); then a cancellation with the true rate of its class."""
+    person = Person("streaming", ids.new("dev"), ids.new("tv-u"), ids.new("tv-c"))
+    good = rng.random() < 0.5
+
+    def steps() -> Journey:
+        yield {"channel": "BILLING", "event_type": "subscription_renewed", "flow": "monthly",
+               "amount": {"minor_units": 1_299, "currency": "EUR"}}
+        app = {"channel": "MOBILE_APP", "device_class": "MOBILE", "session_id": ids.new("app-s"),
+               "app_version": "tv-9.1.0"}
+        yield {**app, "event_type": "screen_view", "flow": "watch", "rage_clicks": 0,
+               "web_vitals": _vitals(rng, (600.0, 1_800.0))}
+        yield {**app, "event_type": "task", "flow": "watch", "outcome": "FAILURE", "error_code": "PLAYBACK_ERROR",
+               "duration_ms": rng.randint(2_000, 20_000), "rage_clicks": rng.choice((0, 3, 4))}
+        case = ids.new("case")
+        tries = 1 if good else rng.randint(2, 3)
+        for n in range(tries):
+            resolved = good or (n == tries - 1 and rng.random() < 0.3)
+            yield _timed({"channel": rng.choice(("CONTACT_CENTRE", "CHATBOT")), "event_type": "contact",
+                          "flow": "playback_issue", "journey_id": case, "session_id": ids.new("call"),
+                          "outcome": "SUCCESS" if resolved else "FAILURE",
+                          "contact": _contact(rng, queue=(5_000, 60_000) if good else (120_000, 900_000),
+                                              handle=(60_000, 300_000), resolved=resolved,
+                                              agent=f"tv-agent-{rng.randint(1, 30):02d}"),
+                          "sentiment": _sentiment(rng, 0.2, 0.9) if resolved else _sentiment(rng, -0.9, 0.0)})
+        if rng.random() < 0.7:
+            score = rng.choice((9, 10, 10)) if good else rng.randint(0, 6)
+            yield {"channel": "SURVEY", "event_type": "survey_response", "journey_id": case,
+                   "survey": _survey("NPS", score, None)}
+        if rng.random() < TRUE_RATES["churn"]["good" if good else "bad"]:
+            yield {"channel": "BILLING", "event_type": "subscription_cancelled", "flow": "monthly",
+                   "attributes": {"reason": "service" if not good else "price"}}
+
+    return person, steps()
+
+
 # --- the driver ---------------------------------------------------------------------------------------------
 
 JourneyMaker = Callable[[random.Random, Ids], tuple[Person, Journey]]
@@ -418,6 +509,8 @@ _MIXES: dict[str, tuple[tuple[JourneyMaker, float], ...]] = {
     "hospital_booking": ((hospital_journey, 1.0),),
     "mixed": ((banking_journey, 0.25), (hospital_journey, 0.25), (shop_journey, 0.3),
               (bank_everyday_journey, 0.1), (hospital_everyday_journey, 0.1)),
+    "conversion": ((conversion_journey, 1.0),),
+    "churn": ((churn_journey, 1.0),),
 }
 _V1_NULLS: dict[str, Any] = {
     "session_id": None, "journey_id": None, "flow": None, "device_class": None, "outcome": None,

@@ -104,6 +104,7 @@ def test_journey_visitor_signs_up_buys_buys_again_and_lapses(isolated, publisher
 
 
 def test_forget_erases_a_person_everywhere_and_is_idempotent(isolated, publisher, start_worker, ch):
+    isolated.journeys.gap_s = isolated.journeys.case_gap_s = 1  # journeys close once the partitions idle
     worker = start_worker()
     now = int(time.time() * 1000) - 60_000
     publisher.publish_many([
@@ -115,6 +116,9 @@ def test_forget_erases_a_person_everywhere_and_is_idempotent(isolated, publisher
     ])
     publisher.flush()
     wait_until(lambda: ch.execute("SELECT count() FROM touchpoints FINAL")[0][0] == 4, 60, "rows", worker)
+    keep = person_id_of("user_id:u-keep")
+    wait_until(lambda: ch.execute("SELECT count() FROM person_profiles FINAL WHERE person_id != %(k)s",
+                                  {"k": keep})[0][0] >= 1, 90, "journeys closed", worker)
     time.sleep(1)
     env = {**os.environ, **to_env(isolated)}
     for _ in range(2):  # the second run finds nothing left and still succeeds
@@ -127,6 +131,8 @@ def test_forget_erases_a_person_everywhere_and_is_idempotent(isolated, publisher
         dump = " ".join(str(row) for row in ch.execute(f"SELECT * FROM {table}"))
         assert not any(secret in dump for secret in secrets), table
     assert ch.execute("SELECT event_id FROM touchpoints FINAL") == [("k1",)]
+    for table in ("journeys", "person_profiles"):
+        assert {p for (p,) in ch.execute(f"SELECT DISTINCT person_id FROM {table}")} <= {keep}, table
     audit = ch.execute("SELECT reason FROM identity_audit WHERE action = 'erasure' ORDER BY recorded_at_ms")
     assert [reason.split(",")[0] for (reason,) in audit] == ["3 identifiers", "0 identifiers"]
     assert worker.process.poll() is None
