@@ -7,7 +7,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -15,7 +15,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from pipeline.core.identity import DAY_MS, IdentityConfig
+from pipeline.core.identity import DAY_MS, KINDS, IdentityConfig
 from pipeline.core.validate import BLANK_IDENTIFIERS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -97,16 +97,38 @@ class IdentitySettings(BaseModel):
                                             description="Values (besides blanks) that never identify anyone.")
     daily_limits: dict[str, int] = Field({"anonymous_id": 10},
                                          description="At most this many identifiers of a kind join a person a day.")
+    max_values: dict[str, int] = Field(
+        {"email_sha256": 1, "phone_sha256": 1, "helpdesk_requester_id": 1},
+        description="At most this many distinct values of a kind per person: a merge that would exceed it is "
+                    "refused and recorded in identity_audit (refuse_max_values). Raise it to let, say, two email "
+                    "hashes join one person.")
+    graph_store: str = Field("memory", pattern="^(memory|rocksdb)$",
+                             description="Where a worker keeps the identity graph: memory, or rocksdb (on disk under "
+                                         "the state dir, with a bounded cache; for large graphs).")
+    graph_cache_entries: int = Field(200_000, ge=1_000, description="Entries of each on-disk graph map cached in "
+                                                                    "memory (graph_store = rocksdb).")
     habitual_purchases: int = Field(2, ge=2, description="Purchases within habitual_days that make a habit.")
     habitual_days: float = 90
     lapse_days: float = Field(180, description="No purchase for this long: a former customer.")
     cancelled_days: float = Field(30, description="A cancelled subscription this long ago: a former customer.")
 
+    @model_validator(mode="after")
+    def _known_kinds(self) -> IdentitySettings:
+        for name, kinds in (("unique_kinds", self.unique_kinds), ("daily_limits", self.daily_limits),
+                            ("max_values", self.max_values)):
+            unknown = sorted(set(kinds) - set(KINDS))
+            if unknown:
+                raise ValueError(f"identity.{name} names unknown identifier kinds {unknown}; known: {list(KINDS)}")
+        if any(n < 1 for n in self.max_values.values()):
+            raise ValueError("identity.max_values must be 1 or more per kind")
+        return self
+
     def core(self) -> IdentityConfig:
         return IdentityConfig(
             unique_kinds=frozenset(self.unique_kinds),
             blocked_values=BLANK_IDENTIFIERS | {v.strip().lower() for v in self.extra_blocked_values},
-            daily_limits=dict(self.daily_limits), habitual_purchases=self.habitual_purchases,
+            daily_limits=dict(self.daily_limits), max_values=dict(self.max_values),
+            habitual_purchases=self.habitual_purchases,
             habitual_ms=int(self.habitual_days * DAY_MS), lapse_ms=int(self.lapse_days * DAY_MS),
             cancelled_ms=int(self.cancelled_days * DAY_MS),
         )

@@ -5,9 +5,10 @@ of the order they arrive in: links are replayed in a canonical order (event time
 arrives out of that order, and facts are grow-only sets or minimums. That is what lets every worker hold a full
 replica fed by one shared log, with no coordination, and still agree on every person.
 
-Merge safety: two persons holding different values of a unique kind (two customer ids) are never merged; blocked
-values never link; per-kind daily limits stop kiosks and shared devices fusing strangers. Each merge and refusal
-becomes an audit record.
+Merge safety, per kind and configurable: two persons holding different values of a unique kind (two customer ids)
+are never merged; a person holds at most N values of a capped kind (one email hash by default, so two different
+email hashes never fuse two persons unless configured); blocked values never link; per-kind daily limits stop
+kiosks and shared devices fusing strangers. Each merge and refusal becomes an audit record.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class IdentityConfig:
     unique_kinds: frozenset[str] = frozenset({"customer_id", "user_id"})
     blocked_values: frozenset[str] = BLANK_IDENTIFIERS | {"nil", "n/a", "guest"}
     daily_limits: Mapping[str, int] = field(default_factory=lambda: {"anonymous_id": 10})
+    # kind -> at most this many distinct values per person (a unique kind is 1, checked as a conflict)
+    max_values: Mapping[str, int] = field(
+        default_factory=lambda: {"email_sha256": 1, "phone_sha256": 1, "helpdesk_requester_id": 1})
     habitual_purchases: int = 2
     habitual_ms: int = 90 * DAY_MS
     lapse_ms: int = 180 * DAY_MS
@@ -541,6 +545,13 @@ class IdentityGraph:
                 held_b = {m for m in members_b if m.startswith(prefix)}
                 if held_b and held_a != held_b:
                     return "refuse_conflict", f"both persons hold a different {kind}"
+        for kind, most in config.max_values.items():
+            prefix = kind + ":"
+            held = {m for m in members_a if m.startswith(prefix)}
+            if held:
+                held.update(m for m in members_b if m.startswith(prefix))
+                if len(held) > most:
+                    return "refuse_max_values", f"the merged person would hold {len(held)} {kind} (at most {most})"
         day = link.at_ms // DAY_MS
         for kind, limit in config.daily_limits.items():
             count = 0

@@ -219,3 +219,42 @@ def test_an_erased_persons_replayed_events_keep_no_identifier() -> None:
     later = _journey_event(T0 + 2_000, "identify", "WEB", anonymous_id="dev-9", user_id="u-9")
     enricher.enrich([later])  # the same person coming back later is a new person, not resurrected state
     assert later["resolved_from"] == ["user_id:u-9", "anonymous_id:dev-9"] and later["first_seen_ms"] == T0 + 2_000
+
+
+def test_two_email_hashes_do_not_merge_their_persons_by_default_and_the_conflict_is_audited() -> None:
+    graph = IdentityGraph()
+    graph.apply([make_link("email_sha256:e1", "user_id:u1", T0, "identify", "ev1"),
+                 make_link("email_sha256:e2", "user_id:u1", T0 + 1, "co-occurrence", "ev2")])
+    assert graph.person_key("email_sha256:e2") == "email_sha256:e2"
+    audit = graph.take_changes().audit
+    assert [(a.action, a.event_id) for a in audit] == [("merge", "ev1"), ("refuse_max_values", "ev2")]
+    assert "email_sha256" in audit[1].reason
+
+
+def test_the_per_kind_cap_is_configurable_and_holds_at_its_value() -> None:
+    graph = IdentityGraph(IdentityConfig(max_values={"email_sha256": 2}))
+    graph.apply([make_link("user_id:u1", f"email_sha256:e{i}", T0 + i, "co-occurrence", f"ev{i}") for i in range(4)])
+    emails = [i for i in graph.members("user_id:u1") if i.startswith("email_sha256:")]
+    assert emails == ["email_sha256:e0", "email_sha256:e1"]
+    assert [a.action for a in graph.take_changes().audit].count("refuse_max_values") == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(_links)
+def test_no_person_ever_holds_more_values_of_a_capped_kind_than_its_cap(links: list[Link]) -> None:
+    graph = IdentityGraph(IdentityConfig(max_values={"email_sha256": 1, "anonymous_id": 3}))
+    graph.apply(links)
+    for identifiers in graph.persons().values():
+        assert len([i for i in identifiers if i.startswith("email_sha256:")]) <= 1
+        assert len([i for i in identifiers if i.startswith("anonymous_id:")]) <= 3
+
+
+def test_the_enricher_keeps_two_email_hashes_apart_unless_configured() -> None:
+    events = [touchpoint(event_id="x1", identifiers={"user_id": "u1", "email_sha256": "e1"}, event_time=T0),
+              touchpoint(event_id="x2", identifiers={"user_id": "u1", "email_sha256": "e2"}, event_time=T0 + 1)]
+    strict, loose = Enricher(), Enricher(IdentityConfig(max_values={}))
+    for enricher in (strict, loose):
+        enricher.enrich([dict(e, identifiers=dict(e["identifiers"])) for e in events])
+    assert strict.graph is not None and loose.graph is not None
+    assert strict.graph.person_key("email_sha256:e2") != strict.graph.person_key("email_sha256:e1")
+    assert loose.graph.person_key("email_sha256:e2") == loose.graph.person_key("email_sha256:e1")

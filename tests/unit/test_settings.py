@@ -23,3 +23,14 @@ def test_to_env_round_trips_through_the_environment(monkeypatch):
     for key, value in to_env(original).items():
         monkeypatch.setenv(key, value)
     assert Settings() == original
+
+
+def test_identity_kinds_in_settings_must_be_known() -> None:
+    import pydantic
+    import pytest
+
+    from pipeline.settings import IdentitySettings
+
+    with pytest.raises(pydantic.ValidationError, match="unknown identifier kinds"):
+        IdentitySettings(max_values={"emial_sha256": 2})
+    assert IdentitySettings(max_values={"email_sha256": 3}).core().max_values == {"email_sha256": 3}
