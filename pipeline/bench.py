@@ -158,9 +158,9 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
     initialise(bench)
     preload = _preload_operations(preload_identities) if identity and preload_identities else []
     if preload:
-        from pipeline.adapters.identity_log import encode_chunks, write_chunks
+        from pipeline.adapters.identity_log import write_operations
 
-        write_chunks(bench, encode_chunks(preload), "preload")
+        write_operations(bench, preload, "preload")
 
     registry = open_registry(bench.registry.url)
     encoder = TouchpointEncoder(registry, bench.registry.subject, 1)

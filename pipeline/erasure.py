@@ -2,8 +2,10 @@
 
 1. Find every person id the identifier has belonged to (rows, and aliases after merges) and every identifier
    those persons were resolved from.
-2. Write a Forget operation per identifier to the identity table (pipeline/adapters/identity_log.py): every
-   worker drops the person from its graph, and replays of their old events no longer identify them.
+2. Write a Forget operation per identifier to the identity log (pipeline/adapters/identity_log.py): every
+   worker drops the person from its graph, writes tombstones for the person's links and facts, and replays of
+   their old events no longer identify them. After the settle time the Forget's key is overwritten with the
+   identifier's SHA-256 only, so once the broker compacts the log no erased identifier is left in it.
 3. Delete their rows from touchpoints, person_aliases, role_transitions and identity_audit, and wait until
    ClickHouse has applied the deletions.
 4. Record the erasure in identity_audit under the identifier's SHA-256 only.
@@ -17,8 +19,8 @@ import time
 from dataclasses import dataclass
 
 from pipeline.adapters.clickhouse import connect
-from pipeline.adapters.identity_log import encode_chunks, write_chunks
-from pipeline.core.identity import KINDS, Forget, identifier_hash, person_id_of
+from pipeline.adapters.identity_log import write_operations
+from pipeline.core.identity import KINDS, Forget, Forgotten, identifier_hash, person_id_of
 from pipeline.settings import Settings
 
 
@@ -65,8 +67,9 @@ def forget(settings: Settings, identifier: str, *, settle_s: float = 2.0, timeou
     rows_before = client.execute("SELECT count() FROM touchpoints WHERE person_id IN %(p)s OR "
                                  "hasAny(resolved_from, %(i)s)", {"p": tuple(persons), "i": list(ids)})[0][0]
     now_ms = int(time.time() * 1000)
-    write_chunks(settings, encode_chunks(Forget(i, now_ms) for i in sorted(ids)), "forget")
+    write_operations(settings, [Forget(i, now_ms) for i in sorted(ids)], "forget")
     time.sleep(settle_s)  # let workers apply it and flush what they had buffered, so those rows go too
+    write_operations(settings, [], "forget", erased=[Forgotten(identifier_hash(i), now_ms) for i in sorted(ids)])
     params = {"p": tuple(persons), "i": list(ids), "it": tuple(ids)}  # IN takes a tuple, hasAny an array
     for statement in (
         "ALTER TABLE touchpoints DELETE WHERE person_id IN %(p)s OR hasAny(resolved_from, %(i)s)",

@@ -288,8 +288,13 @@ class GraphState(Protocol):
 
 
 class MemoryState:
+    """Plain dicts, one per name: graphs made over the same MemoryState share its state."""
+
+    def __init__(self) -> None:
+        self._mappings: dict[str, dict[str, Any]] = {}
+
     def mapping(self, name: str) -> MutableMapping[str, Any]:
-        return {}
+        return self._mappings.setdefault(name, {})
 
 
 def pair_key(a: str, b: str) -> str:

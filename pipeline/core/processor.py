@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Protocol
 from pipeline.core.aggregate import DUPLICATE, LATE, NEVER, ON_TIME, Checkpoint, PartitionWindows, WindowCell
 from pipeline.core.decode import Rejection, SchemaLookup, decode_batch
 from pipeline.core.enrich import Enricher, IdentityOutput
-from pipeline.core.identity import IdentityConfig, Operation
+from pipeline.core.identity import GraphState, IdentityConfig, Operation
 from pipeline.core.indicators import APDEX_DEFAULT_T_MS, DEFAULT_APDEX_T_MS, Indicator, catalogue
 from pipeline.core.validate import violation
 
@@ -176,10 +176,10 @@ class WindowConfig:
 
 class TouchpointProcessor:
     def __init__(self, config: WindowConfig, schema_for: SchemaLookup, identity: IdentityConfig | None = None,
-                 *, identity_enabled: bool = True) -> None:
+                 *, identity_enabled: bool = True, identity_state: GraphState | None = None) -> None:
         self.config = config
         self.schema_for = schema_for
-        self.enricher = Enricher(identity, enabled=identity_enabled)
+        self.enricher = Enricher(identity, enabled=identity_enabled, state=identity_state)
         self.indicators = config.indicators()
         self._judged_before: int | None = None  # windows starting before this have been judged
         self._caught_up: frozenset[int] = frozenset()  # partitions with nothing left to read, as of the last tick

@@ -152,6 +152,8 @@ class Runner:
     async def _send_to_kafka(self, output: Output) -> None:
         if self.identity_log is not None and output.identity.operations:
             self.identity_log.publish(output.identity.operations)
+        if self.identity_log is not None and output.identity.erased:
+            self.identity_log.drop(output.identity.erased)
         for dead in output.dead_letters:
             await self.dead_letters.send(dead)
 
@@ -237,6 +239,9 @@ class Runner:
             if log_ is not None:
                 self.processor.apply_identity(log_.initial_operations(), replay=True)
                 log_.take_incoming()  # the initial read handed these over too
+            graph = self.processor.enricher.graph
+            if graph is not None:
+                log.info("Identity graph ready: %d identifiers", len(graph))
             self._identity_ready = True
             if self._on_ready is not None:
                 self._on_ready()
