@@ -157,9 +157,9 @@ class KafkaIdentityLog:
         beginning = consumer.beginning_offsets([tp])[tp]
         end = consumer.end_offsets([tp])[tp]
         stored = self._meta.get("log_offset")
-        if stored is not None and not beginning <= stored <= end:
-            log.warning("The identity store's log offset %d is outside the log (%d..%d): the log was recreated; "
-                        "reading it whole", stored, beginning, end)
+        if stored is not None and stored < beginning:
+            log.warning("The identity store's log offset %d is before the log's start (%d): reading it whole",
+                        stored, beginning)
             stored = None
         position = beginning if stored is None else stored
         consumer.seek(tp, position)
@@ -206,11 +206,21 @@ class KafkaIdentityLog:
                     self._incoming_next = records[-1].offset + 1
 
     def close(self) -> None:
+        """Stop tailing; the store keeps the offset read so far if everything read is applied (a restart then
+        reads nothing this worker has seen)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        with self._lock:
+            applied = not self._incoming and self._handed_next == self._incoming_next
+            next_offset = self._incoming_next
+        if next_offset is not None:
+            self._meta["log_offset"] = next_offset if applied else self._meta.get("log_offset", 0)
         if self._consumer is not None:
             self._consumer.close()
+        close_state = getattr(self.state, "close", None)
+        if close_state is not None:
+            close_state()
 
     # -- the IdentityLog port ---------------------------------------------------------------------------------
 

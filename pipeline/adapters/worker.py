@@ -305,6 +305,16 @@ def run_worker(settings: Settings) -> None:
             _exit_after(settings.stop_timeout_s)
             super()._on_sigint()
 
+        async def on_execute(self) -> None:
+            # mode's hook after logging is set up and before the app starts: the identity log's catch-up runs
+            # before the worker joins the group, so a long first read does not hold up the consumer's heartbeats.
+            if app.identity_log is not None:
+                app.identity_log.catch_up()
+
+        def on_worker_shutdown(self) -> None:
+            if app.identity_log is not None:
+                app.identity_log.close()
+
     # Refused before anything starts: another pipeline's cells would be overwritten.
     claim_database(settings.clickhouse, settings.kafka.consumer_group, settings.kafka.topic)
     metrics.serve(settings.metrics_port, settings.metrics_host)
@@ -312,7 +322,4 @@ def run_worker(settings: Settings) -> None:
     # 700 allocations cost more time than the work itself (measured: in-process rate 45k -> 59k events/s).
     gc.set_threshold(100_000, 50, 100)
     app = create_app(settings)
-    if app.identity_log is not None:
-        # Before joining the group: a long first read must not hold up the consumer's heartbeats.
-        app.identity_log.catch_up()
     TouchpointWorker(app, loglevel=settings.log_level.upper(), quiet=True).execute_from_commandline()
