@@ -40,6 +40,9 @@ class BenchResult:
     worker_rss_mib: float = 0.0
     graph_bytes_per_identifier: float = 0.0
     drain: bool = False
+    identity_store: str = "memory://"
+    startup_s: float = 0.0  # worker spawned -> its first touchpoint row (reads the whole identity log)
+    restart_s: float = 0.0  # rocksdb:// only: restarted worker spawned -> first row (its local store + the tail)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,13 +183,15 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
     settings.stack.state_dir.mkdir(parents=True, exist_ok=True)
     client = connect(bench.clickhouse)
     with log_path.open("w") as log:
+        spawned = time.perf_counter()
         worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], stdout=log,
                                   stderr=subprocess.STDOUT, env=env)
+    restart_s = 0.0
     try:
         publisher = TouchpointPublisher(bench.kafka.bootstrap_servers, bench.kafka.topic, encoder)
         publisher.publish(warmup)  # the clock starts once the worker has joined and written a row
         publisher.flush()
-        _wait_rows(client, 1, 120)
+        startup_s = _wait_rows(client, 1, 1_800) - spawned
         if drain:
             os.kill(worker.pid, signal.SIGSTOP)
         publish_started = started = time.perf_counter()
@@ -199,6 +204,17 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
             os.kill(worker.pid, signal.SIGCONT)
         finished = _wait_rows(client, events + 1, timeout_s)
         worker_rss = _worker_rss_mib(worker.pid)
+        if identity and bench.identity.store.startswith("rocksdb"):
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=60)
+            with log_path.open("a") as log:
+                spawned = time.perf_counter()
+                worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], stdout=log,
+                                          stderr=subprocess.STDOUT, env=env)
+            late = dict(warmup, event_id="restart-probe", event_time=warmup["event_time"] + 1)
+            publisher.publish(late)
+            publisher.flush()
+            restart_s = _wait_rows(client, events + 2, 600) - spawned
         publisher.close()
         raw_rate = asyncio.run(_raw_consume_rate(bench.kafka.bootstrap_servers, bench.kafka.topic,
                                                  bench.kafka.partitions, events + 1))
@@ -211,9 +227,101 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
         except subprocess.TimeoutExpired:
             worker.kill()
         client.execute(f"DROP DATABASE IF EXISTS {bench.clickhouse.database}")
+        import shutil
+
+        shutil.rmtree(bench.stack.state_dir / "identity" / bench.kafka.consumer_group, ignore_errors=True)
     per_identifier = graph_bytes_per_identifier(preload) if preload else 0.0
     return BenchResult(events=events, partitions=bench.kafka.partitions,
                        e2e_events_per_s=events / (finished - started), raw_consume_events_per_s=raw_rate,
                        decode_events_per_s=decode_rate, publish_events_per_s=events / (published - publish_started),
                        e2e_seconds=finished - started, identity=identity, preloaded_identifiers=len(preload) * 2 // 3,
-                       worker_rss_mib=worker_rss, graph_bytes_per_identifier=per_identifier, drain=drain)
+                       worker_rss_mib=worker_rss, graph_bytes_per_identifier=per_identifier, drain=drain,
+                       identity_store=bench.identity.store, startup_s=startup_s, restart_s=restart_s)
+
+
+# -- the identity graph at scale, in-process ---------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class IdentityScaleResult:
+    identifiers: int
+    store: str  # memory | rocksdb
+    build_ops_per_s: float
+    rss_mib: float  # this process, after building and enriching
+    reopen_s: float  # rocksdb: opening the existing store and the graph on it (a restart's local part)
+    enrich_us_per_event: float
+    disk_mib: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _scale_events(count: int, identifiers: int, seed: int, start_ms: int) -> list[dict[str, Any]]:
+    """Page views of preloaded devices (a third signed in with their user id), spread over the whole graph."""
+    import random
+
+    rng = random.Random(seed)
+    events = []
+    for n in range(count):
+        i = rng.randrange(max(identifiers // 2, 1))
+        ids: dict[str, Any] = {"anonymous_id": f"pre-d{i}", "user_id": f"pre-u{i}" if n % 3 == 0 else None,
+                               "customer_id": None}
+        events.append({"event_id": f"s{n}", "event_time": start_ms + n, "channel": "WEB",
+                       "event_type": "page_view", "identifiers": ids})
+    return events
+
+
+def run_identity_scale(identifiers: int, store: str, directory: str, *, events: int = 200_000,
+                       seed: int = 7) -> IdentityScaleResult:
+    """Build a graph of `identifiers` (as the bench's preload: half devices, half user ids, linked) in the given
+    store, then time enrichment of `events` events against it. With rocksdb and an existing store under
+    `directory`, the build is skipped and the reopen timed."""
+    from pathlib import Path
+
+    from pipeline.adapters.identity_store import open_graph_state
+    from pipeline.core.enrich import Enricher
+    from pipeline.core.identity import GraphState, IdentityGraph, MemoryState
+    from pipeline.settings import Settings
+
+    cache = Settings().identity.graph_cache_entries
+    started = time.perf_counter()
+    state: GraphState = MemoryState() if store == "memory" else open_graph_state(Path(directory), cache)
+    graph = IdentityGraph(state=state)
+    reopen_s = time.perf_counter() - started if len(graph) else 0.0
+    build_rate = 0.0
+    if not len(graph):
+        built = time.perf_counter()
+        chunk = 30_000
+        done = 0
+        gc.disable()
+        try:
+            for first in range(0, identifiers, chunk):
+                ops = _preload_range(first // 2, min(first + chunk, identifiers) // 2)
+                graph.apply(ops)
+                graph.take_changes()
+                done += len(ops)
+        finally:
+            gc.enable()
+        build_rate = done / (time.perf_counter() - built)
+    enricher = Enricher(state=state)
+    sample = _scale_events(events, len(enricher.graph or ()), seed, int(time.time() * 1000))
+    gc.collect()
+    began = time.perf_counter()
+    for i in range(0, len(sample), 5_000):
+        enricher.enrich(sample[i:i + 5_000])
+        enricher.take_output()
+    per_event = (time.perf_counter() - began) / len(sample) * 1e6
+    disk = sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file()) if store != "memory" else 0
+    return IdentityScaleResult(len(enricher.graph or ()), store, build_rate, _rss_bytes() / 2**20, reopen_s,
+                               per_event, disk / 2**20)
+
+
+def _preload_range(start: int, stop: int) -> list[Any]:
+    from pipeline.core.identity import Fact, FactKind, make_link
+
+    base_ms = int(time.time() * 1000) - 30 * 86_400_000
+    ops: list[Any] = []
+    for i in range(start, stop):
+        device, user, at = f"anonymous_id:pre-d{i}", f"user_id:pre-u{i}", base_ms + i
+        ops += (Fact(device, FactKind.SEEN, at), Fact(user, FactKind.SEEN, at),
+                make_link(user, device, at, "identify", ""))
+    return ops
