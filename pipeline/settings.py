@@ -103,7 +103,7 @@ class IdentitySettings(BaseModel):
         description="At most this many distinct values of a kind per person: a merge that would exceed it is "
                     "refused and recorded in identity_audit (refuse_max_values). Raise it to let, say, two email "
                     "hashes join one person.")
-    graph_cache_entries: int = Field(200_000, ge=1_000, description="Entries of each on-disk graph map cached in "
+    graph_cache_entries: int = Field(100_000, ge=1_000, description="Entries of each on-disk graph map cached in "
                                                                     "memory (store = rocksdb://).")
     habitual_purchases: int = Field(2, ge=2, description="Purchases within habitual_days that make a habit.")
     habitual_days: float = 90

@@ -101,9 +101,8 @@ _ABSENT = _Absent()
 
 
 class RocksGraphState:
-    """A GraphState in one RocksDB. Memory: `cache_entries` per mapping, plus a 64 MiB block cache (which holds
-    the index and bloom filter blocks too, so they do not grow with the store) and at most 64 MiB of memtables
-    (RocksDB's write buffer manager)."""
+    """A GraphState in one RocksDB. Memory: `cache_entries` per mapping, plus a 64 MiB block cache, at most
+    64 MiB of memtables (RocksDB's write buffer manager), and the SST files' index and bloom filter blocks."""
 
     def __init__(self, path: Path, cache_entries: int) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -132,8 +131,9 @@ def _options() -> Options:
     table = BlockBasedOptions()
     table.set_block_cache(Cache(64 * 1024 * 1024))
     table.set_bloom_filter(10, False)  # a look-up of an identifier the store does not hold rarely reads a block
-    table.set_cache_index_and_filter_blocks(True)  # bounded by the cache: ~6 bytes an identifier otherwise
-    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    # Index and filter blocks stay outside the block cache (~1.3 bytes per key for the filters): charged to it
+    # (cache_index_and_filter_blocks) they were evicted by data blocks and every get re-read them, measured 15x
+    # slower at 300k identifiers. See docs/scale.md for what that costs at 100M.
     options.set_block_based_table_factory(table)
     return options
 
