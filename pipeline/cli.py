@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import typer
 from rich.console import Console
@@ -16,7 +18,16 @@ app = typer.Typer(help="Touchpoint pipeline: customer touchpoints in, live CX an
 stack_app = typer.Typer(help="The local stack: Tansu broker and ClickHouse server on loopback.",
                         no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
+alerts_app = typer.Typer(help="Alerts judged by `touchpoint alerter`: list, acknowledge, resolve, silence.",
+                         no_args_is_help=True)
+app.add_typer(alerts_app, name="alerts")
+cases_app = typer.Typer(help="Follow-up cases of detractor customers: list, close.", no_args_is_help=True)
+app.add_typer(cases_app, name="cases")
+deadletters_app = typer.Typer(help="Dead letters: list them, replay them once the cause is fixed.",
+                              no_args_is_help=True)
+app.add_typer(deadletters_app, name="deadletters")
 console = Console()
+T = TypeVar("T")
 
 
 def _print_services(statuses: list) -> None:
@@ -55,12 +66,48 @@ def stack_status() -> None:
 
 
 @app.command()
-def init() -> None:
+def init(
+    status: bool = typer.Option(False, "--status", help="List applied and pending migrations with checksums; "
+                                                        "change nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the migration statements that would run; "
+                                                          "change nothing."),
+) -> None:
     """Create the Kafka topics, register the Avro schemas and apply ClickHouse migrations (idempotent)."""
+    settings = get_settings()
+    if status or dry_run:
+        import logging
+
+        from clickhouse_driver.errors import Error as ClickHouseError
+
+        from pipeline.adapters.clickhouse import added_columns, migration_status
+
+        logging.getLogger("clickhouse_driver").setLevel(logging.CRITICAL)  # the one line below says it all
+        try:
+            states = migration_status(settings.clickhouse)
+        except (ClickHouseError, OSError) as exc:
+            raise _unreachable(exc, f"ClickHouse at {settings.clickhouse.host}:{settings.clickhouse.port}") from None
+        if status:
+            print(f"{'version':<8} {'name':<28} {'state':<22} {'checksum':<17} {'applied at (UTC)':<20} "
+                  "checksum when applied")
+            for st in states:
+                applied = st.applied_at.strftime("%Y-%m-%d %H:%M:%S") if st.applied_at else "-"
+                print(f"{st.migration.version:04d}     {st.migration.name:<28} {st.state:<22} {st.checksum:<17} "
+                      f"{applied:<20} {st.applied_checksum or '-'}")
+            pending = sum(1 for st in states if st.applied_at is None)
+            print(f"database {settings.clickhouse.database}: {len(states) - pending} applied, {pending} pending")
+        if dry_run:
+            pending_states = [st for st in states if st.applied_at is None]
+            print(f"-- database {settings.clickhouse.database}: {len(pending_states)} pending migrations would run "
+                  "(topics and schema registration are idempotent and not listed)")
+            for st in pending_states:
+                print(f"-- {st.migration.version:04d}_{st.migration.name} (checksum {st.checksum})")
+                for statement in st.migration.statements:
+                    skip = "  -- skipped if its columns exist" if added_columns(statement) else ""
+                    print(f"{statement};{skip}")
+        return
     from pipeline.adapters.clickhouse import DatabaseInUse
     from pipeline.bootstrap import initialise
 
-    settings = get_settings()
     try:
         report = initialise(settings)
     except DatabaseInUse as exc:
@@ -83,6 +130,121 @@ def worker() -> None:
     except DatabaseInUse as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
+
+
+@app.command()
+def collector() -> None:
+    """Serve the HTTP collector: touchpoints, webhooks and the browser snippet in, Avro on Kafka out."""
+    from pipeline.collector.app import run
+
+    run(get_settings())
+
+
+@app.command("collector-key")
+def collector_key(
+    tenant: str = typer.Argument(..., help="The tenant the key writes."),
+    key_id: str = typer.Option("key-1", help="A name for the key (shown in answers and logs)."),
+) -> None:
+    """Make a new write key: prints the key once and the settings entry that holds only its SHA-256."""
+    from pipeline.collector.keys import key_digest, new_key
+
+    key = new_key()
+    print(f"write key (give it to the sender; it is not stored): {key}")
+    print(f'\n[[collector.tenants]]\nname = "{tenant}"\ncors_origins = []\n[[collector.tenants.keys]]\n'
+          f'id = "{key_id}"\nsha256 = "{key_digest(key)}"\nevents_per_s = 2000\nburst = 10000')
+
+
+@app.command()
+def alerter() -> None:
+    """Run the alert engine: judges the closed windows of every partition, notifies, opens cases (one active)."""
+    from pipeline.alerter import run_alerter
+
+    run_alerter(get_settings())
+
+
+def _admin(call: Callable[[], T]) -> T:
+    """Run an operator's command; their mistakes are one red line, not a traceback."""
+    from pipeline.alert_admin import AdminError
+
+    try:
+        return call()
+    except AdminError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+
+
+@alerts_app.command("list")
+def alerts_list(all_states: bool = typer.Option(False, "--all", help="Also inactive and resolved alerts.")) -> None:
+    """Current state per alert series."""
+    from pipeline.alert_admin import list_alerts
+
+    table = Table("fingerprint", "state", "rule", "tenant", "channel", "since (UTC)", "value", "acked by")
+    for fp, rule, tenant, channel, state, since_ms, value, acked, _level in list_alerts(get_settings(), all_states):
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(since_ms / 1000)) if since_ms else "-"
+        table.add_row(fp, state, rule, tenant, channel, since, "-" if value is None else f"{value:.4g}", acked)
+    console.print(table)
+
+
+@alerts_app.command("ack")
+def alerts_ack(fingerprint: str, by: str = typer.Option(..., "--by", help="Who acknowledges."),
+               comment: str = "") -> None:
+    """Acknowledge a firing alert: it stops repeating and escalating."""
+    from pipeline.alert_admin import command
+
+    fp = _admin(lambda: command(get_settings(), "ack", fingerprint, by, comment))
+    console.print(f"acknowledgement of {fp} recorded; the alerter applies it in its next cycle")
+
+
+@alerts_app.command("resolve")
+def alerts_resolve(fingerprint: str, by: str = typer.Option(..., "--by", help="Who resolves."),
+                   comment: str = "") -> None:
+    """Resolve an alert by hand (it fires again if its next windows still breach)."""
+    from pipeline.alert_admin import command
+
+    fp = _admin(lambda: command(get_settings(), "resolve", fingerprint, by, comment))
+    console.print(f"resolution of {fp} recorded; the alerter applies it in its next cycle")
+
+
+@alerts_app.command("silence")
+def alerts_silence(
+    matchers: list[str] = typer.Argument(None, help="label=value pairs that must all match, e.g. tenant=bank."),
+    duration: float = typer.Option(3600.0, help="Seconds from now."),
+    by: str = typer.Option("", "--by"), comment: str = "",
+    expire: str = typer.Option("", help="End this silence id now instead."),
+) -> None:
+    """Mute notifications of matching alerts until the silence ends (transitions are still recorded)."""
+    from pipeline.alert_admin import expire_silence, silence
+
+    if expire:
+        _admin(lambda: expire_silence(get_settings(), expire))
+        console.print(f"silence {expire} ended")
+        return
+    made = _admin(lambda: silence(get_settings(), matchers or [], duration, by, comment))
+    console.print(f"silence {made.silence_id} until "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(made.ends_at_ms / 1000))} UTC")
+
+
+@cases_app.command("list")
+def cases_list(all_cases: bool = typer.Option(False, "--all", help="Also closed cases."),
+               limit: int = 200) -> None:
+    """Open (and escalated) follow-up cases, newest first."""
+    from pipeline.alert_admin import list_cases
+
+    table = Table("case", "status", "tenant", "person", "reason", "queue", "opened (UTC)", "SLA due (UTC)", "level")
+    for c in list_cases(get_settings(), all_cases, limit):
+        table.add_row(c.case_id, c.status, c.tenant, c.person_id, c.reason, c.queue,
+                      time.strftime("%Y-%m-%d %H:%M", time.gmtime(c.opened_at_ms / 1000)),
+                      time.strftime("%Y-%m-%d %H:%M", time.gmtime(c.sla_due_ms / 1000)), str(c.escalation_level))
+    console.print(table)
+
+
+@cases_app.command("close")
+def cases_close(case_id: str, by: str = typer.Option(..., "--by", help="Who closes it."), comment: str = "") -> None:
+    """Close a follow-up case."""
+    from pipeline.alert_admin import command
+
+    cid = _admin(lambda: command(get_settings(), "close_case", case_id, by, comment))
+    console.print(f"closing of case {cid} recorded; the alerter applies it in its next cycle")
 
 
 @app.command()
@@ -166,6 +328,116 @@ def watch(
     live_watch(get_settings(), console, refresh_s=refresh, minutes=minutes, once=once)
 
 
+@app.command("console")
+def console_server(
+    host: str = typer.Option("", help="Address to listen on (default: console.host, loopback)."),
+    port: int = typer.Option(0, help="Port (default: console.port)."),
+) -> None:
+    """The operations console: a web page and a JSON API (OpenAPI at /openapi.json) over ClickHouse."""
+    from pipeline.console.app import serve
+
+    settings = get_settings()
+    address = f"http://{host or settings.console.host}:{port or settings.console.port}/"
+    actions = "actions need the token in console.token" if settings.console.token else \
+        "actions off (set TOUCHPOINT_CONSOLE__TOKEN)"
+    console.print(f"operations console at {address} ({actions})")
+    serve(settings, host=host or None, port=port or None)
+
+
+def _unreachable(exc: Exception, what: str) -> typer.Exit:
+    """A server that does not answer: one line naming it, no traceback."""
+    console.print(f"[red]{what} did not answer: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                  "[/]", highlight=False)
+    return typer.Exit(1)
+
+
+def _dead_letter_filters(reason: str | None, since: str | None) -> int | None:
+    from pipeline.deadletters import DeadLetterError, parse_since
+
+    try:
+        return parse_since(since, int(time.time() * 1000)) if since else None
+    except DeadLetterError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+
+
+@deadletters_app.command("list")
+def deadletters_list(
+    reason: str | None = typer.Option(None, help="Only this reason (e.g. undecodable, contract_violation)."),
+    since: str | None = typer.Option(None, help="Only dead-lettered since: 15m, 2h, 1d or an ISO time (UTC)."),
+    newest: int = typer.Option(1000, help="Read at most this many of the newest records per partition."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per dead letter."),
+) -> None:
+    """List dead letters with their reason, decoded where they decode (hex where not)."""
+    import json
+
+    from kafka.errors import KafkaError
+
+    from pipeline.deadletters import list_dead_letters
+
+    settings = get_settings()
+    try:
+        listing = list_dead_letters(settings, reason=reason, since_ms=_dead_letter_filters(reason, since),
+                                    newest=newest)
+    except KafkaError as exc:
+        raise _unreachable(exc, f"Kafka at {settings.kafka.bootstrap_servers}") from None
+    if as_json:
+        for letter in listing.dead_letters:
+            print(json.dumps(letter.as_dict()))
+        return
+    table = Table("partition:offset", "dead-lettered (UTC)", "reason", "detail", "event id / bytes", "replayed",
+                  "if replayed now")
+    from datetime import UTC, datetime
+
+    for d in listing.dead_letters:
+        what = d.event_id if d.event_id is not None else f"{d.size} bytes: {(d.hex or '')[:32]}..."
+        table.add_row(f"{d.partition}:{d.offset}", datetime.fromtimestamp(d.timestamp_ms / 1000, UTC)
+                      .strftime("%Y-%m-%d %H:%M:%S"), d.reason, d.detail[:80], what, "yes" if d.replayed else "",
+                      "passes" if d.problem_now is None else f"dead-lettered again ({d.problem_now[:60]})")
+    console.print(table)
+    counts = ", ".join(f"{r} {n}" for r, n in sorted(listing.by_reason.items())) or "none"
+    console.print(f"{len(listing.dead_letters)} shown of {listing.scanned} read from "
+                  f"{settings.kafka.dead_letter_topic}; by reason: {counts}")
+
+
+@deadletters_app.command("replay")
+def deadletters_replay(
+    reason: str | None = typer.Option(None, help="Only this reason."),
+    since: str | None = typer.Option(None, help="Only dead-lettered since: 15m, 2h, 1d or an ISO time (UTC)."),
+    offset: list[str] = typer.Option([], help="PARTITION:OFFSET of a dead letter to replay; repeat for more."),
+    again: bool = typer.Option(False, help="Replay dead letters that were replayed before, too."),
+    force: bool = typer.Option(False, help="Replay even those that would be dead-lettered again."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be replayed; publish nothing."),
+) -> None:
+    """Re-publish chosen dead letters to the touchpoint topic with their original key and bytes (event ids kept:
+    an event counts once per window, late ones are kept uncounted, so nothing is counted twice)."""
+    from pipeline.deadletters import DeadLetterError, replay
+
+    places = []
+    for text in offset:
+        partition, _, number = text.partition(":")
+        if not (partition.isdigit() and number.isdigit()):
+            console.print(f"[red]--offset {text!r}: give PARTITION:OFFSET, e.g. 0:42[/]")
+            raise typer.Exit(2)
+        places.append((int(partition), int(number)))
+    settings = get_settings()
+    if not (reason or since or places):
+        console.print("[red]choose what to replay: --reason, --since and/or --offset (see `deadletters list`)[/]")
+        raise typer.Exit(2)
+    try:
+        report = replay(settings, reason=reason, since_ms=_dead_letter_filters(reason, since), offsets=places,
+                        again=again, force=force, dry_run=dry_run)
+    except DeadLetterError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    verb = "would replay" if dry_run else "replayed"
+    console.print(f"{verb} {len(report.replayed)} dead letters to {settings.kafka.topic}; skipped "
+                  f"{len(report.already_replayed)} replayed before (--again to include) and "
+                  f"{len(report.would_fail)} that would be dead-lettered again (--force to include)")
+    for d in report.would_fail[:10]:
+        console.print(f"  {d.partition}:{d.offset} {d.problem_now}", highlight=False, markup=False)
+
+
 @app.command()
 def bench(
     events: int = typer.Option(200_000, help="Generated events to publish and process."),
@@ -176,6 +448,12 @@ def bench(
     drain: bool = typer.Option(False, help="Publish the events while the worker is paused, then time the worker "
                                            "draining them (its own rate, publisher off the cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    alerts: bool = typer.Option(False, "--alerts", help="Measure the alerter instead: 10,000 series per window, "
+                                                        "window close to webhook notification."),
+    collector: bool = typer.Option(False, "--collector", help="Instead: HTTP load on a collector on loopback "
+                                                               "(--events touchpoints, 100 per request)."),
+    concurrency: int = typer.Option(8, help="--collector: keep-alive connections posting at once."),
+    collector_workers: int = typer.Option(1, help="--collector: collector server processes."),
 ) -> None:
     """Measure end-to-end, raw consume and decode-only rates of the same events in one run."""
     import json
@@ -185,6 +463,28 @@ def bench(
 
     settings = get_settings()
     local.up(settings)
+    if alerts:
+        from pipeline.alert_bench import print_alert_bench
+
+        print_alert_bench(settings, console, as_json)
+        return
+    if collector:
+        from pipeline.collector.bench import run_collector_bench
+
+        figures = run_collector_bench(settings, events, batch=100, concurrency=concurrency,
+                                      workers=collector_workers)
+        if as_json:
+            print(json.dumps(figures.as_dict()))
+            return
+        console.print(f"collector: {figures.accepted:,} of {figures.events:,} touchpoints accepted in "
+                      f"{figures.seconds:.1f} s = [bold]{figures.accepted_events_per_s:,.0f} events/s[/] "
+                      f"({figures.requests_per_s:,.0f} requests/s of {figures.batch}, {figures.concurrency} "
+                      f"connections, {collector_workers} worker(s)); latency p50 {figures.p50_ms:.0f} ms, "
+                      f"p99 {figures.p99_ms:.0f} ms, max {figures.max_ms:.0f} ms; answers {figures.statuses}; "
+                      f"{figures.records_on_topic:,} records on the topic; collector RSS "
+                      f"{figures.collector_rss_mib:,.0f} MiB, CPU {figures.collector_cpu_s:.1f} s = "
+                      f"{figures.events_per_cpu_s:,.0f} events per CPU-second")
+        return
     if compare:
         runs = [run_bench(settings, events, identity=False, drain=drain),
                 run_bench(settings, events, identity=True, preload_identities=preload_identities, drain=drain)]

@@ -127,6 +127,21 @@ def watch(settings: Settings, console: Console, *, refresh_s: float, minutes: in
             live.update(snapshot(settings, minutes))
 
 
+def _start_console(settings: Settings) -> subprocess.Popen[bytes]:
+    """The operations console beside the terminal view, with a fresh action token unless one is set."""
+    import secrets
+
+    token = settings.console.token or secrets.token_urlsafe(12)
+    log_path = settings.stack.state_dir / "demo-console.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "console"], stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "TOUCHPOINT_CONSOLE__TOKEN": token})
+    print(f"operations console: http://{settings.console.host}:{settings.console.port}/ "
+          f"(action token {token}; logs: {log_path})", flush=True)
+    return process
+
+
 def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -147,6 +162,7 @@ def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: f
     with log_path.open("w") as log:
         worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], stdout=log,
                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    operations_console = _start_console(settings)
     console.print(f"[bold]4/4[/] publishing {duration_s:.0f} s of traffic at {rate:g}/s: banking app with "
                   "intermittent failures, hospital booking then a bad visit, and ordinary traffic; "
                   "metrics at http://127.0.0.1:9108/metrics")
@@ -172,11 +188,13 @@ def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: f
                 live.update(snapshot(settings, 10))
     finally:
         stop.set()
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-    console.print("\ndone; the stack stays up (`touchpoint stack down` stops it). Query ClickHouse for more, "
+        for process in (worker, operations_console):
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    console.print("\ndone; the stack stays up (`touchpoint stack down` stops it), `touchpoint console` serves the "
+                  "operations console again. Query ClickHouse for more, "
                   "e.g. clickhouse-client --port "
                   f"{settings.clickhouse.port} -d {settings.clickhouse.database} -q 'SELECT * FROM alerts FINAL'")

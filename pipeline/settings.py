@@ -6,8 +6,9 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -83,6 +84,9 @@ class BatchSettings(BaseModel):
     max_wait_s: float = Field(1.0, gt=0, description="...or once the oldest buffered event waited this long.")
     retry_max_s: float = Field(30.0, gt=0, description="A failed store write is retried with a backoff doubling "
                                "from 0.5 s up to this; nothing is committed meanwhile.")
+    snapshot_interval_s: float = Field(
+        5.0, gt=0, description="Checkpoint each partition's open windows (sessions, open panes) at most this often; "
+                               "a restart replays only the records read since its last checkpoint.")
 
 
 class IdentitySettings(BaseModel):
@@ -151,6 +155,120 @@ def default_alert_rules() -> list[AlertRuleSettings]:
     ]
 
 
+def default_alerting_rules() -> list[dict[str, Any]]:
+    """The alerter's rules (pipeline/core/alerting.py reads them; docs/alerting.md explains each field)."""
+    ux = {"task_success_rate": [0.8, 0.9], "error_rate": [0.1, 0.05], "apdex": [0.65, 0.75],
+          "intermittency": [0.1, 0.03]}
+    cx = {"csat": [0.6, 0.75], "nps": [0.0, 20.0], "fcr": [0.7, 0.8], "escalation_rate": [0.15, 0.08]}
+    return [
+        {"name": "ux_error_rate_high", "kind": "threshold", "indicator": "error_rate", "comparison": "above",
+         "threshold": 0.15, "recovery_threshold": 0.10, "min_count": 20},
+        {"name": "cx_csat_low", "kind": "threshold", "indicator": "csat", "comparison": "below", "threshold": 0.6,
+         "recovery_threshold": 0.7, "min_count": 10, "severity": "critical"},
+        {"name": "ux_task_success_low", "kind": "wilson", "indicator": "task_success_rate", "comparison": "below",
+         "threshold": 0.8, "recovery_threshold": 0.85, "confidence": 0.95, "min_count": 30},
+        {"name": "ux_error_rate_unusual", "kind": "seasonal", "indicator": "error_rate", "comparison": "above",
+         "window_kind": "15m", "weeks": 4, "min_weeks": 3, "z": 3.5, "min_mad": 0.005, "min_count": 50},
+        {"name": "ux_bad_cx_good", "kind": "divergence", "divergence": "ux_bad_cx_good", "ux": ux, "cx": cx,
+         "min_signals": 2, "min_count": 20, "severity": "warning"},
+        {"name": "ux_good_cx_bad", "kind": "divergence", "divergence": "ux_good_cx_bad", "ux": ux, "cx": cx,
+         "min_signals": 2, "min_count": 20, "severity": "critical"},
+        {"name": "channel_silent", "kind": "no_data", "no_data_windows": 5, "severity": "warning"},
+    ]
+
+
+class CaseSettings(BaseModel):
+    enabled: bool = Field(True, description="Open follow-up cases for detractor customers.")
+    sla_hours: float = Field(48.0, gt=0, description="A case not closed this long after it opened escalates.")
+    queues: dict[str, str] = Field(
+        {"nps_detractor": "cx-follow-up", "csat_detractor": "cx-follow-up",
+         "escalated_contact": "support-escalations"}, description="Owner queue per reason.")
+    reasons: list[str] = Field(["nps_detractor", "csat_detractor", "escalated_contact"],
+                               description="Which detractor reasons open cases.")
+
+
+class AlertingSettings(BaseModel):
+    """`touchpoint alerter`: rules, receivers, routes and the engine's timing (docs/alerting.md)."""
+
+    rules: list[dict[str, Any]] = Field(default_factory=default_alerting_rules)
+    receivers: list[dict[str, Any]] = Field([{"name": "log", "kind": "log"}],
+                                            description="Where notifications go: log or webhook receivers.")
+    routes: list[dict[str, Any]] = Field([{"receiver": "log"}],
+                                         description="First matching route wins (unless `continue`).")
+    topic: str = Field("touchpoint.alerts", description="Kafka topic of alert transitions (Avro).")
+    subject: str = Field("touchpoint.alerts-value", description="Registry subject of the transitions' schema.")
+    cycle_s: float = Field(0.5, gt=0, description="Seconds between judging cycles (also the grouping wait).")
+    lease_ttl_s: float = Field(10.0, gt=0, description="An active alerter silent this long loses its lease.")
+    start_lookback_s: int = Field(900, ge=0, description="A first start judges closed windows this far back.")
+    max_windows_per_cycle: int = Field(120, ge=1, description="Pane ends judged per cycle at most (catch-up).")
+    retry_initial_s: float = Field(1.0, gt=0, description="First delivery retry after this; doubles each time.")
+    retry_max_s: float = Field(60.0, gt=0, description="Longest wait between delivery retries.")
+    delivery_concurrency: int = Field(4, ge=1, description="Parallel sends per receiver.")
+    give_up_after_s: float = Field(86_400.0, gt=0, description="A notification undelivered this long is dropped.")
+    case_lookback_s: int = Field(3_600, ge=0, description="A first start reads touchpoints this far back.")
+    cases: CaseSettings = CaseSettings()
+
+    @field_validator("rules")
+    @classmethod
+    def _valid_rules(cls, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from pipeline.core.alerting import parse_rules
+
+        parse_rules(rules)
+        return rules
+
+    @model_validator(mode="after")
+    def _valid_routes(self) -> AlertingSettings:
+        from pipeline.core.notify import parse_receivers, parse_routes
+
+        parse_routes(self.routes, parse_receivers(self.receivers))
+        return self
+
+
+class ConsoleSettings(BaseModel):
+    host: str = Field("127.0.0.1", description="Address the operations console listens on (loopback by default).")
+    port: int = Field(8088, ge=0, le=65535, description="Port of the operations console.")
+    token: str = Field("", description="Bearer token for the console's actions (acknowledge, silence, resolve, "
+                                       "erase); empty = actions refused.")
+    overview_minutes: int = Field(15, ge=1, description="Minutes of closed 1-minute windows the overview pools.")
+    firing_for_s: int = Field(300, ge=1, description="An alert whose window ended this recently is firing.")
+    dead_letters_scanned: int = Field(1000, ge=1, description="The console reads this many newest dead letters.")
+
+
+class WriteKeySettings(BaseModel):
+    id: str = Field(description="Names the key in logs and answers; never the secret itself.")
+    sha256: str = Field(pattern="^[0-9a-f]{64}$", description="SHA-256 hex of the key: keys are never stored.")
+    revoked: bool = False
+    events_per_s: float = Field(2_000.0, gt=0, description="Sustained events per second this key may send.")
+    burst: int = Field(10_000, ge=1, description="Events the key may send at once above its rate.")
+
+
+class TenantSettings(BaseModel):
+    name: str = Field(description="The tenant its keys write; events naming another tenant are refused.")
+    keys: list[WriteKeySettings] = []
+    cors_origins: list[str] = Field([], description="Browser origins allowed to send for this tenant "
+                                                    "(scheme://host[:port], or * for any).")
+
+
+class CollectorSettings(BaseModel):
+    host: str = Field("127.0.0.1", description="Listen address of `touchpoint collector` (loopback by default).")
+    port: int = Field(8089, ge=0, le=65535, description="Port of `touchpoint collector` (the console has 8088).")
+    tenants: list[TenantSettings] = Field([], description="Tenants and their write keys (JSON list in env).")
+    max_request_bytes: int = Field(1_048_576, ge=1024, description="Largest body, after gunzip (413 above).")
+    max_event_bytes: int = Field(32_768, ge=256, description="Largest touchpoint, Avro-encoded; larger ones are "
+                                                            "rejected one by one.")
+    max_events_per_request: int = Field(1_000, ge=1, description="Most touchpoints in one request (413 above).")
+    ack_timeout_s: float = Field(5.0, gt=0, description="Longest wait for the broker to acknowledge a request's "
+                                                        "events before answering 503.")
+    max_pending_requests: int = Field(256, ge=1, description="Requests waiting for the broker at once; more wait "
+                                                             "up to ack_timeout_s, then get 503 (bounded memory).")
+    max_unacked_events: int = Field(50_000, ge=100, description="Events handed to the producer and not yet "
+                                                                "acknowledged or failed; more wait, then 503.")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503.")
+    webhook_dirs: list[Path] = Field([], description="Extra folders of webhook mappings (<source>.toml); they "
+                                                     "override the shipped ones of the same name.")
+    workers: int = Field(1, ge=1, description="Server processes (each with its own producer).")
+
+
 class StackSettings(BaseModel):
     state_dir: Path = PROJECT_ROOT / ".touchpoint"
     tansu_sha256: str = "38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723"
@@ -168,7 +286,12 @@ class Settings(BaseSettings):
     batch: BatchSettings = BatchSettings()
     identity: IdentitySettings = IdentitySettings()
     alert_rules: list[AlertRuleSettings] = Field(default_factory=default_alert_rules)
+    alerting: AlertingSettings = AlertingSettings()
     stack: StackSettings = StackSettings()
+    console: ConsoleSettings = ConsoleSettings()
+
+
+    collector: CollectorSettings = CollectorSettings()
     metrics_port: int = Field(9108, ge=0, le=65_535, description="Prometheus /metrics port of a worker; 0 disables it.")
     metrics_host: str = Field("127.0.0.1", description="Address /metrics listens on (0.0.0.0 in a container).")
     log_level: str = "info"

@@ -4,11 +4,13 @@ core's (pipeline.core.evaluate), called by the runner."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,16 +74,30 @@ def added_columns(statement: str) -> tuple[str, list[str]] | None:
     return (match[1], _ADDED_COLUMN.findall(statement)) if match else None
 
 
+def migration_checksum(migration: Migration) -> str:
+    """SHA-256 (first 16 hex digits) of a migration's statements: comments and blank lines do not change it."""
+    return hashlib.sha256("\n;\n".join(migration.statements).encode()).hexdigest()[:16]
+
+
+_MIGRATIONS_TABLE = ("CREATE TABLE IF NOT EXISTS schema_migrations "
+                     "(version UInt32, name String, applied_at DateTime('UTC') DEFAULT now(), checksum String) "
+                     "ENGINE = MergeTree ORDER BY version")
+
+
+def _migrations_table(client: Client) -> None:
+    client.execute(_MIGRATIONS_TABLE)
+    columns = {row[0] for row in client.execute(
+        "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = 'schema_migrations'")}
+    if "checksum" not in columns:  # databases initialised before checksums were recorded
+        client.execute("ALTER TABLE schema_migrations ADD COLUMN checksum String")
+
+
 def apply_migrations(settings: ClickHouseSettings) -> list[Migration]:
     """Create the database and apply every migration not yet recorded; safe to run again and again."""
     server = connect(settings, database="default")
     server.execute(f"CREATE DATABASE IF NOT EXISTS {settings.database}")
     client = connect(settings)
-    client.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations "
-        "(version UInt32, name String, applied_at DateTime('UTC') DEFAULT now()) "
-        "ENGINE = MergeTree ORDER BY version"
-    )
+    _migrations_table(client)
     applied = {row[0] for row in client.execute("SELECT version FROM schema_migrations")}
     done = []
     for migration in load_migrations():
@@ -97,10 +113,44 @@ def apply_migrations(settings: ClickHouseSettings) -> list[Migration]:
                 if set(wanted) <= present:
                     continue  # applied before the migration was recorded
             client.execute(statement)  # every other statement is IF NOT EXISTS, so a half-applied file can rerun
-        client.execute("INSERT INTO schema_migrations (version, name) VALUES",
-                       [(migration.version, migration.name)])
+        client.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES",
+                       [(migration.version, migration.name, migration_checksum(migration))])
         done.append(migration)
     return done
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationState:
+    migration: Migration
+    checksum: str  # of the file as it is now
+    applied_at: datetime | None  # None: pending
+    applied_checksum: str  # recorded when it was applied ('' before checksums were recorded)
+
+    @property
+    def state(self) -> str:
+        if self.applied_at is None:
+            return "pending"
+        if self.applied_checksum and self.applied_checksum != self.checksum:
+            return "changed since applied"
+        return "applied"
+
+
+def migration_status(settings: ClickHouseSettings) -> list[MigrationState]:
+    """Every migration file with whether (and when, with which checksum) it was applied; reads only."""
+    server = connect(settings, database="default")
+    exists = server.execute("SELECT count() FROM system.tables WHERE database = %(db)s "
+                            "AND name = 'schema_migrations'", {"db": settings.database})[0][0]
+    recorded: dict[int, tuple[datetime, str]] = {}
+    if exists:
+        client = connect(settings)
+        columns = {row[0] for row in client.execute(
+            "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = 'schema_migrations'")}
+        checksum = "checksum" if "checksum" in columns else "''"
+        for version, applied_at, applied_checksum in client.execute(
+                f"SELECT version, applied_at, {checksum} FROM schema_migrations ORDER BY version"):
+            recorded[version] = (applied_at, applied_checksum)
+    return [MigrationState(m, migration_checksum(m), *recorded.get(m.version, (None, "")))
+            for m in load_migrations()]
 
 
 class DatabaseInUse(RuntimeError):
@@ -135,7 +185,8 @@ _ALERT_COLUMNS = ("alert_id", "rule", "indicator", "family", "severity", "tenant
 _AUDIT_COLUMNS = ("at_ms", "action", "identifier_a", "identifier_b", "from_person_id", "into_person_id", "reason",
                   "event_id", "recorded_at_ms")
 _CHECKPOINT_COLUMNS = ("consumer_group", "topic", "partition", "commit_offset", "read_offset", "watermark_ms",
-                       "closed_before_ms", "replay_watermark_ms", "replay_closed_before_ms", "written_at_ms")
+                       "closed_before_ms", "replay_watermark_ms", "replay_closed_before_ms", "state",
+                       "written_at_ms")
 
 
 _QUANTILE_SUFFIX = re.compile(r"_p(\d{2})$")  # lcp_p75 -> 0.75, for indicators the registry gives no q
@@ -232,7 +283,7 @@ class ClickHouseSink:
                 [self.consumer_group] * len(cps), [self.topic] * len(cps), [c.partition for c in cps],
                 [c.commit_offset for c in cps], [c.read_offset for c in cps], [c.watermark_ms for c in cps],
                 [c.closed_before_ms for c in cps], [c.replay_watermark_ms for c in cps],
-                [c.replay_closed_before_ms for c in cps], [now_ms] * len(cps),
+                [c.replay_closed_before_ms for c in cps], [c.state or b"" for c in cps], [now_ms] * len(cps),
             ])
             for cp in cps:
                 # Rolling needs a query or two: only when the partition's closed horizon entered a new hour.
@@ -421,16 +472,35 @@ class ClickHouseSink:
         return None
 
     def load_checkpoint(self, partition: int) -> Checkpoint | None:
-        """The furthest-along checkpoint of a partition: any checkpoint is true of its stream prefix."""
+        """The furthest-along checkpoint of a partition: any checkpoint is true of its stream prefix. Its state
+        (a snapshot of the open windows) is None in checkpoints written before snapshots."""
+        where = "consumer_group = %(group)s AND topic = %(topic)s AND partition = %(partition)s"
+        params: dict[str, Any] = {"group": self.consumer_group, "topic": self.topic, "partition": partition}
         rows = self._execute(
             "SELECT commit_offset, read_offset, watermark_ms, closed_before_ms, replay_watermark_ms, "
-            "replay_closed_before_ms FROM pipeline_checkpoints "
-            "WHERE consumer_group = %(group)s AND topic = %(topic)s AND partition = %(partition)s "
-            "ORDER BY read_offset DESC, watermark_ms DESC LIMIT 1",
-            {"group": self.consumer_group, "topic": self.topic, "partition": partition},
-        )
+            f"replay_closed_before_ms, written_at_ms FROM pipeline_checkpoints WHERE {where} "
+            "ORDER BY read_offset DESC, watermark_ms DESC, written_at_ms DESC LIMIT 1", params)
         if not rows:
             return None
-        commit_offset, read_offset, watermark_ms, closed_before_ms, replay_watermark_ms, replay_closed = rows[0]
+        commit_offset, read_offset, watermark_ms, closed_before_ms, replay_watermark, replay_closed, written = rows[0]
+        # Then that row's state alone: rows not merged away yet hold megabytes of older states each.
+        states = self._execute(
+            f"SELECT state FROM pipeline_checkpoints WHERE {where} AND read_offset = %(read)s "
+            "AND watermark_ms = %(watermark)s AND written_at_ms = %(written)s LIMIT 1",
+            {**params, "read": read_offset, "watermark": watermark_ms, "written": written},
+            settings={"strings_as_bytes": True})  # compressed binary, not text
         return Checkpoint(partition, commit_offset, read_offset, watermark_ms, closed_before_ms,
-                          replay_watermark_ms=replay_watermark_ms, replay_closed_before_ms=replay_closed)
+                          replay_watermark_ms=replay_watermark, replay_closed_before_ms=replay_closed,
+                          state=(states[0][0] or None) if states else None)
+
+    def pane_event_ids(self, partition: int, from_ms: int, before_offset: int) -> list[tuple[int, str]]:
+        """(event time, event id) of the partition's counted touchpoints read before `before_offset` with event
+        times from `from_ms` on. From a checkpoint's open_from_ms, before its commit_offset: the dedup sets of the
+        panes open at that offset (a snapshot leaves them out; a replay from a held-back offset needs them too).
+        Late events are not counted and duplicates have no row of their own, so neither is among them."""
+        from_ms = max(0, from_ms)
+        return [(int(event_time_ms), event_id) for event_time_ms, event_id in self._execute(
+            "SELECT event_time_ms, event_id FROM touchpoints "
+            "WHERE source_partition = %(partition)s AND counted = 1 AND source_offset < %(before)s "
+            "AND event_time >= toDateTime(%(from_s)s) AND event_time_ms >= %(from_ms)s",
+            {"partition": partition, "before": before_offset, "from_s": from_ms // 1000, "from_ms": from_ms})]

@@ -48,6 +48,24 @@ def partition_key(event: dict[str, Any]) -> bytes:
     return (ids[0] if ids else event["event_id"]).encode()
 
 
+def _plain_integer_paths(schema: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Paths of record fields typed int or long outside a union: fastavro's writer would silently truncate a
+    float or take a bool there, so the check looks at those values' types itself."""
+    paths: list[tuple[str, ...]] = []
+    for field in schema.get("fields", []):
+        kind = field["type"]
+        path = (*prefix, field["name"])
+        if isinstance(kind, dict) and kind.get("type") == "record":
+            paths += _plain_integer_paths(kind, path)
+        elif isinstance(kind, list):
+            for branch in kind:
+                if isinstance(branch, dict) and branch.get("type") == "record":
+                    paths += _plain_integer_paths(branch, path)
+        elif kind in ("int", "long") or (isinstance(kind, dict) and kind.get("type") in ("int", "long")):
+            paths.append(path)
+    return paths
+
+
 class TouchpointEncoder:
     """Avro + Confluent framing with one writer schema from the registry."""
 
@@ -60,6 +78,7 @@ class TouchpointEncoder:
         self.schema_id = schema_id
         self.schema = fastavro.parse_schema(schema)
         self.decoding_schema = parse_for_decoding(schema)
+        self.integer_paths = _plain_integer_paths(schema)
 
     def encode(self, event: dict[str, Any]) -> bytes:
         buffer = io.BytesIO()
@@ -101,6 +120,44 @@ class TouchpointPublisher:
         self.producer.close()
 
 
+NOT_AN_OBJECT = "not_an_object"
+SCHEMA_MISMATCH = "schema_mismatch"
+
+
+def _integer_type_problem(event: dict[str, Any], paths: list[tuple[str, ...]]) -> str | None:
+    for path in paths:
+        value: Any = event
+        for name in path:
+            value = value.get(name) if isinstance(value, dict) else None
+        if value is not None and type(value) is not int:
+            return f"{'.'.join(path)} is {type(value).__name__} {value!r}, expected an integer"
+    return None
+
+
+def check_touchpoint(event: Any, encoder: TouchpointEncoder, now_ms: int, max_future_ms: int,
+                     blocked: frozenset[str] = BLANK_IDENTIFIERS) -> tuple[bytes, None] | tuple[None, tuple[str, str]]:
+    """The one check every way in applies (file publishing, the HTTP collector): the Avro contract, then the
+    worker's own rules (`violation`). Returns (framed Avro value, None) or (None, (reason, detail))."""
+    if not isinstance(event, dict):
+        return None, (NOT_AN_OBJECT, f"a touchpoint is a JSON object, not {type(event).__name__}")
+    try:
+        # The writer is the fast check; the slow validator runs only on failure, to explain it.
+        value = encoder.encode(event)
+    except Exception as exc:  # fastavro's writer raises many types on a mismatch; all mean the same here
+        try:
+            fastavro.validation.validate(event, encoder.schema, raise_errors=True)
+        except fastavro.validation.ValidationError as invalid:
+            return None, (SCHEMA_MISMATCH, f"does not match the Avro schema: {invalid}")
+        return None, (SCHEMA_MISMATCH, f"does not match the Avro schema: {type(exc).__name__}: {exc}")
+    problem = _integer_type_problem(event, encoder.integer_paths)
+    if problem is not None:
+        return None, (SCHEMA_MISMATCH, f"does not match the Avro schema: {problem}")
+    broken = violation(event, now_ms, max_future_ms, blocked)
+    if broken is not None:
+        return None, broken
+    return value, None
+
+
 @dataclass(frozen=True, slots=True)
 class BadLine:
     line_number: int
@@ -124,16 +181,92 @@ def read_jsonl(path: Path, encoder: TouchpointEncoder, now_ms: int, max_future_m
             if not isinstance(event, dict):
                 bad.append(BadLine(number, "not a JSON object"))
                 continue
-            try:
-                fastavro.validation.validate(event, encoder.schema, raise_errors=True)
-            except fastavro.validation.ValidationError as exc:
-                bad.append(BadLine(number, f"does not match the Avro schema: {exc}"))
-                continue
-            # Fill the optional fields the line left out, exactly as Avro readers will see them.
-            event = fastavro.schemaless_reader(io.BytesIO(encoder.encode(event)[5:]), encoder.decoding_schema, None)
-            problem = violation(event, now_ms, max_future_ms)
+            value, problem = check_touchpoint(event, encoder, now_ms, max_future_ms)
             if problem is not None:
-                bad.append(BadLine(number, f"{problem[0]}: {problem[1]}"))
+                bad.append(BadLine(number, problem[1] if problem[0] == SCHEMA_MISMATCH
+                                   else f"{problem[0]}: {problem[1]}"))
                 continue
-            good.append(event)
+            assert value is not None
+            # Fill the optional fields the line left out, exactly as Avro readers will see them.
+            filled: dict[str, Any] = fastavro.schemaless_reader(  # type: ignore[assignment]
+                io.BytesIO(value[5:]), encoder.decoding_schema, None)
+            good.append(filled)
     return good, bad
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """A record as it sits in a topic (dead letters: the original key and bytes, and the reason in headers)."""
+
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+
+
+def end_offsets(bootstrap_servers: str, topic: str) -> dict[int, int]:
+    """Partition -> offset of the next record to be written (the high watermark); {} if the topic is missing."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
+                             client_id="touchpoint-console")
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        ends = consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+        return {tp.partition: int(offset) for tp, offset in ends.items()}
+    finally:
+        consumer.close()
+
+
+def read_records(bootstrap_servers: str, topic: str, newest: int, timeout_s: float = 10.0) -> list[StoredRecord]:
+    """About the newest `newest` records of every partition of a topic, oldest first per partition (a manually
+    assigned consumer: kafka-python's group consumer gets no assignment on the local Tansu broker). Reads on
+    until the topic goes quiet, not to the end offset: Tansu reports a batch's base offset + 1 as the end."""
+    import time
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
+                             client_id="touchpoint-deadletters", consumer_timeout_ms=700)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not parts:
+            return []
+        consumer.assign(parts)
+        ends = consumer.end_offsets(parts)
+        starts = consumer.beginning_offsets(parts)
+        for tp in parts:
+            consumer.seek(tp, max(starts[tp], ends[tp] - newest))
+        by_partition: dict[int, list[StoredRecord]] = {tp.partition: [] for tp in parts}
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            before = sum(len(v) for v in by_partition.values())
+            for message in consumer:  # ends after consumer_timeout_ms without a record
+                by_partition[message.partition].append(StoredRecord(
+                    message.partition, message.offset, message.timestamp, message.key, message.value,
+                    tuple((k, bytes(v or b"")) for k, v in message.headers)))
+                if time.monotonic() > deadline:
+                    break
+            if sum(len(v) for v in by_partition.values()) == before:
+                break  # quiet for a whole timeout: caught up
+        return [r for partition in sorted(by_partition) for r in by_partition[partition][-newest:]]
+    finally:
+        consumer.close()
+
+
+def publish_records(bootstrap_servers: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None,
+                    list[tuple[str, bytes]]]]) -> int:
+    """Send (key, value, headers) as they are and wait until the broker has them all."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap_servers, client_id="touchpoint-replay", acks="all")
+    count = 0
+    try:
+        futures = [producer.send(topic, key=key, value=value, headers=headers) for key, value, headers in records]
+        producer.flush()
+        for future in futures:
+            future.get(timeout=30)  # raises if the broker refused one
+            count += 1
+    finally:
+        producer.close()
+    return count

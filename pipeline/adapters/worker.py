@@ -69,6 +69,12 @@ class KafkaOffsets:
         highwater: int | None = self.consumer.highwater(TP(self.topic, partition))
         return highwater
 
+    async def seek(self, partition: int, offset: int) -> None:
+        tp = TP(self.topic, partition)
+        await self.consumer.seek(tp, offset)
+        # Private: Faust's seek records the offset itself as read; the last offset read is the one before it.
+        self.consumer._read_offset[tp] = offset - 1 if offset > 0 else None
+
     async def commit(self, offsets: Mapping[int, int]) -> None:
         # Private: the commit of explicit offsets (Faust's public commit() commits what its acks allow, and this
         # consumer does not ack per message).
@@ -223,7 +229,8 @@ def processor_for(settings: Settings, state: GraphState | None = None) -> Touchp
                           session_gap_ms=window.session_gap_s * 1000, session_max_ms=window.session_max_s * 1000,
                           apdex_t_ms=dict(window.apdex_t_ms), apdex_default_t_ms=window.apdex_default_t_ms)
     return TouchpointProcessor(config, schema_for, settings.identity.core(), identity_enabled=settings.identity.enabled,
-                               identity_state=state)
+                               identity_state=state,
+                               snapshot_interval_ms=int(settings.batch.snapshot_interval_s * 1000))
 
 
 def create_app(settings: Settings) -> TouchpointApp:

@@ -16,16 +16,22 @@ the batches. That is what makes replays safe:
 
 * a window is emitted once, when the closed horizon (the watermark rounded down to a pane start) passes its end;
   an event whose pane starts before the horizon is late;
-* the offset that may be committed is the first offset of the oldest open pane or session, and the checkpoint
-  also carries the watermark and horizon from just before that record, so a restart replays every open window
-  whole and re-decides each replayed event's fate exactly as the first run did;
+* a checkpoint with state carries a snapshot of every open window (all but the panes' event ids, which are
+  the stored counted touchpoints of the open panes), so its offset to commit is the offset after the last record
+  folded in: a restart restores the snapshot and replays only the records read since;
+* a checkpoint without state (written by versions before snapshots) holds the offset back to the first offset
+  of the oldest open pane or session and carries the watermark and horizon from just before that record, so a
+  restart replays every open window whole and re-decides each replayed event's fate exactly as the first run
+  did;
 * the checkpoint's closed horizon tells a restarted worker which windows are already final: they are rebuilt on
   the way (sessions need their events) but not emitted again.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +71,15 @@ class Checkpoint:
     # late / on time exactly as the first run did (None: take watermark_ms and closed_before_ms).
     replay_watermark_ms: int | None = None
     replay_closed_before_ms: int | None = None
+    # PartitionWindows.snapshot() as of read_offset (then commit_offset == read_offset), or None: no state, the
+    # open windows are rebuilt by replaying from the held-back commit_offset.
+    state: bytes | None = field(default=None, repr=False)
+
+    @property
+    def open_from_ms(self) -> int:
+        """Every pane open at commit_offset (the replay point) starts at or after this event time: the counted
+        touchpoints from here on read before commit_offset give those panes' event ids (their dedup sets)."""
+        return self.closed_before_ms if self.replay_closed_before_ms is None else self.replay_closed_before_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +162,16 @@ class _Session:
 
 
 _TENANT, _PERSON, _BLOCK = 0, 1, 2
+SNAPSHOT_VERSION = 1
+
+
+class SnapshotMismatch(ValueError):
+    """A snapshot that this configuration cannot continue exactly (other window lengths, or event indicators the
+    snapshot has no counts for); replay_from is the held-back checkpoint that rebuilds its open windows whole."""
+
+    def __init__(self, reason: str, replay_from: Checkpoint) -> None:
+        super().__init__(reason)
+        self.replay_from = replay_from
 
 
 class PartitionWindows:
@@ -155,7 +180,11 @@ class PartitionWindows:
     def __init__(self, partition: int, window_ms: int, lateness_ms: int,
                  indicators: Iterable[Indicator] = REGISTRY, checkpoint: Checkpoint | None = None, *,
                  hopping_ms: int = 15 * 60_000, session_gap_ms: int = 30 * 60_000,
-                 session_max_ms: int = 4 * 3_600_000, recent_panes: Iterable[WindowCell] = ()) -> None:
+                 session_max_ms: int = 4 * 3_600_000, recent_panes: Iterable[WindowCell] = (),
+                 pane_event_ids: Iterable[tuple[int, str]] = ()) -> None:
+        """checkpoint: one without state, replayed from its commit_offset. pane_event_ids: (event time, event id) of
+        the partition's counted touchpoints read before that offset, from its open_from_ms on: the dedup sets of the
+        panes open at the replay point, so a replayed copy of an event counted before it stays a duplicate."""
         if hopping_ms % window_ms or session_max_ms % window_ms:
             raise ValueError("hopping and session lengths must be whole numbers of panes")
         self.partition = partition
@@ -220,6 +249,12 @@ class PartitionWindows:
             if cell.window_kind == PANE and cell.partition == partition and cell.window_start_ms < self.final_before_ms:
                 self.recent.setdefault(cell.window_start_ms, {})[cell.key] = (cell.count, cell.total, cell.sketch)
         self.closed: list[WindowCell] = []  # emitted since the last drain_closed()
+        # pane start -> event ids counted in it before the replay point, taken by the pane when the replay opens it
+        self._seeded: dict[int, set[str]] = {}
+        for event_time, event_id in pane_event_ids:
+            start = event_time - event_time % window_ms
+            if start >= self._horizon:
+                self._seeded.setdefault(start, set()).add(event_id)
 
     @property
     def watermark_ms(self) -> int:
@@ -234,7 +269,7 @@ class PartitionWindows:
         """Fold events (in offset order) into their windows; returns ON_TIME, LATE or DUPLICATE per event."""
         window_ms, lateness = self.window_ms, self.lateness_ms
         dispatch, group_dispatch, slots, no_observers = self.dispatch, self.group_dispatch, self.slots, ((), ())
-        open_panes = self.open
+        open_panes, seeded = self.open, self._seeded
         log, ceil = math.log, math.ceil
         add_to_session = self._add_to_session
         fates = [ON_TIME] * len(events)
@@ -247,6 +282,8 @@ class PartitionWindows:
             pane = open_panes.get(start)
             if pane is None:
                 pane = open_panes[start] = _Pane(offsets[i], (self._watermark, self._horizon))
+                if seeded:
+                    pane.event_ids = seeded.pop(start, pane.event_ids)
             event_id = event["event_id"]
             if event_id in pane.event_ids:
                 fates[i] = DUPLICATE
@@ -471,8 +508,12 @@ class PartitionWindows:
         closed, self.closed = self.closed, []
         return closed
 
-    def checkpoint(self) -> Checkpoint:
-        """The offset to commit is held back to the oldest open pane or session, so a restart rebuilds it whole."""
+    def checkpoint(self, *, with_state: bool = False) -> Checkpoint:
+        """With state: a snapshot of the open windows, so the offset to commit is the next one to read. Without:
+        the offset to commit is held back to the oldest open pane or session, so a restart rebuilds it whole."""
+        if with_state:
+            return Checkpoint(self.partition, self.next_offset, self.next_offset, self.watermark_ms,
+                              self.closed_before_ms, self._watermark, self._horizon, self.snapshot())
         commit, replay = self.next_offset, (self._watermark, self._horizon)
         for pane in self.open.values():
             if pane.first_offset < commit:
@@ -483,3 +524,191 @@ class PartitionWindows:
                     commit, replay = session.first_offset, (session.replay_watermark, session.replay_horizon)
         return Checkpoint(self.partition, commit, self.next_offset, self.watermark_ms, self.closed_before_ms,
                           replay[0], replay[1])
+
+    def _config(self) -> list[int]:
+        return [self.window_ms, self.lateness_ms, self.hopping_ms, self.session_gap_ms, self.session_max_ms]
+
+    def snapshot(self) -> bytes:
+        """Everything a continuation needs but the panes' event ids, as versioned, zlib-compressed JSON; restore()
+        turns it into windows that treat every later record exactly as these would. Counts are keyed by indicator
+        id (a changed catalogue is detected), sessions are stored column by column (they compress better)."""
+        panes = []
+        for start, pane in self.open.items():
+            cells = []
+            for dims, (counts, totals, sketches) in pane.cells.items():
+                observed: list[float] = []  # (slot, count, total) of each slot with observations
+                sketched = []  # (slot, [key, n, key, n, ...]) of each quantile slot with observations
+                for slot, count in enumerate(counts):
+                    if count:
+                        observed += (slot, count, totals[slot])
+                        buckets = sketches[slot]
+                        if buckets is not None:
+                            sketched.append([slot, [x for item in buckets.items() for x in item]])
+                cells.append([*dims, observed, sketched])
+            panes.append([start, pane.first_offset, pane.replay[0], pane.replay[1], cells])
+        tenants: list[str] = []
+        persons: list[str] = []
+        blocks: list[int] = []
+        sessions: list[_Session] = []
+        for (tenant, person, block), found in self.sessions.items():  # in dict order: closing sums in this order
+            for session in [found] if isinstance(found, _Session) else found:
+                tenants.append(tenant)
+                persons.append(person)
+                blocks.append(block)
+                sessions.append(session)
+        next_offset = self.next_offset
+        state = {
+            "version": SNAPSHOT_VERSION,
+            "config": self._config(),
+            "indicators": [[indicator.id, _meaning(indicator)] for indicator in self.event_indicators],
+            "clock": [self._watermark, self._restored_watermark, self._horizon, self.final_before_ms,
+                      self.next_offset],
+            "channels": self.channel_names,
+            "panes": panes,
+            "sessions": {
+                "tenant": tenants,
+                "person": persons,
+                "block": blocks,
+                # times as differences (start - block, last - start, end - last): small numbers compress well
+                "start": [s.start - block for s, block in zip(sessions, blocks, strict=True)],
+                "last": [s.last - s.start for s in sessions],
+                "end": [s.end - s.last for s in sessions],
+                "last_id": [s.last_id for s in sessions],
+                "role": [s.role for s in sessions],
+                # next_offset - first_offset, start - replay watermark, replay watermark - replay horizon
+                "first_offset": [next_offset - s.first_offset for s in sessions],
+                "replay_watermark": [s.start - s.replay_watermark for s in sessions],
+                "replay_horizon": [s.replay_watermark - s.replay_horizon for s in sessions],
+                "channels": [s.channels for s in sessions],
+                "issues": [s.issues for s in sessions],
+                "outcomes": [s.outcomes for s in sessions],
+                "flags": [s.crashed | s.product << 1 for s in sessions],
+            },
+        }
+        return zlib.compress(json.dumps(state, separators=(",", ":")).encode(), 1)
+
+    @classmethod
+    def restore(cls, partition: int, window_ms: int, lateness_ms: int, indicators: Iterable[Indicator],
+                checkpoint: Checkpoint, *, hopping_ms: int = 15 * 60_000, session_gap_ms: int = 30 * 60_000,
+                session_max_ms: int = 4 * 3_600_000, recent_panes: Iterable[WindowCell] = (),
+                pane_event_ids: Iterable[tuple[int, str]] = ()) -> PartitionWindows:
+        """The windows of a checkpoint with state, to continue at its read_offset. recent_panes: the stored "1m"
+        cells of the panes before its closed horizon that hopping windows still cover; pane_event_ids: (event
+        time, event id) of the partition's counted touchpoints read before read_offset, from open_from_ms on.
+        Raises SnapshotMismatch when the snapshot cannot be continued exactly under these settings."""
+        if checkpoint.state is None:
+            raise ValueError(f"the checkpoint of partition {partition} has no state to restore")
+        windows = cls(partition, window_ms, lateness_ms, indicators, hopping_ms=hopping_ms,
+                      session_gap_ms=session_gap_ms, session_max_ms=session_max_ms)
+        windows._load(checkpoint, recent_panes, pane_event_ids)
+        return windows
+
+    def _load(self, checkpoint: Checkpoint, recent_panes: Iterable[WindowCell],
+              pane_event_ids: Iterable[tuple[int, str]]) -> None:
+        try:
+            state = json.loads(zlib.decompress(checkpoint.state or b""))
+            version = state["version"]
+        except (zlib.error, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"the checkpoint state of partition {self.partition} is unreadable: {exc}") from exc
+        if version != SNAPSHOT_VERSION:
+            raise ValueError(f"the checkpoint state of partition {self.partition} has version {version}; this "
+                             f"worker reads version {SNAPSHOT_VERSION}")
+        slot_of = {indicator.id: slot for slot, indicator in enumerate(self.event_indicators)}
+        if state["config"] != self._config():
+            raise SnapshotMismatch(
+                f"window settings (pane, lateness, hopping, session gap, session max in ms) changed from "
+                f"{state['config']} to {self._config()}", self._held_back(state, checkpoint))
+        meanings = {indicator.id: _meaning(indicator) for indicator in self.event_indicators}
+        new = sorted(set(slot_of) - {indicator for indicator, meaning in state["indicators"]
+                                     if meanings.get(indicator) == meaning})
+        if new:  # their open panes would miss, or mix in, what was read before the snapshot
+            raise SnapshotMismatch(f"indicators added or redefined since the snapshot: {', '.join(new)}",
+                                   self._held_back(state, checkpoint))
+        self._watermark, self._restored_watermark, self._horizon, self.final_before_ms, self.next_offset = (
+            state["clock"])
+        self.channel_names = list(state["channels"])
+        self.channel_bits = {name: bit for bit, name in enumerate(self.channel_names)}
+        self._load_panes(state["panes"], [slot_of.get(indicator) for indicator, _ in state["indicators"]])
+        self._load_sessions(state["sessions"])
+        window_ms, closed_before = self.window_ms, self.closed_before_ms
+        for cell in recent_panes:
+            if (cell.window_kind == PANE and cell.partition == self.partition and cell.window_start_ms < closed_before
+                    and cell.count):  # a cell emptied in storage (count 0) was never in the live windows' memory
+                self.recent.setdefault(cell.window_start_ms, {})[cell.key] = (cell.count, cell.total, cell.sketch)
+        open_panes, horizon = self.open, self._horizon
+        for event_time, event_id in pane_event_ids:
+            start = event_time - event_time % window_ms
+            holder = open_panes.get(start)
+            if holder is not None:
+                holder.event_ids.add(event_id)
+            elif start >= horizon:  # counted before a replay point this snapshot was taken in; not reopened yet
+                self._seeded.setdefault(start, set()).add(event_id)
+
+    def _load_panes(self, panes: list[Any], mapping: list[int | None]) -> None:
+        """Open panes of a snapshot; mapping: the current slot of each snapshot slot (None: dropped since)."""
+        slots = self.slots
+        for start, first_offset, replay_watermark, replay_horizon, cells in panes:
+            pane = self.open[start] = _Pane(first_offset, (replay_watermark, replay_horizon))
+            for tenant, channel, role, flow, device, observed, sketched in cells:
+                counts, totals = [0.0] * slots, [0.0] * slots
+                sketches: list[dict[int, int] | None] = [None] * slots
+                for i in range(0, len(observed), 3):
+                    slot = mapping[int(observed[i])]
+                    if slot is not None:
+                        counts[slot], totals[slot] = observed[i + 1], observed[i + 2]
+                for old, flat in sketched:
+                    slot = mapping[old]
+                    if slot is not None:
+                        sketches[slot] = dict(zip(flat[::2], flat[1::2], strict=True))
+                pane.cells[(tenant, channel, role, flow, device)] = (counts, totals, sketches)
+
+    def _load_sessions(self, columns: dict[str, list[Any]]) -> None:
+        """Open sessions of a snapshot, in their order (closing sums them in dict order)."""
+        sessions, next_offset = self.sessions, self.next_offset
+        for (tenant, person, block, start, last, end, last_id, role, first_offset, replay_watermark, replay_horizon,
+             channels, issues, outcomes, flags) in zip(*(columns[name] for name in _SESSION_COLUMNS), strict=True):
+            replay_watermark = block + start - replay_watermark
+            session = _Session(block + start, last_id, role, block + start + last + end, next_offset - first_offset,
+                               replay_watermark, replay_watermark - replay_horizon)
+            session.last = block + start + last
+            session.channels = channels
+            session.issues = issues
+            session.outcomes = None if outcomes is None else [(t, event_id, ok) for t, event_id, ok in outcomes]
+            session.crashed, session.product = bool(flags & 1), bool(flags & 2)
+            key = (tenant, person, block)
+            found = sessions.get(key)
+            if found is None:
+                sessions[key] = session
+            elif isinstance(found, _Session):
+                sessions[key] = [found, session]
+            else:
+                found.append(session)
+
+    def _held_back(self, state: dict[str, Any], checkpoint: Checkpoint) -> Checkpoint:
+        """The checkpoint without state that checkpoint() would have given for the snapshot's windows."""
+        watermark, _, horizon, _, next_offset = state["clock"]
+        commit, replay = next_offset, (watermark, horizon)
+        for _, first_offset, replay_watermark, replay_horizon, _ in state["panes"]:
+            if first_offset < commit:
+                commit, replay = first_offset, (replay_watermark, replay_horizon)
+        columns = state["sessions"]
+        for block, start, first_offset, replay_watermark, replay_horizon in zip(
+                columns["block"], columns["start"], columns["first_offset"], columns["replay_watermark"],
+                columns["replay_horizon"], strict=True):
+            first_offset = next_offset - first_offset
+            if first_offset < commit:
+                replay_watermark = block + start - replay_watermark
+                commit, replay = first_offset, (replay_watermark, replay_watermark - replay_horizon)
+        return Checkpoint(self.partition, commit, next_offset, checkpoint.watermark_ms, checkpoint.closed_before_ms,
+                          replay[0], replay[1])
+
+
+def _meaning(indicator: Indicator) -> int:
+    """A checksum of what an indicator observes as its catalogue states it (an Apdex T, for one, is in the
+    definition), so that counts of a changed definition are not continued."""
+    return zlib.crc32("|".join((indicator.definition, indicator.formula, indicator.kind.value, str(indicator.q),
+                                *indicator.fed_by)).encode())
+
+
+_SESSION_COLUMNS = ("tenant", "person", "block", "start", "last", "end", "last_id", "role", "first_offset",
+                    "replay_watermark", "replay_horizon", "channels", "issues", "outcomes", "flags")

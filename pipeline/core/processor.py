@@ -11,7 +11,16 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
-from pipeline.core.aggregate import DUPLICATE, LATE, NEVER, ON_TIME, Checkpoint, PartitionWindows, WindowCell
+from pipeline.core.aggregate import (
+    DUPLICATE,
+    LATE,
+    NEVER,
+    ON_TIME,
+    Checkpoint,
+    PartitionWindows,
+    SnapshotMismatch,
+    WindowCell,
+)
 from pipeline.core.decode import Rejection, SchemaLookup, decode_batch
 from pipeline.core.enrich import Enricher, IdentityOutput
 from pipeline.core.identity import GraphState, IdentityConfig, Operation
@@ -174,10 +183,26 @@ class WindowConfig:
         return catalogue(self.apdex_t_ms, self.apdex_default_t_ms)
 
 
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Where a newly assigned partition is read from, and how its windows were set up."""
+
+    offset: int | None  # seek here; None: from the group's committed offset (or the start)
+    how: str  # "new", "state" (snapshot restored), "replay" (rebuilt from a held-back offset)
+    note: str = ""  # why a snapshot could not be continued, for the log
+
+
 class TouchpointProcessor:
     def __init__(self, config: WindowConfig, schema_for: SchemaLookup, identity: IdentityConfig | None = None,
-                 *, identity_enabled: bool = True, identity_state: GraphState | None = None) -> None:
+                 *, identity_enabled: bool = True, snapshot_interval_ms: int | None = None,
+                 identity_state: GraphState | None = None) -> None:
+        """snapshot_interval_ms: checkpoints carry a snapshot of the open windows, one per partition at most this
+        often (see take_output), so the committed offset follows the flushed data; None: checkpoints without state
+        at every output, their offset held back to the oldest open window (the behaviour before snapshots)."""
         self.config = config
+        self.snapshot_interval_ms = snapshot_interval_ms
+        self._snapshot_at: dict[int, int] = {}  # partition -> now_ms of its last checkpoint with state
+        self._changed: set[int] = set()  # partitions whose windows moved since their last checkpoint with state
         self.schema_for = schema_for
         self.enricher = Enricher(identity, enabled=identity_enabled, state=identity_state)
         self.indicators = config.indicators()
@@ -191,25 +216,50 @@ class TouchpointProcessor:
         return partition in self.partitions
 
     def assign(self, partition: int, checkpoint: Checkpoint | None, now_ms: int,
-               recent_panes: Iterable[WindowCell] = ()) -> None:
-        """Start (or resume from a checkpoint) a partition this worker now reads. recent_panes: the partition's
-        stored "1m" cells of the panes before the checkpoint's closed horizon that hopping windows still cover
-        (hopping_ms / window_ms - 1 panes), so hopping windows after a restart cover them too."""
+               recent_panes: Iterable[WindowCell] = (),
+               pane_event_ids: Iterable[tuple[int, str]] | None = None) -> Resume:
+        """Start (or resume from a checkpoint) a partition this worker now reads; returns the offset to read it
+        from. recent_panes: the partition's stored "1m" cells of the panes before the checkpoint's closed horizon
+        that hopping windows still cover (hopping_ms / window_ms - 1 panes), so hopping windows after a restart
+        cover them too. pane_event_ids: (event time, event id) of the partition's counted touchpoints read before
+        the checkpoint's commit_offset, from its open_from_ms on (the dedup sets of the panes open there); required
+        with a checkpoint with state."""
         config = self.config
-        windows = PartitionWindows(partition, config.window_ms, config.lateness_ms, self.indicators, checkpoint,
-                                   hopping_ms=config.hopping_ms, session_gap_ms=config.session_gap_ms,
-                                   session_max_ms=config.session_max_ms, recent_panes=recent_panes)
+        lengths = {"hopping_ms": config.hopping_ms, "session_gap_ms": config.session_gap_ms,
+                   "session_max_ms": config.session_max_ms}
+        resume = Resume(None, "new") if checkpoint is None else Resume(checkpoint.commit_offset, "replay")
+        windows = None
+        if checkpoint is not None and checkpoint.state is not None:
+            if pane_event_ids is None:
+                raise ValueError(f"partition {partition}: a checkpoint with state needs the open panes' event ids")
+            try:
+                windows = PartitionWindows.restore(partition, config.window_ms, config.lateness_ms, self.indicators,
+                                                   checkpoint, recent_panes=recent_panes,
+                                                   pane_event_ids=pane_event_ids, **lengths)
+                resume = Resume(checkpoint.commit_offset, "state")
+            except SnapshotMismatch as mismatch:  # rebuild the open windows from the records instead
+                checkpoint = mismatch.replay_from
+                resume = Resume(checkpoint.commit_offset, "replay", str(mismatch))
+                pane_event_ids = None  # they were read up to the snapshot, past this replay point
+        if windows is None:
+            windows = PartitionWindows(partition, config.window_ms, config.lateness_ms, self.indicators, checkpoint,
+                                       recent_panes=recent_panes, pane_event_ids=pane_event_ids or (), **lengths)
         self.partitions[partition] = windows
+        self._snapshot_at.pop(partition, None)
+        self._changed.discard(partition)
         self._activity[partition] = (now_ms, windows.watermark_ms)
         # A restored partition's final windows were judged before; a new one's have all to be judged.
         restored = windows.closed_before_ms
         self._judged_before = restored if self._judged_before is None else min(self._judged_before, restored)
+        return resume
 
     def revoke(self, partition: int) -> None:
         """Drop a partition's open windows: its next owner rebuilds them from the committed offset."""
         self.partitions.pop(partition, None)
         self._activity.pop(partition, None)
         self.output.checkpoints.pop(partition, None)
+        self._snapshot_at.pop(partition, None)
+        self._changed.discard(partition)
 
     def process(self, partition: int, records: Sequence[SourceRecord], now_ms: int) -> None:
         """Run one partition's records (in offset order) through the core flow."""
@@ -239,6 +289,7 @@ class TouchpointProcessor:
         if records:
             # Offsets of dead letters advance the partition too, so they are committed like the others.
             windows.next_offset = max(windows.next_offset, records[-1].offset + 1)
+            self._changed.add(partition)
         rows = out.touchpoints
         events_in, late, duplicates = out.events_in, out.late, out.duplicates
         for event, offset, schema_id, fate in zip(events, offsets, schema_ids, fates, strict=True):
@@ -279,7 +330,11 @@ class TouchpointProcessor:
         for partition, (seen_ms, watermark_ms) in self._activity.items():
             idle_ms = now_ms - seen_ms
             if idle_ms >= self.config.idle_close_ms and watermark_ms != NEVER and partition in caught_up:
-                self.partitions[partition].advance_idle(watermark_ms + idle_ms)
+                windows = self.partitions[partition]
+                before = windows.watermark_ms
+                windows.advance_idle(watermark_ms + idle_ms)
+                if windows.watermark_ms != before:
+                    self._changed.add(partition)
                 self._collect(partition)
         self._evaluate()
 
@@ -289,7 +344,8 @@ class TouchpointProcessor:
         if closed:
             self.output.window_cells.extend(closed)
             self._evaluate()
-        self.output.checkpoints[partition] = windows.checkpoint()
+        if self.snapshot_interval_ms is None:
+            self.output.checkpoints[partition] = windows.checkpoint()
 
     def _evaluate(self) -> None:
         """Judge windows closed on every partition of this worker; an empty partition (no event yet and nothing
@@ -313,9 +369,30 @@ class TouchpointProcessor:
         """Identity operations from the shared log (other workers' links and facts, erasures)."""
         self.enricher.apply(operations, replay=replay)
 
-    def take_output(self) -> Output:
+    def snapshot_due(self, now_ms: int) -> bool:
+        """A partition moved since its last snapshot and the interval has passed: a flush now checkpoints it, so
+        the last records before a quiet spell are not left to a replay."""
+        interval, taken = self.snapshot_interval_ms, self._snapshot_at
+        return interval is not None and any(
+            taken.get(p) is None or now_ms - taken[p] >= interval for p in self._changed)
+
+    def take_output(self, now_ms: int | None = None, *, force_checkpoints: bool = False) -> Output:
+        """Everything produced since the last call. With snapshots, a partition whose windows moved gets a
+        checkpoint with state when snapshot_interval_ms passed since its last one (first time: at once), or when
+        forced (the final flush before a stop or a revoke); otherwise no checkpoint, so no commit."""
         out, self.output = self.output, Output()
         out.identity = self.enricher.take_output()
+        interval = self.snapshot_interval_ms
+        if interval is not None:
+            if now_ms is None and not force_checkpoints:
+                raise ValueError("take_output needs now_ms to pace snapshots")
+            for partition in sorted(self._changed):
+                last = self._snapshot_at.get(partition)
+                if force_checkpoints or last is None or now_ms is None or now_ms - last >= interval:
+                    out.checkpoints[partition] = self.partitions[partition].checkpoint(with_state=True)
+                    if now_ms is not None:
+                        self._snapshot_at[partition] = now_ms
+                    self._changed.discard(partition)
         return out
 
 

@@ -25,6 +25,10 @@ class Store(Protocol):
 
     def recent_panes(self, partition: int, before_ms: int, count: int) -> list[WindowCell]: ...
 
+    def pane_event_ids(self, partition: int, from_ms: int, before_offset: int) -> list[tuple[int, str]]:
+        """(event time, event id) of the partition's counted touchpoints read before `before_offset` with event
+        times from `from_ms` on: the dedup sets of the panes open at a checkpoint."""
+
     def window_totals(self, from_ms: int, before_ms: int, partitions: Sequence[int], indicators: set[str],
                       window_kinds: Collection[str]) -> list[WindowTotal]: ...
 
@@ -71,6 +75,9 @@ class Offsets(Protocol):
     def highwater(self, partition: int) -> int | None: ...
 
     async def commit(self, offsets: Mapping[int, int]) -> None: ...
+
+    async def seek(self, partition: int, offset: int) -> None:
+        """Read the partition from this offset on (records already fetched from before are not handed over)."""
 
 
 class Clock(Protocol):

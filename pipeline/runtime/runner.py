@@ -2,8 +2,11 @@
 nothing is lost and nothing counts twice.
 
 * Dead letters and identity operations are handed to Kafka when their flush starts, and are flushed (acknowledged)
-  before the offsets of the records that produced them are committed.
+  before the checkpoint of the records that produced them is stored: a restarted worker resumes from its
+  checkpoint, so nothing before it is read again.
 * Offsets are committed only after the store has the rows, cells and checkpoints of the records below them.
+* A newly assigned partition resumes where its checkpoint says: from the snapshot of its open windows and the
+  offset after it, or by replaying from an older offset when no snapshot can be continued.
 * A failed store write is retried with a bounded backoff, each failure reported; nothing is committed meanwhile,
   so consumption waits at that point rather than running ahead of what is stored.
 * Writes go one at a time (the next flush waits for the one in flight), so commits happen in offset order.
@@ -22,7 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pipeline.core.aggregate import NEVER, Checkpoint
+from pipeline.core.aggregate import NEVER, Checkpoint, WindowCell
 from pipeline.core.evaluate import Alert, AlertRule, judge
 from pipeline.core.processor import Output, SourceRecord, TouchpointProcessor
 from pipeline.runtime.ports import Clock, DeadLetters, IdentityLog, Offsets, RunnerObserver, Store
@@ -72,6 +75,7 @@ class Runner:
         self._first_buffered_at: float | None = None
         self._inflight: asyncio.Task[None] | None = None
         self._stopping = False
+        self._resuming: set[int] = set()  # partitions resumed from a checkpoint whose first records are not here yet
         self._last_progress_at: float | None = None
         # Flushes and checkpoint loads of newly assigned partitions take turns: one store connection, and a
         # partition must not be restored while a write of its previous owner's output is still in flight.
@@ -85,7 +89,10 @@ class Runner:
         now_ms = self.clock.now_ms()
         processor = self.processor
         for partition, records in batches.items():
-            if records and processor.owns(partition):
+            if not records or not processor.owns(partition):
+                continue
+            records = await self._unread(partition, records)
+            if records:
                 processor.process(partition, records, now_ms)
         self._mark_buffered()
         if len(processor.output) >= self.policy.max_events:
@@ -94,12 +101,13 @@ class Runner:
     async def on_idle(self) -> None:
         """Between fetches: let idle partitions' windows close, flush what is due, report progress."""
         await self.sync_assignment()
-        self.processor.tick(self.clock.now_ms(), self._caught_up())
+        now_ms = self.clock.now_ms()
+        self.processor.tick(now_ms, self._caught_up())
         output = self.processor.output
         due = (self._first_buffered_at is not None
                and self.clock.monotonic() - self._first_buffered_at >= self.policy.max_wait_s)
         # Closed windows (and windows to judge) go out at once: alerts should not wait for a full batch.
-        if due or output.window_cells or output.judge_before_ms is not None:
+        if due or output.window_cells or output.judge_before_ms is not None or self.processor.snapshot_due(now_ms):
             await self.flush()
         self._report_progress()
 
@@ -121,6 +129,7 @@ class Runner:
         """Drop revoked partitions' open windows. No flush: the next owner replays from the last committed offset
         and every write is idempotent (and a rebalance callback must not wait for a commit)."""
         for partition in partitions:
+            self._resuming.discard(partition)
             if self.processor.owns(partition):
                 self.processor.revoke(partition)
                 self.observer.forget(partition)
@@ -140,7 +149,7 @@ class Runner:
         """Hand what the core produced to storage. The write runs in the background while the next fetch is
         processed; writes stay one at a time, so offsets are committed in order and only after their rows."""
         async with self._storage_lock:
-            output = self.processor.take_output()
+            output = self.processor.take_output(self.clock.now_ms(), force_checkpoints=self._stopping)
             self._first_buffered_at = None
             if _has_work(output):
                 await self._drain()
@@ -164,13 +173,14 @@ class Runner:
             await inflight
 
     async def _store_and_commit(self, output: Output) -> None:
-        alerts = await self._retrying(lambda: self._persist(output))
-        offsets = {p: cp.commit_offset for p, cp in output.checkpoints.items() if cp.commit_offset > 0}
-        if offsets:
-            # Dead letters and identity operations reach Kafka before the offsets that produced them are committed.
+        if output.checkpoints:
+            # Dead letters and identity operations reach Kafka before the checkpoint that moves past their records.
             await self.dead_letters.flush()
             if self.identity_log is not None:
                 await self.identity_log.flush()
+        alerts = await self._retrying(lambda: self._persist(output))
+        offsets = {p: cp.commit_offset for p, cp in output.checkpoints.items() if cp.commit_offset > 0}
+        if offsets:
             try:
                 await self.offsets.commit(offsets)
             except Exception as exc:  # e.g. a rebalance under way: the data is stored, a later commit covers it
@@ -219,12 +229,37 @@ class Runner:
             log.warning("Ignoring the checkpoint of partition %d: the group has no committed offset there",
                         partition)
             checkpoint = None
-        panes = [] if checkpoint is None else await self._recent_panes(checkpoint)
+        panes: list[WindowCell] = []
+        pane_ids: list[tuple[int, str]] | None = None
         if checkpoint is not None:
-            log.info("Resuming partition %d: windows before %d are final", partition, checkpoint.closed_before_ms)
-        self.processor.assign(partition, checkpoint, self.clock.now_ms(), panes)
+            panes = await self._recent_panes(checkpoint)
+            from_ms, before = checkpoint.open_from_ms, checkpoint.commit_offset
+            pane_ids = await self._run_blocking(lambda: self.store.pane_event_ids(partition, from_ms, before))
+        resume = self.processor.assign(partition, checkpoint, self.clock.now_ms(), panes, pane_ids)
+        if resume.offset is not None:
+            log.info("Resuming partition %d at offset %d (%s%s)", partition, resume.offset, resume.how,
+                     f": {resume.note}" if resume.note else "")
+            self._resuming.add(partition)
 
-    async def _recent_panes(self, checkpoint: Checkpoint) -> list[Any]:
+    async def _unread(self, partition: int, records: Sequence[SourceRecord]) -> Sequence[SourceRecord]:
+        """The records the partition's windows have not folded in yet. The group's committed offset can lag the
+        checkpoint (a crash between the store and the commit: those records are in the snapshot, so they are
+        skipped), or lead it (a replay from a held-back offset: the consumer is sent back there)."""
+        expected = self.processor.partitions[partition].next_offset
+        if records[0].offset == expected:
+            self._resuming.discard(partition)
+            return records
+        if records[0].offset < expected:  # read before: part of the state already
+            records = [r for r in records if r.offset >= expected]
+            if records and records[0].offset == expected:
+                self._resuming.discard(partition)
+            return records
+        if partition in self._resuming:  # a gap before the first record: fetch from where the windows stand
+            await self.offsets.seek(partition, expected)
+            return []
+        return records  # a gap in the log itself (compaction, retention): nothing to fetch there
+
+    async def _recent_panes(self, checkpoint: Checkpoint) -> list[WindowCell]:
         # Hopping windows span panes closed before the restart: their stored cells come back too.
         config = self.processor.config
         count = config.hopping_ms // config.window_ms - 1
@@ -232,16 +267,17 @@ class Runner:
             lambda: self.store.recent_panes(checkpoint.partition, checkpoint.closed_before_ms, count))
 
     def _sync_identity(self) -> None:
-        """Build the graph from the whole log before the first touchpoint; afterwards apply other workers'
-        operations as the log hands them over."""
+        """Bring the graph up to date with the log before the first touchpoint (the log may have done it into the
+        graph's store already); afterwards apply other workers' operations as the log hands them over."""
         log_ = self.identity_log
         if not self._identity_ready:
             if log_ is not None:
+                started = self.clock.monotonic()
                 self.processor.apply_identity(log_.initial_operations(), replay=True)
-                log_.take_incoming()  # the initial read handed these over too
-            graph = self.processor.enricher.graph
-            if graph is not None:
-                log.info("Identity graph ready: %d identifiers", len(graph))
+                # What arrived meanwhile: applying an operation twice changes nothing, missing one would.
+                self.processor.apply_identity(log_.take_incoming())
+                log.info("Identity graph ready: %d identifiers in %.1f s",
+                         len(self.processor.enricher.graph or ()), self.clock.monotonic() - started)
             self._identity_ready = True
             if self._on_ready is not None:
                 self._on_ready()

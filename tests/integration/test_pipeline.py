@@ -243,3 +243,38 @@ def test_two_workers_share_the_partitions_and_count_each_event_once(isolated, pu
     assert writers == isolated.kafka.partitions
     assert ch.execute("SELECT count(), uniqExact(event_id) FROM touchpoints FINAL")[0] == (20_000, 20_000)
     assert_values_equal(stored_values(ch), reference.indicator_values(events, isolated.window.size_s * 1000))
+
+
+def test_after_sigkill_the_restarted_worker_replays_only_what_came_after_the_last_checkpoint(
+        isolated, publisher, start_worker, ch):
+    """Sessions stay open for 30 minutes, so before snapshots a restart replayed every partition from its start;
+    now it resumes from the snapshot in the last checkpoint, and the counts stay exact."""
+    isolated.window.session_gap_s = 1_800  # the production default: every person's session is open throughout
+    isolated.batch.snapshot_interval_s = 1.0
+    isolated.metrics_port = _free_port()
+    start_ms = int(time.time() * 1000) - 300_000
+    events = traffic(20_000, start_ms=start_ms, seed=7, prefix="r")
+    first = start_worker()
+    publisher.publish_many(events[:15_000])
+    publisher.flush()
+    wait_until(lambda: ch.execute("SELECT count() FROM touchpoints")[0][0] == 15_000, 90, "the first rows", first)
+    time.sleep(3)  # quiet: the next flushes write checkpoints with snapshots of everything read
+    checkpointed = ch.execute("SELECT sum(r) FROM (SELECT partition, max(read_offset) AS r FROM "
+                              "pipeline_checkpoints WHERE state != '' GROUP BY partition)")[0][0]
+    assert checkpointed == 15_000
+    first.kill()
+    publisher.publish_many(events[15_000:])
+    publisher.publish_many(events[5_000:5_500])  # duplicates while it is down
+    publisher.flush()
+    second = start_worker()
+    wait_until(lambda: ch.execute("SELECT count() FROM touchpoints")[0][0] >= 20_000, 90, "the rest", second)
+    wait_until(lambda: all_windows_closed(ch, isolated, events[-1]["event_time"]), 120, "all windows closed", second)
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{isolated.metrics_port}/metrics", timeout=5).read().decode()
+    read_after_restart = sum(_metric(metrics, "touchpoint_events_in_total", channel=c)
+                             for c in ("MOBILE_APP", "CONTACT_CENTRE", "EMAIL", "WEB"))
+    # Only the 5,000 new records and the 500 duplicates are read again: none of the 15,000 checkpointed ones.
+    assert read_after_restart == 5_500, read_after_restart
+    assert "(state)" in second.log_path.read_text()
+    assert ch.execute("SELECT count(), uniqExact(event_id) FROM touchpoints FINAL")[0] == (20_000, 20_000)
+    expected = reference.indicator_values(events, isolated.window.size_s * 1000)
+    assert_values_equal(stored_values(ch), expected)

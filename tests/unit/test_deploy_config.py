@@ -243,3 +243,85 @@ def test_grafana_loads_the_dashboard_folder_compose_mounts(services):
     mounts = dict(v.split(":")[:2][::-1] for v in services["grafana"]["volumes"] if v.startswith("./"))
     assert {mounts[path] for path in paths} == {"./deploy/grafana/dashboards"}
     assert mounts["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
+
+
+def clickhouse_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in dashboard["panels"] if p.get("datasource", {}).get("type") == "grafana-clickhouse-datasource"]
+
+
+# The Grafana unit of each registry unit: rates on a 0-100 % axis, times in ms, the rest as plain numbers.
+GRAFANA_UNIT = {"ratio": "percentunit", "ms": "ms", "points": "none", "score": "none", "channels": "none",
+                "contacts": "none"}
+
+
+def test_every_dashboard_panel_has_a_unit(dashboard):
+    for panel in dashboard["panels"]:
+        if panel["type"] != "row":
+            assert panel["fieldConfig"]["defaults"].get("unit"), f"panel {panel['title']!r} has no unit"
+
+
+def test_indicator_panels_plot_one_unit_each_and_every_indicator_somewhere(dashboard):
+    from pipeline.core.indicators import BY_ID, REGISTRY
+
+    plotted = set()
+    for panel in clickhouse_panels(dashboard):
+        sql = panel["targets"][0]["rawSql"]
+        if "indicator_values_by_channel" not in sql:
+            continue
+        indicators = re.findall(r"'([a-z0-9_]+)'", sql.split("indicator IN (", 1)[1].split(")", 1)[0])
+        assert indicators, panel["title"]
+        units = {GRAFANA_UNIT[BY_ID[i].unit] for i in indicators}
+        assert units == {panel["fieldConfig"]["defaults"]["unit"]}, (panel["title"], indicators)
+        kind = re.search(r"window_kind = '([a-z0-9]+)'", sql)[1]  # type: ignore[index]
+        assert all(kind in BY_ID[i].windows for i in indicators), (panel["title"], kind)
+        if panel["fieldConfig"]["defaults"]["unit"] == "percentunit":
+            assert (panel["fieldConfig"]["defaults"]["min"], panel["fieldConfig"]["defaults"]["max"]) == (0, 1)
+        plotted |= set(indicators)
+    assert plotted == {i.id for i in REGISTRY}
+
+
+def test_dashboard_has_tenant_and_channel_variables_that_its_clickhouse_panels_use(dashboard):
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert {"tenant", "channel"} <= set(variables)
+    for name in ("tenant", "channel"):
+        assert variables[name]["datasource"]["uid"] == "touchpoint-clickhouse" and variables[name]["multi"]
+        assert "FROM touchpoint." in variables[name]["query"]
+    assert "${tenant:singlequote}" in variables["channel"]["query"]  # channels of the chosen tenants
+    for panel in clickhouse_panels(dashboard):
+        sql = panel["targets"][0]["rawSql"]
+        assert "${tenant:singlequote}" in sql, panel["title"]
+        if "window_kind = 'session'" not in sql:  # session cells have channel ALL
+            assert "${channel:singlequote}" in sql, panel["title"]
+
+
+def test_dashboard_has_an_alerts_panel_reading_the_alerts_table(dashboard):
+    panels = [p for p in clickhouse_panels(dashboard) if "touchpoint.alerts" in p["targets"][0]["rawSql"]]
+    assert panels and panels[0]["type"] == "table"
+    sql = panels[0]["targets"][0]["rawSql"]
+    assert "FINAL" in sql and "$__timeFilter(window_start)" in sql
+
+
+def test_grafana_reads_clickhouse_as_a_read_only_user_of_its_own(services):
+    import xml.etree.ElementTree as ET
+
+    mount = next(v for v in services["clickhouse"]["volumes"] if "users.d" in v)
+    source, target = mount.split(":")[:2]
+    assert target.startswith("/etc/clickhouse-server/users.d/") and target.endswith(".xml")
+    config = ET.parse(ROOT / source.removeprefix("./")).getroot()
+    grafana_env = environment(services["grafana"])
+    user_name = grafana_env["CLICKHOUSE_GRAFANA_USER"]
+    user = config.find(f"users/{user_name}")
+    assert user is not None
+    assert user_name != environment(services["clickhouse"])["CLICKHOUSE_USER"]  # not the pipeline's user
+    password_env = user.find("password").get("from_env")  # type: ignore[union-attr]
+    assert password_env in environment(services["clickhouse"])
+    assert environment(services["clickhouse"])[password_env] == grafana_env["CLICKHOUSE_GRAFANA_PASSWORD"]
+    profile = config.find(f"profiles/{user.findtext('profile')}")
+    assert profile is not None and profile.findtext("readonly") == "1"
+    grants = [q.text for q in user.findall("grants/query")]
+    assert grants == ["GRANT SELECT ON touchpoint.*"]
+    provisioned = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "datasources.yml").read_text())
+    clickhouse = next(ds for ds in provisioned["datasources"] if ds["type"] == "grafana-clickhouse-datasource")
+    assert clickhouse["jsonData"]["username"] == "$CLICKHOUSE_GRAFANA_USER"
+    assert clickhouse["secureJsonData"]["password"] == "$CLICKHOUSE_GRAFANA_PASSWORD"
+    assert "CLICKHOUSE_PASSWORD" not in grafana_env  # Grafana never holds the read-write password

@@ -247,3 +247,13 @@ def test_checkpoints_keep_the_replay_point_on_modern_clickhouse(modern):
                  "VALUES ('g', 't', 0, 5, 9, 1000, 960, 700, 660, 1), ('g', 't', 1, 5, 9, 1000, 960, NULL, NULL, 1)")
     assert rows(modern, "SELECT partition, replay_watermark_ms, replay_closed_before_ms FROM pipeline_checkpoints "
                         "WHERE consumer_group = 'g' ORDER BY partition") == [["0", "700", "660"], ["1", "\\N", "\\N"]]
+
+
+def test_checkpoints_keep_their_state_and_older_ones_have_none_on_modern_clickhouse(modern):
+    modern.query("INSERT INTO pipeline_checkpoints (consumer_group, topic, partition, commit_offset, read_offset, "
+                 "watermark_ms, closed_before_ms, state, written_at_ms) VALUES "
+                 "('s', 't', 0, 9, 9, 1000, 960, unhex('789c00ff'), 1)")
+    modern.query("INSERT INTO pipeline_checkpoints (consumer_group, topic, partition, commit_offset, read_offset, "
+                 "watermark_ms, closed_before_ms, written_at_ms) VALUES ('s', 't', 1, 5, 9, 1000, 960, 1)")
+    assert rows(modern, "SELECT partition, hex(state) FROM pipeline_checkpoints WHERE consumer_group = 's' "
+                        "ORDER BY partition") == [["0", "789C00FF"], ["1", ""]]

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.core.aggregate import Checkpoint, WindowCell
+from pipeline.core.aggregate import NEVER, Checkpoint, WindowCell
 from pipeline.core.evaluate import Alert, AlertRule, WindowTotal, totals_of
 from pipeline.core.identity import Operation
 from pipeline.core.processor import DeadLetter, Output, TouchpointProcessor, WindowConfig
@@ -66,7 +66,13 @@ class FakeStore:
         return self.checkpoints.get(partition)
 
     def recent_panes(self, partition: int, before_ms: int, count: int) -> list[WindowCell]:
-        return []
+        return [c for c in self.cells if c.partition == partition and c.window_kind == "1m"
+                and before_ms - count * MINUTE <= c.window_start_ms < before_ms]
+
+    def pane_event_ids(self, partition: int, from_ms: int, before_offset: int) -> list[tuple[int, str]]:
+        return [(row.event_time_ms, row.event_id) for row in self.rows.values()
+                if row.source_partition == partition and row.counted and row.source_offset < before_offset
+                and row.event_time_ms >= from_ms]
 
     def window_totals(self, from_ms: int, before_ms: int, partitions: Sequence[int], indicators: set[str],
                       window_kinds: Collection[str]) -> list[WindowTotal]:
@@ -140,6 +146,10 @@ class FakeOffsets:
     def highwater(self, partition: int) -> int | None:
         return self.high.get(partition)
 
+    async def seek(self, partition: int, offset: int) -> None:
+        self.read[partition] = offset
+        self.journal.add("seek", (partition, offset))
+
     async def commit(self, offsets: Mapping[int, int]) -> None:
         if self.fail_commits:
             raise RuntimeError("rebalance in progress")
@@ -211,7 +221,8 @@ async def _direct(call: Callable[[], Any]) -> Any:
 
 class Harness:
     def __init__(self, partitions: set[int] = frozenset({0}), *, max_events: int = 1_000, max_wait_s: float = 1.0,
-                 identity: FakeIdentityLog | None = None, rules: Sequence[AlertRule] = ()) -> None:
+                 identity: FakeIdentityLog | None = None, rules: Sequence[AlertRule] = (),
+                 snapshot_interval_ms: int | None = None) -> None:
         self.journal = Journal()
         self.store = FakeStore(self.journal)
         self.dead_letters = FakeDeadLetters(self.journal)
@@ -222,7 +233,8 @@ class Harness:
         self.clock = FakeClock()
         self.observer = FakeObserver()
         config = WindowConfig(MINUTE, 5_000, 300_000, 30_000)
-        processor = TouchpointProcessor(config, schema_for, identity_enabled=identity is not None)
+        processor = TouchpointProcessor(config, schema_for, identity_enabled=identity is not None,
+                                        snapshot_interval_ms=snapshot_interval_ms)
         self.runner = Runner(processor, store=self.store, dead_letters=self.dead_letters, identity_log=identity,
                              offsets=self.offsets, clock=self.clock, observer=self.observer,
                              policy=DeliveryPolicy(max_events, max_wait_s, retry_initial_s=0.5, retry_max_s=4.0),
@@ -249,7 +261,7 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-def test_offsets_are_committed_only_after_the_store_has_the_rows_and_dead_letters_are_flushed():
+def test_dead_letters_are_flushed_before_the_checkpoint_is_stored_and_offsets_committed_after_it():
     h = Harness()
 
     async def scenario() -> None:
@@ -262,7 +274,8 @@ def test_offsets_are_committed_only_after_the_store_has_the_rows_and_dead_letter
 
     run(scenario())
     names = h.journal.names()
-    assert names.index("deadletter.send") < names.index("store.write") < names.index("deadletter.flush") \
+    # The checkpoint moves a restart past these records: their dead letters must be on Kafka before it is stored.
+    assert names.index("deadletter.send") < names.index("deadletter.flush") < names.index("store.write") \
         < names.index("commit")
     assert h.store.rows.keys() == {"t0", "t1", "t2"}
     assert [d.reason for d in h.dead_letters.sent] == ["undecodable"]
@@ -281,7 +294,7 @@ def test_identity_operations_reach_the_log_before_the_commit():
     run(scenario())
     names = h.journal.names()
     assert "identity.publish" in names and "commit" in names
-    assert names.index("identity.publish") < names.index("store.write") < names.index("identity.flush") \
+    assert names.index("identity.publish") < names.index("identity.flush") < names.index("store.write") \
         < names.index("commit")
     assert h.offsets.committed_offsets == {0: 1}
 
@@ -500,3 +513,76 @@ def test_an_oversized_dead_letter_goes_without_its_bytes_but_with_the_reason_siz
     assert headers["source.offset"] == b"42" and headers["source.partition"] == b"2"
     edge = DeadLetter(Record(0, 1, b"x" * (1_048_576 - HEADROOM_BYTES - 1), key=None), "WEB", "r", "d")
     assert dead_letter_message(edge, "t", 1_048_576).value is not None
+
+
+def test_a_restart_resumes_from_the_snapshot_and_replays_only_what_came_after_it():
+    events = [task(("SUCCESS", "FAILURE")[i % 2], event_id=f"e{i}", event_time=BASE_MS + i * 1_000,
+                   user_id=f"u{i % 4}") for i in range(40)]
+    first = Harness(snapshot_interval_ms=5_000)
+
+    async def before_the_kill() -> None:
+        records = first.records(0, 0, events)
+        await first.runner.on_records({0: records[:25]})
+        await first.runner.flush(wait=True)  # a checkpoint with the snapshot of everything up to offset 25
+        first.clock.advance(1)
+        await first.runner.on_records({0: records[25:30]})
+        await first.runner.flush(wait=True)  # stored, but within the snapshot interval: no new checkpoint
+
+    run(before_the_kill())
+    assert first.offsets.committed_offsets == {0: 25}  # the commit follows the snapshot, not the open sessions
+
+    second = Harness(snapshot_interval_ms=5_000)  # a new worker on the same store and group
+    second.store = first.store
+    second.runner.store = first.store
+    first.store.journal = second.journal
+    second.offsets.committed_offsets = {0: 22}  # the last commit before a kill may lag the stored checkpoint
+
+    async def after_the_restart() -> None:
+        records = second.records(0, 0, events)
+        await second.runner.on_records({0: records[22:30]})  # from the committed offset: 22-24 are in the snapshot
+        await second.runner.on_records({0: records[25:]})  # a batch fetched again: what was folded in is skipped
+        close_windows(second, {0: 40})
+        await second.runner.stop()
+
+    run(after_the_restart())
+    assert "seek" not in second.journal.names()  # the records after the snapshot were already in the batch
+    written = [ids for name, ids in second.journal.entries if name == "store.write"]
+    replayed = {event_id for ids in written for event_id in ids}
+    assert replayed == {f"e{i}" for i in range(25, 40)}  # only what came after the snapshot, once
+    uninterrupted = Harness()
+
+    async def straight() -> None:
+        await uninterrupted.runner.on_records({0: uninterrupted.records(0, 0, events)})
+        close_windows(uninterrupted, {0: 40})
+        await uninterrupted.runner.stop()
+
+    run(straight())
+
+    def counted(cells: list[WindowCell]) -> dict[tuple, tuple[float, float]]:
+        by_key: dict[tuple, tuple[float, float]] = {}
+        for c in cells:  # a rewritten cell replaces the stored one, as in ClickHouse
+            by_key[(c.window_kind, c.window_start_ms, c.key)] = (c.count, c.total)
+        return by_key
+
+    assert counted(first.store.cells) == counted(uninterrupted.store.cells)
+
+
+def test_a_replay_from_a_held_back_offset_sends_the_consumer_back_and_skips_what_it_fetched_before():
+    h = Harness()
+    # A stateless checkpoint (an older worker's): replay from offset 3 although the group committed 8.
+    h.store.checkpoints[0] = Checkpoint(0, 3, 8, BASE_MS + 5_000, NEVER, NEVER, NEVER)
+    h.offsets.committed_offsets = {0: 8}
+    events = [task("SUCCESS", event_id=f"e{i}", event_time=BASE_MS + i * 1_000, user_id="u") for i in range(12)]
+
+    async def scenario() -> None:
+        records = h.records(0, 0, events)
+        await h.runner.on_records({0: records[8:]})  # fetched from the committed offset: a gap after offset 3
+        assert h.journal.entries[-1] == ("seek", (0, 3)) and h.runner.processor.output.records == 0
+        await h.runner.on_records({0: records[9:]})  # a stale prefetched batch: still skipped
+        await h.runner.on_records({0: records[3:]})  # from the seek on
+        close_windows(h, {0: 12})
+        await h.runner.stop()
+
+    run(scenario())
+    assert h.store.rows.keys() == {f"e{i}" for i in range(3, 12)}
+    assert h.offsets.committed_offsets == {0: 12}

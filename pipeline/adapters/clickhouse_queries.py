@@ -1,0 +1,235 @@
+"""The console's reads (and its few writes) of ClickHouse: every SQL statement the operations console runs lives
+here, beside the sink. Indicator reads filter `indicator_cells FINAL` directly rather than the views, because
+ClickHouse 18.16 does not push a WHERE down into a view (docs/clickhouse.md)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from clickhouse_driver import Client
+
+from pipeline.adapters.clickhouse import connect
+from pipeline.core.identity import person_id_of
+from pipeline.settings import ClickHouseSettings
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesCell:
+    window_start_ms: int
+    window_end_ms: int
+    count: float
+    total: float
+    sketch: tuple[tuple[int, int], ...]
+    partitions: int  # source partitions that wrote a cell of this window
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRow:
+    partition: int
+    commit_offset: int
+    read_offset: int
+    watermark_ms: int
+    closed_before_ms: int
+    written_at_ms: int
+
+
+@dataclass(slots=True)
+class Journey:
+    identifiers: list[str]
+    person_ids: list[str]
+    touchpoints: list[dict[str, Any]] = field(default_factory=list)
+    merges: list[dict[str, Any]] = field(default_factory=list)
+    transitions: list[dict[str, Any]] = field(default_factory=list)
+
+
+ALERT_COLUMNS = ("alert_id", "rule", "indicator", "family", "severity", "tenant", "channel", "window_kind",
+                 "window_start_ms", "window_end_ms", "value", "threshold", "comparison", "numerator", "denominator",
+                 "message", "fired_at_ms")
+JOURNEY_COLUMNS = ("event_id", "event_time_ms", "channel", "event_type", "role", "person_id", "flow", "outcome",
+                   "error_code", "survey_kind", "survey_score", "amount_minor", "currency", "counted")
+
+
+class ConsoleQueries:
+    """One connection, one query at a time (the console's request threads share it)."""
+
+    def __init__(self, settings: ClickHouseSettings, client: Client | None = None) -> None:
+        self.settings = settings
+        self.client = client or connect(settings)
+        self._lock = threading.Lock()
+
+    def execute(self, query: str, params: object = None) -> Any:
+        with self._lock:
+            return self.client.execute(query, params)
+
+    def close(self) -> None:
+        self.client.disconnect()
+
+    # --- indicators -----------------------------------------------------------------------------------------
+
+    def pooled_by_tenant(self, seconds: int) -> dict[str, dict[str, tuple[float, float]]]:
+        """tenant -> indicator -> (total, count) over the closed 1-minute windows of the last `seconds`, every
+        channel, role, flow, device and partition summed; ratios and means only (quantiles do not pool this way)."""
+        rows = self.execute(
+            "SELECT tenant, indicator, sum(total), sum(count) FROM indicator_cells FINAL "
+            "WHERE window_kind = '1m' AND quantile = 0 AND window_start >= now() - %(seconds)s "
+            "GROUP BY tenant, indicator", {"seconds": int(seconds)})
+        pooled: dict[str, dict[str, tuple[float, float]]] = {}
+        for tenant, indicator, total, count in rows:
+            pooled.setdefault(tenant, {})[indicator] = (float(total), float(count))
+        return pooled
+
+    def channels(self, seconds: int) -> list[tuple[str, str, list[str]]]:
+        """(tenant, channel, indicators with data) seen in windows of the last `seconds`."""
+        rows = self.execute(
+            "SELECT tenant, channel, groupUniqArray(indicator) FROM indicator_cells FINAL "
+            "WHERE window_start >= now() - %(seconds)s AND count > 0 AND window_kind IN ('1m', '15m') "
+            "GROUP BY tenant, channel ORDER BY tenant, channel", {"seconds": int(seconds)})
+        return [(tenant, channel, sorted(indicators)) for tenant, channel, indicators in rows]
+
+    def series(self, tenant: str, channel: str, indicator: str, window_kind: str, seconds: int) -> list[SeriesCell]:
+        """One indicator's windows of one kind for a tenant and channel, partitions and other dimensions merged."""
+        rows = self.execute(
+            "SELECT toUInt32(window_start), toUInt32(window_end), sum(count), sum(total), "
+            "sumMap(sketch_keys, sketch_counts), uniqExact(source_partition) FROM indicator_cells FINAL "
+            "WHERE window_kind = %(kind)s AND tenant = %(tenant)s AND channel = %(channel)s "
+            "AND indicator = %(indicator)s AND window_start >= now() - %(seconds)s "
+            "GROUP BY window_start, window_end ORDER BY window_start",
+            {"kind": window_kind, "tenant": tenant, "channel": channel, "indicator": indicator,
+             "seconds": int(seconds)})
+        return [SeriesCell(start * 1000, end * 1000, float(count), float(total),
+                           tuple(zip(keys, counts, strict=True)), int(partitions))
+                for start, end, count, total, (keys, counts), partitions in rows]
+
+    def late_events(self, tenant: str, channel: str, seconds: int, pane_ms: int) -> dict[int, int]:
+        """Pane start (ms) -> touchpoints of the tenant and channel that came after their window closed."""
+        rows = self.execute(
+            "SELECT intDiv(event_time_ms, %(pane)s) * %(pane)s AS pane_start, count() FROM touchpoints FINAL "
+            "WHERE tenant = %(tenant)s AND toString(channel) = %(channel)s AND counted = 0 "
+            "AND event_time >= now() - %(seconds)s GROUP BY pane_start",
+            {"pane": int(pane_ms), "tenant": tenant, "channel": channel, "seconds": int(seconds)})
+        return {int(start): int(n) for start, n in rows}
+
+    # --- alerts ---------------------------------------------------------------------------------------------
+
+    def alerts(self, seconds: int, limit: int = 200) -> list[dict[str, Any]]:
+        rows = self.execute(
+            "SELECT alert_id, rule, indicator, toString(family), toString(severity), tenant, toString(channel), "
+            "window_kind, toUInt64(toUInt32(window_start)) * 1000, toUInt64(toUInt32(window_end)) * 1000, value, "
+            "threshold, toString(comparison), numerator, denominator, message, fired_at_ms FROM alerts FINAL "
+            "WHERE window_start >= now() - %(seconds)s ORDER BY window_start DESC, rule, tenant LIMIT %(limit)s",
+            {"seconds": int(seconds), "limit": int(limit)})
+        return [dict(zip(ALERT_COLUMNS, row, strict=True)) for row in rows]
+
+    def alert(self, alert_id: str) -> dict[str, Any] | None:
+        rows = self.execute(
+            "SELECT alert_id, rule, indicator, toString(family), toString(severity), tenant, toString(channel), "
+            "window_kind, toUInt64(toUInt32(window_start)) * 1000, toUInt64(toUInt32(window_end)) * 1000, value, "
+            "threshold, toString(comparison), numerator, denominator, message, fired_at_ms FROM alerts FINAL "
+            "WHERE alert_id = %(id)s LIMIT 1", {"id": alert_id})
+        return dict(zip(ALERT_COLUMNS, rows[0], strict=True)) if rows else None
+
+    def latest_alert_actions(self, alert_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """alert id -> its newest action (action, actor, note, silenced_until_ms, at_ms) and how many there were."""
+        if not alert_ids:
+            return {}
+        rows = self.execute(
+            "SELECT alert_id, argMax(toString(action), at_ms), argMax(actor, at_ms), argMax(note, at_ms), "
+            "argMax(silenced_until_ms, at_ms), max(at_ms), count() FROM alert_actions FINAL "
+            "WHERE alert_id IN %(ids)s GROUP BY alert_id", {"ids": tuple(alert_ids)})
+        return {alert_id: {"action": action, "actor": actor, "note": note, "silenced_until_ms": until,
+                           "at_ms": at_ms, "actions": n}
+                for alert_id, action, actor, note, until, at_ms, n in rows}
+
+    def alert_history(self, alert_id: str) -> list[dict[str, Any]]:
+        rows = self.execute(
+            "SELECT toString(action), actor, note, silenced_until_ms, at_ms FROM alert_actions FINAL "
+            "WHERE alert_id = %(id)s ORDER BY at_ms", {"id": alert_id})
+        return [{"action": a, "actor": actor, "note": note, "silenced_until_ms": until, "at_ms": at}
+                for a, actor, note, until, at in rows]
+
+    def record_alert_action(self, alert: dict[str, Any], action: str, actor: str, note: str,
+                            silenced_until_ms: int, at_ms: int) -> None:
+        self.execute(
+            "INSERT INTO alert_actions (alert_id, rule, tenant, channel, action, actor, note, silenced_until_ms, "
+            "at_ms) VALUES",
+            [(alert["alert_id"], alert["rule"], alert["tenant"], alert["channel"], action, actor, note,
+              silenced_until_ms, at_ms)])
+
+    # --- a person's journey ---------------------------------------------------------------------------------
+
+    def journey(self, identifiers: Sequence[str], limit: int = 1000) -> Journey:
+        """Every touchpoint of the person (or persons) the identifiers belong to now, in event time, with the merges
+        that joined them and their role transitions."""
+        ids = list(identifiers)
+        seeds = {person_id_of(i) for i in ids}
+        rows = self.execute("SELECT DISTINCT person_id FROM touchpoints WHERE hasAny(resolved_from, %(ids)s)",
+                            {"ids": ids})
+        seeds |= {p for (p,) in rows}
+        # A person id written before a late merge points to the person it belongs to now; take that person and
+        # every id that points to it.
+        current = {alias: target for alias, target in self.execute(
+            "SELECT alias_person_id, argMax(person_id, updated_at_ms) FROM person_aliases "
+            "WHERE alias_person_id IN %(p)s GROUP BY alias_person_id", {"p": tuple(seeds)})}
+        heads = {current.get(p, p) for p in seeds}
+        members = {alias for (alias,) in self.execute(
+            "SELECT alias_person_id FROM person_aliases GROUP BY alias_person_id "
+            "HAVING argMax(person_id, updated_at_ms) IN %(h)s", {"h": tuple(heads)})}
+        persons = tuple(sorted(seeds | heads | members))
+        found = self.execute(
+            "SELECT event_id, event_time_ms, toString(channel), event_type, toString(role), person_id, flow, "
+            "outcome, error_code, survey_kind, survey_score, amount_minor, currency, counted "
+            "FROM touchpoints FINAL WHERE person_id IN %(p)s ORDER BY event_time_ms, event_id LIMIT %(limit)s",
+            {"p": persons, "limit": int(limit)})
+        journey = Journey(ids, sorted({row[5] for row in found}))
+        journey.touchpoints = [dict(zip(JOURNEY_COLUMNS, row, strict=True)) for row in found]
+        if not found:
+            return journey
+        all_ids = sorted(set(ids) | {i for (i,) in self.execute(
+            "SELECT DISTINCT arrayJoin(resolved_from) FROM touchpoints WHERE person_id IN %(p)s", {"p": persons})})
+        journey.identifiers = all_ids
+        journey.merges = [
+            {"at_ms": at, "action": action, "identifier_a": a, "identifier_b": b, "from_person_id": f,
+             "into_person_id": into, "reason": reason}
+            for at, action, a, b, f, into, reason in self.execute(
+                "SELECT at_ms, action, identifier_a, identifier_b, from_person_id, into_person_id, reason "
+                "FROM identity_audit FINAL WHERE from_person_id IN %(p)s OR into_person_id IN %(p)s "
+                "OR identifier_a IN %(i)s OR identifier_b IN %(i)s ORDER BY at_ms LIMIT 200",
+                {"p": persons, "i": tuple(all_ids)})]
+        journey.transitions = [
+            {"at_ms": at, "from_role": f, "to_role": t, "cause": cause}
+            for at, f, t, cause in self.execute(
+                "SELECT DISTINCT at_ms, from_role, to_role, cause FROM role_transitions FINAL "
+                "WHERE person_id IN %(p)s ORDER BY at_ms", {"p": persons})]
+        return journey
+
+    # --- pipeline health ------------------------------------------------------------------------------------
+
+    def checkpoints(self, consumer_group: str, topic: str) -> list[CheckpointRow]:
+        """Each partition's furthest-along checkpoint (the one with the highest read offset)."""
+        rows = self.execute(
+            "SELECT partition, argMax(commit_offset, read_offset), max(read_offset), "
+            "argMax(watermark_ms, read_offset), argMax(closed_before_ms, read_offset), max(written_at_ms) "
+            "FROM pipeline_checkpoints WHERE consumer_group = %(group)s AND topic = %(topic)s "
+            "GROUP BY partition ORDER BY partition", {"group": consumer_group, "topic": topic})
+        return [CheckpointRow(*(int(v) for v in row)) for row in rows]
+
+    def last_rows_written_ms(self) -> int | None:
+        """When the newest touchpoint row was written (the last flush with rows), in ms."""
+        rows = self.execute("SELECT toUInt64(max(ingested_at)) * 1000, count() FROM touchpoints "
+                            "WHERE ingested_at >= now() - 86400")
+        return int(rows[0][0]) if rows and rows[0][1] else None
+
+    def replayed_dead_letters(self, topic: str) -> set[tuple[int, int]]:
+        """(partition, offset) of the dead letters of a topic already replayed."""
+        rows = self.execute("SELECT dead_letter_partition, dead_letter_offset FROM dead_letter_replays FINAL "
+                            "WHERE dead_letter_topic = %(topic)s", {"topic": topic})
+        return {(int(p), int(o)) for p, o in rows}
+
+    def record_replays(self, rows: Sequence[tuple[str, int, int, str, str, str, int]]) -> None:
+        """(dead-letter topic, partition, offset, event id, reason, target topic, replayed at ms) per replay."""
+        if rows:
+            self.execute("INSERT INTO dead_letter_replays (dead_letter_topic, dead_letter_partition, "
+                         "dead_letter_offset, event_id, reason, target_topic, replayed_at_ms) VALUES", list(rows))

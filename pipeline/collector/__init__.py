@@ -1,0 +1,1 @@
+"""The front door for channel systems: an HTTP collector, the browser snippet it serves and webhook mappings."""
