@@ -212,7 +212,9 @@ class KafkaIdentityLog:
         if self._thread is not None:
             self._thread.join(timeout=5)
         with self._lock:
-            applied = not self._incoming and self._handed_next == self._incoming_next
+            # Nothing waiting: everything read was this worker's own or handed to the runner, which applies what it
+            # takes at once.
+            applied = not self._incoming
             next_offset = self._incoming_next
         if next_offset is not None:
             self._meta["log_offset"] = next_offset if applied else self._meta.get("log_offset", 0)
