@@ -56,6 +56,9 @@ class CachedMapping(MutableMapping[str, Any]):
             self._remember(key, value)
         return default if value is _ABSENT else value
 
+    def note_absent(self, key: str) -> None:
+        self._remember(key, _ABSENT)
+
     def __contains__(self, key: object) -> bool:
         value = self._cache.get(key, _MISSING)  # type: ignore[call-overload]
         if value is _MISSING:

@@ -19,7 +19,7 @@ import hashlib
 from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from pipeline.core.validate import BLANK_IDENTIFIERS
 
@@ -287,6 +287,13 @@ class GraphState(Protocol):
     def mapping(self, name: str) -> MutableMapping[str, Any]: ...
 
 
+class AbsenceHint(Protocol):
+    """Optional on a store's mapping: told that a key is certainly absent (an identifier seen for the first time
+    is in no other map), it can answer the next look-ups without reading the store."""
+
+    def note_absent(self, key: str) -> None: ...
+
+
 class MemoryState:
     """Plain dicts, one per name: graphs made over the same MemoryState share its state."""
 
@@ -299,6 +306,11 @@ class MemoryState:
 
 def pair_key(a: str, b: str) -> str:
     return a + "\x00" + b
+
+
+@runtime_checkable
+class AbsenceHintMapping(AbsenceHint, Protocol):
+    def get(self, key: str, default: Any = None) -> Any: ...
 
 
 SUMMARY_CACHE = 100_000  # merged facts of recently resolved persons; cleared when full
@@ -329,6 +341,9 @@ class IdentityGraph:
         self.forgotten: MutableMapping[str, int] = state.mapping("forgotten")  # sha256 -> erased at
         self.has_forgotten = next(iter(self.forgotten), None) is not None
         self._count: int = self._meta.get("identifiers", 0)
+        # Maps that hold only identifiers already in first_seen: a new identifier is absent from each.
+        self._absent_hints = [m.note_absent for m in (self._person, self._facts, self._members, self._cluster)
+                              if isinstance(m, AbsenceHintMapping)]
         self.changes = _Changes()
 
     # queries -----------------------------------------------------------------------------------------------
@@ -441,6 +456,8 @@ class IdentityGraph:
             return False
         if seen is None:
             self._count += 1
+            for hint in self._absent_hints:
+                hint(identifier)
         self.first_seen[identifier] = at_ms
         key = self.person_key(identifier)
         if key in self._summaries:

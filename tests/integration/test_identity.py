@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -229,3 +230,5 @@ def test_identity_survives_a_restart(isolated, publisher, start_worker, ch, stor
                          second.log_path.read_text())
         assert read is not None and int(read.group(1)) > 0, second.log_tail()
         assert int(read.group(3)) < 3  # the first worker's own operations at most, not the whole log
+    assert second.stop() == 0
+    shutil.rmtree(isolated.stack.state_dir / "identity" / isolated.kafka.consumer_group, ignore_errors=True)
