@@ -150,7 +150,12 @@ class KafkaIdentityLog:
             return self.caught_up_operations
         from kafka import TopicPartition
 
+        from pipeline.adapters.kafka import ensure_topics
+
         started = time.monotonic()
+        kafka = self.settings.kafka
+        ensure_topics(kafka.bootstrap_servers, {self.topic: 1}, kafka.replication_factor,
+                      config={"cleanup.policy": "compact"})  # as `touchpoint init` does, if it was not run
         consumer = self._consumer = _consumer(self.settings)
         tp = TopicPartition(self.topic, 0)
         consumer.assign([tp])
