@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +17,7 @@ from pipeline.settings import get_settings
 
 app = typer.Typer(help="Touchpoint pipeline: customer touchpoints in, live CX and UX indicators out.",
                   no_args_is_help=True)
-stack_app = typer.Typer(help="The local stack: Tansu broker and ClickHouse server on loopback.",
+stack_app = typer.Typer(help="The local stack: Apache Kafka (or Tansu) broker and ClickHouse server on loopback.",
                         no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 alerts_app = typer.Typer(help="Alerts judged by `touchpoint alerter`: list, acknowledge, resolve, silence.",
@@ -105,15 +107,11 @@ def init(
                     skip = "  -- skipped if its columns exist" if added_columns(statement) else ""
                     print(f"{statement};{skip}")
         return
-    from pipeline.adapters.clickhouse import DatabaseInUse
     from pipeline.bootstrap import initialise
 
-    try:
-        report = initialise(settings)
-    except DatabaseInUse as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from None
-    console.print(f"kafka: topics created {report.topics_created or 'none (all there)'}")
+    report = initialise(settings)  # a database another pipeline owns ends it with one line (operator_message)
+    console.print(f"kafka: topics created {report.topics_created or 'none (all there)'}, settings updated on "
+                  f"{report.topics_reconfigured or 'none (all as stated in pipeline/topics.py)'}")
     console.print(f"registry: subject {settings.registry.subject} holds schema ids {report.schema_ids}")
     console.print(f"clickhouse: database {settings.clickhouse.database}, migrations applied "
                   f"{report.migrations_applied or 'none (up to date)'}")
@@ -122,14 +120,9 @@ def init(
 @app.command()
 def worker() -> None:
     """Run a stream worker: consume touchpoints, compute indicator windows and alerts, write to ClickHouse."""
-    from pipeline.adapters.clickhouse import DatabaseInUse
     from pipeline.adapters.worker import run_worker
 
-    try:
-        run_worker(get_settings())
-    except DatabaseInUse as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from None
+    run_worker(get_settings())  # a database another pipeline owns ends it with one line (operator_message)
 
 
 @app.command()
@@ -259,26 +252,37 @@ def forget(
                   f"({report.rows_before} touchpoints deleted). Indicator windows hold no person data and stay.")
 
 
+BAD_LINES_SHOWN = 20
+
+
 @app.command()
 def publish(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSON Lines, one touchpoint per line."),
     schema_version: int = typer.Option(0, help="Subject version to write with; 0 = the newest."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Publish the good lines even if some are bad "
+                                                            "(by default a file with a bad line publishes nothing)."),
 ) -> None:
-    """Validate every line against the contract, report bad lines by number and reason, publish the rest."""
-    from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher, read_jsonl
-    from pipeline.contract.registry import open_registry
+    """Check every line (size, UTF-8, JSON, contract) first, report bad lines by number and reason, then publish
+    nothing or every good line and print what the broker acknowledged."""
+    from pipeline.publish import publish_file
 
     settings = get_settings()
-    encoder = TouchpointEncoder(open_registry(settings.registry.url), settings.registry.subject,
-                                schema_version or None)
-    good, bad = read_jsonl(file, encoder, int(time.time() * 1000), settings.window.max_future_s * 1000)
-    for line in bad:
-        console.print(f"[red]line {line.line_number}[/]: {line.reason}")
-    publisher = TouchpointPublisher(settings.kafka.bootstrap_servers, settings.kafka.topic, encoder)
-    publisher.publish_many(good)
-    publisher.close()
-    console.print(f"published {len(good)} touchpoints to {settings.kafka.topic}; {len(bad)} bad lines skipped")
-    if bad:
+    report = publish_file(settings, file, int(time.time() * 1000), schema_version=schema_version or None,
+                          skip_bad=skip_bad)
+    for line in report.bad[:BAD_LINES_SHOWN]:
+        console.print(f"[red]line {line.line_number}[/]: {line.reason}", highlight=False)
+    if len(report.bad) > BAD_LINES_SHOWN:
+        console.print(f"... and {len(report.bad) - BAD_LINES_SHOWN} more bad lines")
+    if not report.sent:
+        console.print(f"published nothing: {len(report.bad)} bad lines, {report.good} good"
+                      + ("; fix the file or pass --skip-bad" if report.bad else ""))
+        raise typer.Exit(1 if report.bad else 0)
+    for line in report.undelivered[:BAD_LINES_SHOWN]:
+        console.print(f"[red]line {line.line_number}[/]: not delivered: {line.reason}", highlight=False)
+    console.print(f"delivered {report.delivered} of {report.good} touchpoints to {settings.kafka.topic} "
+                  f"(acknowledged by every in-sync replica); {len(report.bad)} bad lines skipped"
+                  + (f"; {len(report.undelivered)} NOT delivered" if report.undelivered else ""))
+    if report.bad or report.undelivered:
         raise typer.Exit(1)
 
 
@@ -537,5 +541,64 @@ def demo(
     run_demo(get_settings(), console, duration_s=duration, rate=rate)
 
 
+def operator_message(exc: BaseException) -> str | None:
+    """One line for an operator's everyday mistake (a server not reachable, an invalid setting, a refused
+    request), None for anything else: a bug, whose traceback is worth seeing."""
+    from clickhouse_driver.errors import NetworkError, SocketTimeoutError
+    from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+    from pydantic import ValidationError
+
+    from pipeline.adapters.clickhouse import DatabaseInUse
+    from pipeline.contract.registry import RegistryError
+    from pipeline.erasure import ErasureRefused
+    from pipeline.stack.local import StackError
+
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for error in chain:
+        if isinstance(error, ValidationError):
+            problems = error.errors()
+            first = problems[0]
+            name = ".".join(str(part) for part in first["loc"])
+            env = "TOUCHPOINT_" + "__".join(str(part).upper() for part in first["loc"])
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            return (f"invalid setting {name} ({env} or touchpoint.toml): {first['msg']}; "
+                    f"got {first.get('input')!r}{more}")
+        if isinstance(error, (ErasureRefused, StackError, DatabaseInUse)):
+            return str(error)
+        if isinstance(error, KafkaConnectionError) or (
+                isinstance(error, KafkaTimeoutError) and "bootstrap" in str(error)):
+            return (f"cannot reach the Kafka broker at {get_settings().kafka.bootstrap_servers} "
+                    "(kafka.bootstrap_servers, TOUCHPOINT_KAFKA__BOOTSTRAP_SERVERS): is it running and is the "
+                    "address right? `touchpoint stack status` shows the local stack")
+        if isinstance(error, (NetworkError, SocketTimeoutError)):
+            ch = get_settings().clickhouse
+            reason = str(error).split("\n")[0]
+            return (f"cannot reach ClickHouse at {ch.host}:{ch.port} (clickhouse.host, clickhouse.port, "
+                    f"TOUCHPOINT_CLICKHOUSE__PORT): {reason}; is it running? `touchpoint stack status` shows the "
+                    "local stack")
+        if isinstance(error, RegistryError):
+            return (f"schema registry problem (registry.url, TOUCHPOINT_REGISTRY__URL = "
+                    f"{get_settings().registry.url}): {error}")
+    return None
+
+
+def main() -> None:
+    """The `touchpoint` command: operators' mistakes end with one line on stderr and exit code 2."""
+    if sys.argv[1:2] != ["worker"]:  # a one-shot command says "cannot reach ClickHouse" once, without the
+        logging.getLogger("clickhouse_driver").setLevel(logging.ERROR)  # driver's own warning and traceback
+    try:
+        app()
+    except Exception as exc:
+        message = operator_message(exc)
+        if message is None:
+            raise
+        Console(stderr=True).print(f"touchpoint: {message}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -31,6 +31,24 @@ class ErasureReport:
     rows_before: int
 
 
+class ErasureRefused(ValueError):
+    """The identifier identifies nobody (blank or blocked): nothing is erased, nothing is written."""
+
+
+def refusal(identifier: str, blocked: frozenset[str]) -> str | None:
+    """Why `forget` must not act on this identifier, or None. A blank or blocked value (identity.core's
+    blocked_values: BLANK_IDENTIFIERS and identity.extra_blocked_values) never identified a person, so
+    erasing it would only write erasure operations and an audit row for nobody."""
+    kind, sep, value = identifier.partition(":")
+    if not (sep and kind in KINDS):
+        kind, value = "", identifier
+    if value.strip().lower() in blocked:
+        what = f"{kind} value {value!r}" if kind else f"identifier {value!r}"
+        return (f"refusing to forget the {what}: it is blank or blocked (never identifies anyone; "
+                "identity.extra_blocked_values); nothing was erased")
+    return None
+
+
 def candidates(identifier: str) -> list[str]:
     """'kind:value' as given, or the value under every kind when no known kind prefixes it."""
     kind, _, value = identifier.partition(":")
@@ -62,6 +80,9 @@ def _person_data(client: object, identifiers: list[str]) -> tuple[set[str], set[
 
 
 def forget(settings: Settings, identifier: str, *, settle_s: float = 2.0, timeout_s: float = 120.0) -> ErasureReport:
+    refused = refusal(identifier, settings.identity.core().blocked_values)
+    if refused is not None:
+        raise ErasureRefused(refused)
     client = connect(settings.clickhouse)
     persons, ids, found_persons, found_ids = _person_data(client, candidates(identifier))
     rows_before = client.execute("SELECT count() FROM touchpoints WHERE person_id IN %(p)s OR "

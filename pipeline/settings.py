@@ -6,7 +6,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -34,20 +34,33 @@ class KafkaSettings(BaseModel):
     replication_factor: int = 1
     consumer_group: str = "touchpoint-pipeline"
     session_timeout_s: float = Field(10.0, gt=0, description="A worker silent this long leaves the group.")
-    max_message_bytes: int = Field(1_048_576, ge=65_536, description="Largest message the producers send (the "
-                                   "broker's message.max.bytes); a dead letter over it goes without its bytes.")
+    max_message_bytes: int = Field(1_048_576, ge=65_536, description="Largest message the producers send and the "
+                                   "touchpoint topic takes (init sets its max.message.bytes); a dead letter over it "
+                                   "goes without its bytes.")
+    retention_hours: float = Field(168.0, gt=0, description="How long the broker keeps touchpoints (replay horizon).")
+    dead_letter_retention_days: float = Field(30.0, gt=0, description="How long the broker keeps dead letters.")
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_ports(cls, value: str) -> str:
+        for address in value.split(","):
+            host, _, port = address.strip().rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"{address.strip()!r} is not host:port with a port from 1 to 65535 "
+                                 "(comma-separated for several brokers)")
+        return value
 
 
 class RegistrySettings(BaseModel):
     # file:// for the local stack (a manifest in schemas/), http(s):// for a Confluent-compatible registry.
-    url: str = f"file://{SCHEMAS_DIR / 'registry.json'}"
+    url: str = Field(f"file://{SCHEMAS_DIR / 'registry.json'}", pattern=r"^(file|https?)://")
     subject: str = "touchpoints-value"
 
 
 class ClickHouseSettings(BaseModel):
     host: str = "127.0.0.1"
-    port: int = 19000
-    http_port: int = 18123
+    port: int = Field(19000, ge=1, le=65535, description="Native protocol port.")
+    http_port: int = Field(18123, ge=1, le=65535)
     database: str = "touchpoint"
     user: str = "default"
     password: str = ""
@@ -271,6 +284,16 @@ class CollectorSettings(BaseModel):
 
 class StackSettings(BaseModel):
     state_dir: Path = PROJECT_ROOT / ".touchpoint"
+    broker: Literal["auto", "kafka", "tansu"] = Field(
+        "auto", description="Local broker: kafka (Apache Kafka, KRaft, durable; needs Java 17+ and the jars "
+                            "scripts/setup.sh resolves), tansu (pip-only fallback, memory storage), or auto "
+                            "(kafka wherever Java 17+ is present, else tansu).")
+    java: str = Field("java", description="Java 17+ executable that runs the local Apache Kafka broker.")
+    kafka_libs_dir: Path = Field(PROJECT_ROOT / "deploy" / "kafka-local" / "target" / "libs",
+                                 description="Apache Kafka's jars, resolved by Maven from deploy/kafka-local/pom.xml.")
+    kafka_controller_port: int = Field(0, ge=0, le=65535,
+                                       description="KRaft controller port on loopback; 0 = the broker's port + 1.")
+    kafka_heap_mb: int = Field(512, ge=128, description="Maximum JVM heap of the local Apache Kafka broker.")
     tansu_sha256: str = "38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723"
 
 

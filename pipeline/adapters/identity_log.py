@@ -42,6 +42,7 @@ from pipeline.core.identity import (
     identifier_hash,
 )
 from pipeline.settings import Settings
+from pipeline.topics import identity_changelog_topic
 
 log = logging.getLogger("touchpoint.identity")
 
@@ -51,7 +52,7 @@ APPLY_BATCH = 20_000  # operations applied to the graph between two offset saves
 
 def changelog_topic(settings: Settings) -> str:
     """The identity log's topic (named as Faust named the identity table's changelog, which it replaces)."""
-    return f"{settings.kafka.consumer_group}-{settings.identity.table}-changelog"
+    return identity_changelog_topic(settings)
 
 
 def logical_key(op: Operation) -> str:

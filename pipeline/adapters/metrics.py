@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -119,7 +120,9 @@ def forget_partition(topic: str, partition: int) -> None:
             pass
 
 
-def serve(port: int, host: str = "127.0.0.1") -> None:
-    """Expose /metrics on this address (port 0 disables it)."""
+def serve(port: int, host: str = "127.0.0.1") -> WSGIServer | None:
+    """Expose /metrics on this address (port 0 disables it); the server, to stop it (tests)."""
     if port:
-        start_http_server(port, addr=host)
+        server, _ = start_http_server(port, addr=host)
+        return server
+    return None

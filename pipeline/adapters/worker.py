@@ -71,9 +71,16 @@ class KafkaOffsets:
 
     async def seek(self, partition: int, offset: int) -> None:
         tp = TP(self.topic, partition)
+        if tp not in self.consumer.assignment():
+            return  # revoked meanwhile (a rebalance): its next owner resumes it from the checkpoint
         await self.consumer.seek(tp, offset)
         # Private: Faust's seek records the offset itself as read; the last offset read is the one before it.
         self.consumer._read_offset[tp] = offset - 1 if offset > 0 else None
+
+    async def earliest(self, partition: int) -> int | None:
+        tp = TP(self.topic, partition)
+        offsets = await self.consumer.earliest_offsets(tp)
+        return offsets.get(tp)
 
     async def commit(self, offsets: Mapping[int, int]) -> None:
         # Private: the commit of explicit offsets (Faust's public commit() commits what its acks allow, and this

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 CONTRACT_VIOLATION = "contract_violation"
@@ -9,6 +10,11 @@ FUTURE_EVENT_TIME = "future_event_time"
 
 # Values channel systems send when they have no identifier; they must never identify anyone.
 BLANK_IDENTIFIERS = frozenset({"", "null", "none", "undefined", "0", "-1", "anonymous", "unknown"})
+
+# Hashed identifiers (email_sha256, phone_sha256, any *_sha256): the SHA-256 digest in lower-case hex, never the
+# raw value, so a raw address or number sent by mistake is refused instead of stored.
+HASH_SUFFIX = "_sha256"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 _NON_NEGATIVE = ("duration_ms",)
 _CONTACT_NON_NEGATIVE = ("queue_ms", "handle_ms", "first_response_ms")
@@ -36,6 +42,11 @@ def violation(event: dict[str, Any], now_ms: int, max_future_ms: int,
     ids = event["identifiers"]
     if not any(has_identifier(value, blocked) for value in ids.values()):
         return CONTRACT_VIOLATION, f"no identifier: {', '.join(ids)} are all blank or blocked"
+    for kind, value in ids.items():
+        if kind.endswith(HASH_SUFFIX) and has_identifier(value, blocked) and not _SHA256_HEX.fullmatch(value):
+            return CONTRACT_VIOLATION, (f"identifiers.{kind} is not a SHA-256 digest (64 lower-case hex "
+                                        f"characters; got {len(value)} characters): send the hash, never the "
+                                        "raw value")
     for field in _NON_NEGATIVE:
         value = event.get(field)
         if value is not None and value < 0:

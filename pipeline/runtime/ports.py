@@ -77,7 +77,11 @@ class Offsets(Protocol):
     async def commit(self, offsets: Mapping[int, int]) -> None: ...
 
     async def seek(self, partition: int, offset: int) -> None:
-        """Read the partition from this offset on (records already fetched from before are not handed over)."""
+        """Read the partition from this offset on (records already fetched from before are not handed over);
+        nothing if the partition is no longer assigned."""
+
+    async def earliest(self, partition: int) -> int | None:
+        """The first offset the log still holds (retention removes older records)."""
 
 
 class Clock(Protocol):

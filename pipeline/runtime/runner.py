@@ -75,7 +75,6 @@ class Runner:
         self._first_buffered_at: float | None = None
         self._inflight: asyncio.Task[None] | None = None
         self._stopping = False
-        self._resuming: set[int] = set()  # partitions resumed from a checkpoint whose first records are not here yet
         self._last_progress_at: float | None = None
         # Flushes and checkpoint loads of newly assigned partitions take turns: one store connection, and a
         # partition must not be restored while a write of its previous owner's output is still in flight.
@@ -129,7 +128,6 @@ class Runner:
         """Drop revoked partitions' open windows. No flush: the next owner replays from the last committed offset
         and every write is idempotent (and a rebalance callback must not wait for a commit)."""
         for partition in partitions:
-            self._resuming.discard(partition)
             if self.processor.owns(partition):
                 self.processor.revoke(partition)
                 self.observer.forget(partition)
@@ -167,9 +165,13 @@ class Runner:
             await self.dead_letters.send(dead)
 
     async def _drain(self) -> None:
-        """Wait for the write in flight, if any (its failure, on stop, surfaces here)."""
+        """Wait for the write in flight, if any (its failure, on stop, surfaces here). While it waits (a store
+        that keeps failing holds the fetch loop here), lag and the heartbeat are still reported."""
         if self._inflight is not None:
             inflight, self._inflight = self._inflight, None
+            while not inflight.done():
+                await asyncio.wait({inflight}, timeout=self.policy.progress_every_s)
+                self._report_progress()
             await inflight
 
     async def _store_and_commit(self, output: Output) -> None:
@@ -239,25 +241,28 @@ class Runner:
         if resume.offset is not None:
             log.info("Resuming partition %d at offset %d (%s%s)", partition, resume.offset, resume.how,
                      f": {resume.note}" if resume.note else "")
-            self._resuming.add(partition)
 
     async def _unread(self, partition: int, records: Sequence[SourceRecord]) -> Sequence[SourceRecord]:
-        """The records the partition's windows have not folded in yet. The group's committed offset can lag the
-        checkpoint (a crash between the store and the commit: those records are in the snapshot, so they are
-        skipped), or lead it (a replay from a held-back offset: the consumer is sent back there)."""
+        """The records the partition's windows have not folded in yet, in an unbroken run from where they stand.
+        The consumer's position can lag the windows (a crash between the store and the commit: those records
+        are in the snapshot, so they are skipped) or lead them (a replay from a held-back offset, or a rebalance
+        that sought the consumer to an offset another worker committed): then it is sent back."""
         expected = self.processor.partitions[partition].next_offset
-        if records[0].offset == expected:
-            self._resuming.discard(partition)
-            return records
-        if records[0].offset < expected:  # read before: part of the state already
+        first = records[0].offset
+        if first < expected:  # read before: part of the state already
             records = [r for r in records if r.offset >= expected]
-            if records and records[0].offset == expected:
-                self._resuming.discard(partition)
+            if not records:
+                return records
+            first = records[0].offset
+        if first == expected:
             return records
-        if partition in self._resuming:  # a gap before the first record: fetch from where the windows stand
-            await self.offsets.seek(partition, expected)
-            return []
-        return records  # a gap in the log itself (compaction, retention): nothing to fetch there
+        earliest = await self.offsets.earliest(partition)
+        if earliest is not None and earliest > expected:
+            log.warning("Partition %d: records %d-%d are gone from the log (retention); going on from %d",
+                        partition, expected, earliest - 1, first)
+            return records
+        await self.offsets.seek(partition, expected)  # a gap: fetch from where the windows stand
+        return []
 
     async def _recent_panes(self, checkpoint: Checkpoint) -> list[WindowCell]:
         # Hopping windows span panes closed before the restart: their stored cells come back too.

@@ -1,15 +1,24 @@
-"""The local stack: a Tansu broker (Kafka protocol, memory storage) and a ClickHouse 18.16 server, started by the
-project on loopback with configuration and data under the project's state directory."""
+"""The local stack: a broker and a ClickHouse 18.16 server, started by the project on loopback with configuration,
+data and logs under the project's state directory.
+
+The broker is Apache Kafka 4 (KRaft, one node, durable storage; jars resolved by Maven from deploy/kafka-local)
+wherever Java 17+ is present, else Tansu (Kafka protocol, memory storage, shipped in a PyPI wheel): setting
+stack.broker (TOUCHPOINT_STACK__BROKER=auto|kafka|tansu)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from pipeline.settings import Settings
@@ -213,20 +222,12 @@ def _reap(pid: int) -> None:
         pass
 
 
-class Broker(_Service):
-    name = "tansu"
+class _Broker(_Service):
+    """A Kafka-protocol broker on the address of kafka.bootstrap_servers."""
 
     @property
     def address(self) -> tuple[str, int]:
         return _host_port(self.settings.kafka.bootstrap_servers)
-
-    def command(self) -> list[str]:
-        binary = tansu_binary()
-        _check_tansu(binary, self.settings.stack.tansu_sha256)
-        host, port = self.address
-        url = f"tcp://{host}:{port}"
-        return [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                "--storage-engine", "memory://tansu/"]
 
     def ready(self) -> bool:
         if not _answers(*self.address):
@@ -241,6 +242,165 @@ class Broker(_Service):
             return True
         except Exception:  # any failure means "not ready yet"; up() keeps waiting until its deadline
             return False
+
+
+class TansuBroker(_Broker):
+    name = "tansu"
+
+    def command(self) -> list[str]:
+        binary = tansu_binary()
+        _check_tansu(binary, self.settings.stack.tansu_sha256)
+        host, port = self.address
+        url = f"tcp://{host}:{port}"
+        return [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                "--storage-engine", "memory://tansu/"]
+
+
+Broker = TansuBroker  # the name tests of a broker of their own used before Apache Kafka came (a Tansu broker)
+
+
+@lru_cache(maxsize=8)
+def java_major_version(java: str) -> int | None:
+    """The major version of this Java executable (17 for "17.0.15"), None when there is none."""
+    path = shutil.which(java)
+    if path is None:
+        return None
+    try:
+        out = subprocess.run([path, "-version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
+    if found is None:
+        return None
+    major = int(found.group(1))
+    return int(found.group(2) or 0) if major == 1 else major  # "1.8.0" is Java 8
+
+
+def kafka_jars(libs_dir: Path) -> list[Path]:
+    return sorted(libs_dir.glob("kafka_2.13-*.jar"))
+
+
+def broker_kind(settings: Settings) -> str:
+    """The broker the local stack runs: the setting, or for "auto" Apache Kafka wherever Java 17+ and its jars
+    are present (scripts/setup.sh resolves them), else Tansu."""
+    stack = settings.stack
+    if stack.broker != "auto":
+        return stack.broker
+    java = java_major_version(stack.java)
+    return "kafka" if java is not None and java >= 17 and kafka_jars(stack.kafka_libs_dir) else "tansu"
+
+
+def new_cluster_id() -> str:
+    """A KRaft cluster id as Kafka writes them (URL-safe base64 of 16 random bytes), never starting with "-",
+    which the storage tool would take for an option (Kafka's own Uuid.randomUuid avoids it the same way)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
+def render_kafka_config(home: Path, host: str, port: int, controller_port: int) -> tuple[str, str]:
+    """server.properties of a one-node KRaft cluster (broker and controller) whose data is under `home`, and
+    the log4j2 configuration that keeps its log to warnings and start/stop lines."""
+    server = f"""# Written by `touchpoint stack up` (pipeline/stack/local.py) on every start; edits here are lost.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@{host}:{controller_port}
+listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}
+advertised.listeners=PLAINTEXT://{host}:{port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs={home}/data
+num.partitions=1
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=4
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+share.coordinator.state.topic.num.partitions=4
+# Tests and the demo start consumers right after creating groups: no 3 s wait for more members.
+group.initial.rebalance.delay.ms=0
+num.network.threads=2
+num.io.threads=4
+num.recovery.threads.per.data.dir=1
+log.segment.bytes=134217728
+log.retention.check.interval.ms=60000
+"""
+    log4j = """# Written by `touchpoint stack up`: warnings, plus the broker's start and stop lines.
+status = warn
+rootLogger.level = WARN
+rootLogger.appenderRef.stdout.ref = STDOUT
+appender.stdout.type = Console
+appender.stdout.name = STDOUT
+appender.stdout.layout.type = PatternLayout
+appender.stdout.layout.pattern = [%d] %p %m (%c)%n
+logger.raft_server.name = kafka.server.KafkaRaftServer
+logger.raft_server.level = INFO
+"""
+    return server, log4j
+
+
+class KafkaBroker(_Broker):
+    name = "kafka"
+
+    @property
+    def home(self) -> Path:
+        return self.state_dir / "kafka"
+
+    @property
+    def controller_port(self) -> int:
+        return self.settings.stack.kafka_controller_port or self.address[1] + 1
+
+    def _java(self) -> str:
+        stack = self.settings.stack
+        major = java_major_version(stack.java)
+        if major is None or major < 17:
+            found = "none" if major is None else f"Java {major}"
+            raise StackError(f"Apache Kafka needs Java 17+ (stack.java={stack.java!r} found {found}): install "
+                             "openjdk-17-jre-headless, or set TOUCHPOINT_STACK__BROKER=tansu")
+        if not kafka_jars(stack.kafka_libs_dir):
+            raise StackError(f"Apache Kafka's jars are not in {stack.kafka_libs_dir}: run scripts/setup.sh (it runs "
+                             "mvn dependency:copy-dependencies in deploy/kafka-local), or set "
+                             "TOUCHPOINT_STACK__BROKER=tansu")
+        return shutil.which(stack.java) or stack.java
+
+    def _classpath(self) -> str:
+        return str(self.settings.stack.kafka_libs_dir / "*")
+
+    def prepare(self) -> None:
+        java = self._java()
+        host, port = self.address
+        for sub in ("data", "config"):
+            (self.home / sub).mkdir(parents=True, exist_ok=True)
+        server, log4j = render_kafka_config(self.home, host, port, self.controller_port)
+        (self.home / "config" / "server.properties").write_text(server)
+        (self.home / "config" / "log4j2.properties").write_text(log4j)
+        if (self.home / "data" / "meta.properties").exists():
+            return  # formatted once; its topics survive restarts
+        cluster_id = new_cluster_id()
+        log_config = self.home / "config" / "log4j2.properties"
+        with self.log_file.open("ab") as log:
+            done = subprocess.run([java, "-Xmx256m", f"-Dlog4j2.configurationFile={log_config}",
+                                   "-cp", self._classpath(), "kafka.tools.StorageTool", "format",
+                                   "--cluster-id", cluster_id,
+                                   "--config", str(self.home / "config" / "server.properties")],
+                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=120)
+        if done.returncode != 0:
+            raise StackError(f"kafka-storage format of {self.home / 'data'} failed (exit {done.returncode}); "
+                             f"its log {self.log_file} ends with:\n{self._tails()}")
+
+    def command(self) -> list[str]:
+        heap = self.settings.stack.kafka_heap_mb
+        config = self.home / "config"
+        return [self._java(), f"-Xmx{heap}m", f"-Xms{min(heap, 128)}m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+                "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={config / 'log4j2.properties'}",
+                "-cp", self._classpath(), "kafka.Kafka", str(config / "server.properties")]
 
 
 class ClickHouseServer(_Service):
@@ -282,8 +442,12 @@ class ClickHouseServer(_Service):
         return _log_tail(self.log_file) + "\n" + _log_tail(self.home / "log" / "clickhouse-server.err.log")
 
 
+def broker(settings: Settings) -> _Broker:
+    return KafkaBroker(settings) if broker_kind(settings) == "kafka" else TansuBroker(settings)
+
+
 def _services(settings: Settings) -> list[_Service]:
-    return [Broker(settings), ClickHouseServer(settings)]
+    return [broker(settings), ClickHouseServer(settings)]
 
 
 def up(settings: Settings, timeout_s: float = 90.0) -> list[ServiceStatus]:

@@ -98,6 +98,14 @@ def ch(isolated: Settings) -> Any:
     client.disconnect()
 
 
+def is_apache_kafka(settings: Settings) -> bool:
+    """Apache Kafka reports every setting of a topic (segment.ms among them); Tansu only those it was given."""
+    from pipeline.adapters.kafka import topic_configs
+
+    configs = topic_configs(settings.kafka.bootstrap_servers, [settings.kafka.topic]).get(settings.kafka.topic)
+    return "segment.ms" in (configs or {})
+
+
 def wait_until(check: Callable[[], Any], timeout_s: float, what: str, worker: WorkerProcess | None = None) -> Any:
     deadline = time.monotonic() + timeout_s
     last = None

@@ -80,6 +80,7 @@ def all_windows_closed(ch, settings, last_event_ms: int) -> bool:
     return len(rows) == settings.kafka.partitions and all(c > last_window_start for _, c in rows)
 
 
+@pytest.mark.smoke
 def test_publish_to_clickhouse_exact_counts_indicators_and_alerts(isolated, publisher, start_worker, ch):
     start_ms = int(time.time() * 1000) - 120_000
     events = traffic(6_000, start_ms=start_ms)
@@ -129,6 +130,7 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+@pytest.mark.smoke
 def test_bad_input_is_dead_lettered_with_reason_and_the_worker_goes_on(isolated, publisher, start_worker, ch):
     now = int(time.time() * 1000)
     isolated.metrics_port = _free_port()
@@ -210,21 +212,29 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(isolated, publisher, start
     assert stored_alerts(ch) == reference.alerts(expected, rules(isolated))
 
 
-def test_publish_command_reports_bad_lines_and_publishes_the_rest(isolated, tmp_path):
+def test_publish_command_reports_bad_lines_and_publishes_nothing_or_every_good_line(isolated, tmp_path):
     now = int(time.time() * 1000)
     lines = [json.dumps(touchpoint("p1", now)), "{not json", json.dumps({"event_id": "p2"}),
              json.dumps(csat(9, event_id="p3", event_time=now)), json.dumps(task("SUCCESS", event_id="p4",
                                                                                   event_time=now))]
     path = tmp_path / "touchpoints.jsonl"
     path.write_text("\n".join(lines) + "\n")
+    env = {**os.environ, **to_env(isolated), "COLUMNS": "200"}
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "publish", str(path)], capture_output=True,
-                            text=True, env={**os.environ, **to_env(isolated), "COLUMNS": "200"}, timeout=60)
+                            text=True, env=env, timeout=60)
     assert result.returncode == 1, result.stderr
     assert "line 2" in result.stdout and "not JSON" in result.stdout
     assert "line 3" in result.stdout and "line 4" in result.stdout and "outside its scale" in result.stdout
-    assert "published 2 touchpoints" in result.stdout
+    assert "published nothing: 3 bad lines, 2 good" in result.stdout
+    assert read_topic(isolated, isolated.kafka.topic, isolated.kafka.partitions, expected=1, timeout_s=3) == []
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "publish", "--skip-bad", str(path)],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "delivered 2 of 2 touchpoints" in result.stdout and "3 bad lines skipped" in result.stdout
     records = read_topic(isolated, isolated.kafka.topic, isolated.kafka.partitions, expected=2)
-    assert len(records) == 2
+    newest = fastavro.parse_schema(contract_schemas()[-1])
+    assert sorted(fastavro.schemaless_reader(io.BytesIO(r.value[5:]), newest, None)["event_id"]
+                  for r in records) == ["p1", "p4"]
 
 
 def test_two_workers_share_the_partitions_and_count_each_event_once(isolated, publisher, start_worker, ch):

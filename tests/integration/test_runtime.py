@@ -77,13 +77,15 @@ def test_sigterm_ends_the_worker_within_30_s_while_the_broker_is_down(isolated, 
     assert time.monotonic() - started < 30
 
 
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is pid (from /proc: no extra package needed)."""
+def _children(pid: int, command_word: str | None = None) -> list[int]:
+    """Processes whose parent is pid and whose command line has command_word (from /proc: no extra package)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                if (int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid
+                        and (command_word is None
+                             or command_word.encode() in (entry / "cmdline").read_bytes().split(b"\0"))):
                     found.append(int(entry.name))
             except (OSError, IndexError, ValueError):
                 continue
@@ -103,7 +105,7 @@ def test_the_demos_worker_ends_when_the_demo_is_hung_up(isolated, tmp_path):
     demo = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "demo", "--duration", "120", "--rate", "20"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        workers = wait_until(lambda: _children(demo.pid), 60, "the demo's worker")
+        workers = wait_until(lambda: _children(demo.pid, "worker"), 60, "the demo's worker")
         time.sleep(3)
         demo.send_signal(signal.SIGHUP)  # what closing the terminal does
         demo.wait(timeout=40)

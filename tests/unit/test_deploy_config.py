@@ -182,6 +182,8 @@ def test_prometheus_scrapes_every_worker_on_its_metrics_port(services, prometheu
     assert [c["names"] for c in sd] == [["worker"]]  # the compose service name: one A record per replica
     assert all(c["type"] == "A" and c["port"] == port for c in sd)
     assert str(port) in [str(p) for p in services["worker"].get("expose", [])]
+    # /metrics is on loopback by default; a container must listen on its network for Prometheus to reach it.
+    assert environment(services["worker"]).get("TOUCHPOINT_METRICS_HOST", Settings().metrics_host) == "0.0.0.0"
     assert f"EXPOSE {port}" in (DEPLOY / "Dockerfile").read_text()
 
 

@@ -133,6 +133,7 @@ class FakeOffsets:
         self.high: dict[int, int] = {}
         self.read: dict[int, int] = {}
         self.fail_commits = False
+        self.log_start: dict[int, int] = {}
 
     def assigned(self) -> set[int]:
         return set(self.partitions)
@@ -149,6 +150,9 @@ class FakeOffsets:
     async def seek(self, partition: int, offset: int) -> None:
         self.read[partition] = offset
         self.journal.add("seek", (partition, offset))
+
+    async def earliest(self, partition: int) -> int | None:
+        return self.log_start.get(partition, 0)
 
     async def commit(self, offsets: Mapping[int, int]) -> None:
         if self.fail_commits:
@@ -222,7 +226,7 @@ async def _direct(call: Callable[[], Any]) -> Any:
 class Harness:
     def __init__(self, partitions: set[int] = frozenset({0}), *, max_events: int = 1_000, max_wait_s: float = 1.0,
                  identity: FakeIdentityLog | None = None, rules: Sequence[AlertRule] = (),
-                 snapshot_interval_ms: int | None = None) -> None:
+                 snapshot_interval_ms: int | None = None, progress_every_s: float = 1.0) -> None:
         self.journal = Journal()
         self.store = FakeStore(self.journal)
         self.dead_letters = FakeDeadLetters(self.journal)
@@ -237,7 +241,8 @@ class Harness:
                                         snapshot_interval_ms=snapshot_interval_ms)
         self.runner = Runner(processor, store=self.store, dead_letters=self.dead_letters, identity_log=identity,
                              offsets=self.offsets, clock=self.clock, observer=self.observer,
-                             policy=DeliveryPolicy(max_events, max_wait_s, retry_initial_s=0.5, retry_max_s=4.0),
+                             policy=DeliveryPolicy(max_events, max_wait_s, retry_initial_s=0.5, retry_max_s=4.0,
+                                                   progress_every_s=progress_every_s),
                              rules=rules, run_blocking=_direct)
 
     def records(self, partition: int, start: int, events: list[dict[str, Any]]) -> list[Record]:
@@ -431,32 +436,33 @@ def test_a_checkpoint_is_used_only_when_the_group_has_a_committed_offset():
 
 
 def test_lag_and_heartbeat_are_reported_while_the_store_keeps_failing():
-    h = Harness(max_wait_s=0.1)
+    h = Harness(max_wait_s=0.1, progress_every_s=0.01)
     h.store.failures_left = 10**6
-    lags: list[int | None] = []
-
-    def during_retry() -> None:
-        h.offsets.high[0] += 50  # traffic keeps arriving while the worker is stuck
-        lags.append(h.observer.lag.get(0))
-
     h.offsets.high[0] = 3
-    h.clock.on_sleep = during_retry
+
+    def traffic_keeps_arriving() -> None:
+        h.offsets.high[0] += 50
+
+    h.clock.on_sleep = traffic_keeps_arriving
 
     async def scenario() -> None:
         await h.runner.on_records({0: h.records(0, 0, _tasks(3))})
         h.clock.advance(1)
         await h.runner.on_idle()  # starts the failing write in the background
-        for _ in range(3):
-            await asyncio.sleep(0)
-            h.clock.advance(1.5)
-            await h.runner.on_idle()
+        await h.runner.on_records({0: h.records(0, 3, _tasks(3, prefix="n", at=BASE_MS + 400))})
+        h.clock.advance(1)
+        blocked = asyncio.ensure_future(h.runner.on_idle())  # its flush waits for the failing write
+        await asyncio.sleep(0.2)
+        assert not blocked.done()
+        heartbeats = len(h.observer.heartbeats)
+        await asyncio.sleep(0.1)
+        assert len(h.observer.heartbeats) > heartbeats  # the fetch loop waits, and still says it is alive
         h.runner.request_stop()
         with pytest.raises(StoreUnavailable):
-            await h.runner.flush(wait=True)
+            await blocked
 
     run(scenario())
-    assert len(h.observer.heartbeats) >= 3
-    assert h.observer.lag[0] is not None and h.observer.lag[0] >= 50  # not the 0 of the last good write
+    assert h.observer.lag[0] is not None and h.observer.lag[0] >= 50  # growing, not the 0 of a last good write
     assert h.observer.last_flush_at is None
 
 
@@ -586,3 +592,23 @@ def test_a_replay_from_a_held_back_offset_sends_the_consumer_back_and_skips_what
     run(scenario())
     assert h.store.rows.keys() == {f"e{i}" for i in range(3, 12)}
     assert h.offsets.committed_offsets == {0: 12}
+
+
+def test_a_forward_gap_sends_the_consumer_back_unless_retention_removed_the_records():
+    h = Harness(partitions={0, 1})
+    h.offsets.log_start = {1: 100}  # partition 1's older records are past retention
+    events = [task("SUCCESS", event_id=f"e{i}", event_time=BASE_MS + i * 1_000, user_id="u") for i in range(20)]
+
+    async def scenario() -> None:
+        records = h.records(0, 0, events[:10])
+        await h.runner.on_records({0: records[:4], 1: [Record(1, 100 + n, r.value) for n, r in
+                                                       enumerate(h.records(1, 0, events[10:]))]})
+        assert h.runner.processor.partitions[1].next_offset == 110  # started where the log starts
+        # A rebalance sought the consumer past what partition 0's windows hold (another worker's commit).
+        await h.runner.on_records({0: records[7:]})
+        assert ("seek", (0, 4)) in h.journal.entries
+        await h.runner.on_records({0: records[4:]})
+        await h.runner.flush(wait=True)
+
+    run(scenario())
+    assert {f"e{i}" for i in range(20)} == h.store.rows.keys()
