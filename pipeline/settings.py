@@ -6,7 +6,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -18,6 +18,9 @@ from pydantic_settings import (
 
 from pipeline.core.identity import DAY_MS, KINDS, IdentityConfig
 from pipeline.core.validate import BLANK_IDENTIFIERS
+
+if TYPE_CHECKING:
+    from pipeline.core.processor import WindowConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # A checkout reads schemas/ at the top; an installed package carries the same files as pipeline/schemas.
@@ -90,6 +93,14 @@ class WindowSettings(BaseModel):
         default_factory=_default_apdex_t_ms, description="Apdex T per flow, milliseconds (JSON object in env)."
     )
     apdex_default_t_ms: int = Field(500, ge=1, description="Apdex T of flows not in apdex_t_ms.")
+
+    def core(self) -> WindowConfig:
+        from pipeline.core.processor import WindowConfig
+
+        return WindowConfig(self.size_s * 1000, self.allowed_lateness_s * 1000, self.max_future_s * 1000,
+                            int(self.idle_close_s * 1000), hopping_ms=self.hopping_size_s * 1000,
+                            session_gap_ms=self.session_gap_s * 1000, session_max_ms=self.session_max_s * 1000,
+                            apdex_t_ms=dict(self.apdex_t_ms), apdex_default_t_ms=self.apdex_default_t_ms)
 
 
 class BatchSettings(BaseModel):

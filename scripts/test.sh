@@ -22,6 +22,7 @@ touchpoint stack up
 stop_stack() { if [ "$started_here" = 1 ]; then touchpoint stack down >/dev/null || true; fi; }
 trap stop_stack EXIT
 ruff check .
+python3 -m mypy
 set +e
 python3 -m pytest "$@"
 status=$?

@@ -137,3 +137,14 @@ def streams(draw: st.DrawFn, max_size: int = 120) -> list[Step]:
         out.append((event_id, max(0, clock + jitter), draw(st.integers(0, 4)), draw(st.integers(0, KINDS - 1)),
                     draw(st.integers(0, 300))))
     return out
+
+
+def window_config(window_ms: int, lateness_ms: int, max_future_ms: int, idle_close_ms: int,
+                  **lengths: Any) -> Any:
+    """The settings' window configuration with the lengths a test sets (the defaults live in settings only)."""
+    import dataclasses
+
+    from pipeline.settings import Settings
+
+    return dataclasses.replace(Settings().window.core(), window_ms=window_ms, lateness_ms=lateness_ms,
+                               max_future_ms=max_future_ms, idle_close_ms=idle_close_ms, **lengths)

@@ -34,7 +34,7 @@ from pipeline.adapters.identity_store import open_graph_state
 from pipeline.contract.registry import open_registry, parse_for_decoding
 from pipeline.core.evaluate import AlertRule
 from pipeline.core.identity import GraphState, MemoryState
-from pipeline.core.processor import DeadLetter, TouchpointProcessor, WindowConfig
+from pipeline.core.processor import DeadLetter, TouchpointProcessor
 from pipeline.runtime.deadletters import dead_letter_message
 from pipeline.runtime.ports import SystemClock
 from pipeline.runtime.runner import DeliveryPolicy, Runner, StoreUnavailable
@@ -230,11 +230,7 @@ def processor_for(settings: Settings, state: GraphState | None = None) -> Touchp
             parsed[schema_id] = None if schema is None else parse_for_decoding(schema)
         return parsed[schema_id]
 
-    window = settings.window
-    config = WindowConfig(window.size_s * 1000, window.allowed_lateness_s * 1000, window.max_future_s * 1000,
-                          int(window.idle_close_s * 1000), hopping_ms=window.hopping_size_s * 1000,
-                          session_gap_ms=window.session_gap_s * 1000, session_max_ms=window.session_max_s * 1000,
-                          apdex_t_ms=dict(window.apdex_t_ms), apdex_default_t_ms=window.apdex_default_t_ms)
+    config = settings.window.core()
     return TouchpointProcessor(config, schema_for, settings.identity.core(), identity_enabled=settings.identity.enabled,
                                identity_state=state,
                                snapshot_interval_ms=int(settings.batch.snapshot_interval_s * 1000))

@@ -27,7 +27,7 @@ class CollectorProcess:
         self.url = f"http://{settings.collector.host}:{settings.collector.port}"
         self.log_path = log_path
         with log_path.open("a") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "collector"], stdout=log,
+            self.process = subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "collector"], stdout=log,
                                             stderr=subprocess.STDOUT, env={**os.environ, **to_env(settings)})
 
     def wait_ready(self, timeout_s: float = 60, broker: bool = True) -> None:

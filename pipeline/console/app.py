@@ -246,16 +246,16 @@ def _alert_routes(app: FastAPI, store: AlertStore, token: Any) -> None:
 def _person_routes(app: FastAPI, settings: Settings, queries: ConsoleQueries, token: Any) -> None:
     @app.get("/api/journey", summary="A person's touchpoints across channels, with roles and merges")
     def journey(identifier: str = Query(min_length=1)) -> dict[str, Any]:
-        from pipeline.erasure import candidates
+        from pipeline.app.erasure import candidates
 
         found = queries.journey(candidates(identifier.strip()))
         return {"identifier": identifier, "identifiers": found.identifiers, "person_ids": found.person_ids,
                 "touchpoints": found.touchpoints, "merges": found.merges, "transitions": found.transitions}
 
     @app.post("/api/persons/erase", dependencies=[token],
-              summary="Erase a person everywhere (pipeline/erasure.py; audited; token needed)")
+              summary="Erase a person everywhere (pipeline/app/erasure.py; audited; token needed)")
     def erase(body: EraseRequest) -> dict[str, Any]:
-        from pipeline.erasure import forget
+        from pipeline.app.erasure import forget
 
         report = forget(settings, body.identifier.strip())
         return {"identifiers": report.identifiers, "person_ids": report.person_ids,
@@ -271,7 +271,7 @@ def _health_routes(app: FastAPI, settings: Settings, queries: ConsoleQueries,
     @app.get("/api/deadletters", summary="Dead letters (decoded where they decode, hex where not)")
     def dead_letters(reason: str | None = None, since: str | None = None,
                      limit: int = Query(100, ge=1, le=10_000)) -> dict[str, Any]:
-        from pipeline.deadletters import DeadLetterError, list_dead_letters, parse_since
+        from pipeline.app.deadletters import DeadLetterError, list_dead_letters, parse_since
 
         try:
             since_ms = parse_since(since, _now_ms()) if since else None

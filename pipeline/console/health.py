@@ -49,7 +49,7 @@ class HealthSource:
 
     def _read(self) -> dict[str, Any]:
         from pipeline.adapters.kafka import end_offsets
-        from pipeline.deadletters import list_dead_letters
+        from pipeline.app.deadletters import list_dead_letters
 
         settings = self.settings
         now_ms = int(time.time() * 1000)

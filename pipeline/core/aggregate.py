@@ -161,7 +161,6 @@ class _Session:
         )
 
 
-_TENANT, _PERSON, _BLOCK = 0, 1, 2
 SNAPSHOT_VERSION = 1
 
 
@@ -324,16 +323,16 @@ class PartitionWindows:
                         group_values = observe_group(event)
                         if group_values is None:
                             continue
-                        for slot, value, quantile in zip(group_slots, group_values, is_quantile, strict=True):
-                            if value is None or slot is None:
+                        for member, value, quantile in zip(group_slots, group_values, is_quantile, strict=True):
+                            if value is None or member is None:
                                 continue
-                            counts[slot] += 1.0
-                            totals[slot] += value
+                            counts[member] += 1.0
+                            totals[member] += value
                             if quantile:
                                 key = ZERO_KEY if value <= MIN_POSITIVE else ceil(log(value) / LOG_GAMMA)
-                                buckets = sketches[slot]
+                                buckets = sketches[member]
                                 if buckets is None:
-                                    sketches[slot] = {key: 1}
+                                    sketches[member] = {key: 1}
                                 else:
                                     buckets[key] = buckets.get(key, 0) + 1
                 add_to_session(event, event_time, offsets[i])
@@ -397,7 +396,7 @@ class PartitionWindows:
                event_id: str, role: str, block: int, offset: int) -> _Session:
         """A new session, or the person's sessions when there are several open (one bridged by the event)."""
         gap, block_end, sessions = self.session_gap_ms, block + self.session_max_ms, self.sessions
-        candidates = [] if found is None else [found] if type(found) is _Session else found
+        candidates: list[_Session] = [] if found is None else [found] if isinstance(found, _Session) else found
         joined = [s for s in candidates if event_time - s.last < gap and s.start - event_time < gap]
         if not joined:
             session = _Session(event_time, event_id, role, min(event_time + gap, block_end), offset, self._watermark,
@@ -477,6 +476,7 @@ class PartitionWindows:
         window_ms, final = self.window_ms, self.final_before_ms
         buckets: dict[tuple[int, str, str, str], list[float]] = {}
         for key, found in list(self.sessions.items()):
+            tenant = key[0]
             sessions = [found] if isinstance(found, _Session) else found
             still_open = [s for s in sessions if s.end > horizon]
             if len(still_open) == len(sessions):
@@ -490,9 +490,10 @@ class PartitionWindows:
                 summary = session.summary(self.channel_names)
                 for indicator in self.session_indicators:
                     for value in indicator.observe_session(summary):  # type: ignore[misc]
-                        acc = buckets.get((bucket, key[_TENANT], session.role, indicator.id))
+                        cell = (bucket, tenant, session.role, indicator.id)
+                        acc = buckets.get(cell)
                         if acc is None:
-                            buckets[(bucket, key[_TENANT], session.role, indicator.id)] = [1.0, 0.0 + value]
+                            buckets[cell] = [1.0, 0.0 + value]
                         else:
                             acc[0] += 1.0
                             acc[1] += value
@@ -500,9 +501,9 @@ class PartitionWindows:
                 del self.sessions[key]
             else:
                 self.sessions[key] = still_open[0] if len(still_open) == 1 else still_open
-        for (bucket, tenant, role, indicator), (count, total) in sorted(buckets.items()):
+        for (bucket, tenant, role, indicator_id), (count, total) in sorted(buckets.items()):
             self.closed.append(WindowCell(SESSION, bucket, bucket + window_ms, tenant, ALL_CHANNELS, role, "", "",
-                                          indicator, self.partition, count, total))
+                                          indicator_id, self.partition, count, total))
 
     def drain_closed(self) -> list[WindowCell]:
         closed, self.closed = self.closed, []

@@ -24,7 +24,7 @@ from pipeline.core.aggregate import (
 from pipeline.core.decode import Rejection, SchemaLookup, decode_batch
 from pipeline.core.enrich import Enricher, IdentityOutput
 from pipeline.core.identity import GraphState, IdentityConfig, Operation
-from pipeline.core.indicators import APDEX_DEFAULT_T_MS, DEFAULT_APDEX_T_MS, Indicator, catalogue
+from pipeline.core.indicators import Indicator, catalogue
 from pipeline.core.validate import violation
 
 UNKNOWN_CHANNEL = "unknown"
@@ -169,15 +169,17 @@ class Output:
 
 @dataclass(frozen=True, slots=True)
 class WindowConfig:
+    """The windows' lengths; their defaults are settings (pipeline/settings.py WindowSettings.core())."""
+
     window_ms: int
     lateness_ms: int  # also the grace period: a window closes when the watermark passes its end
     max_future_ms: int
     idle_close_ms: int
-    hopping_ms: int = 15 * 60_000  # hopping windows of this length, one per pane
-    session_gap_ms: int = 30 * 60_000  # a person's session ends after this much inactivity
-    session_max_ms: int = 4 * 3_600_000  # ...and at every multiple of this in event time
-    apdex_t_ms: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_APDEX_T_MS))  # per flow
-    apdex_default_t_ms: int = APDEX_DEFAULT_T_MS
+    hopping_ms: int  # hopping windows of this length, one per pane
+    session_gap_ms: int  # a person's session ends after this much inactivity
+    session_max_ms: int  # ...and at every multiple of this in event time
+    apdex_t_ms: Mapping[str, int]  # per flow
+    apdex_default_t_ms: int
 
     def indicators(self) -> tuple[Indicator, ...]:
         return catalogue(self.apdex_t_ms, self.apdex_default_t_ms)

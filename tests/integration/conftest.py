@@ -18,7 +18,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from pipeline.adapters.clickhouse import connect
 from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher
-from pipeline.bootstrap import initialise
+from pipeline.app.bootstrap import initialise
 from pipeline.contract.registry import open_registry
 from pipeline.settings import Settings, to_env
 
@@ -47,7 +47,7 @@ class WorkerProcess:
     def __init__(self, settings: Settings, log_path: Path) -> None:
         self.log_path = log_path
         with log_path.open("a") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], stdout=log,
+            self.process = subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "worker"], stdout=log,
                                             stderr=subprocess.STDOUT, env={**os.environ, **to_env(settings)})
 
     def stop(self) -> int:

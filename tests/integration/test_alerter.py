@@ -72,7 +72,7 @@ class AlerterProcess:
     def __init__(self, settings: Settings, log_path: Path) -> None:
         self.log_path = log_path
         with log_path.open("a") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "alerter"], stdout=log,
+            self.process = subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "alerter"], stdout=log,
                                             stderr=subprocess.STDOUT, env={**os.environ, **to_env(settings)})
 
     def stop(self) -> None:
@@ -271,7 +271,7 @@ def test_demo_traffic_raises_both_divergence_alerts_through_two_workers_and_two_
 
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=60,
+    return subprocess.run([sys.executable, "-m", "pipeline.app.cli", *args], capture_output=True, text=True, timeout=60,
                           env={**os.environ, **to_env(settings), "COLUMNS": "200"})
 
 
@@ -327,7 +327,7 @@ class Crash(Exception):
 
 def test_a_takeover_after_a_crash_between_writes_neither_repeats_nor_loses_a_transition(
         isolated: Settings, ch: Any, hook: Hook) -> None:
-    from pipeline.alerter import Alerter
+    from pipeline.app.alerter import Alerter
     from pipeline.core.notify import Notification
 
     settings = alerting_settings(isolated, hook, idle_close_s=120)
@@ -380,7 +380,7 @@ def test_a_takeover_after_a_crash_between_writes_neither_repeats_nor_loses_a_tra
 
 def test_the_console_interface_over_the_lifecycle_tables(isolated: Settings, ch: Any, hook: Hook,
                                                          tmp_path: Path) -> None:
-    from pipeline.alert_admin import LifecycleAlertStore
+    from pipeline.app.alert_admin import LifecycleAlertStore
 
     settings = alerting_settings(isolated, hook, idle_close_s=120)
     hook.failing = False

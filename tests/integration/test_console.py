@@ -21,7 +21,7 @@ import uvicorn
 
 from pipeline.adapters.clickhouse import connect
 from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher
-from pipeline.bootstrap import initialise
+from pipeline.app.bootstrap import initialise
 from pipeline.console.app import create_app
 from pipeline.contract.registry import open_registry
 from pipeline.generate.scenarios import generate

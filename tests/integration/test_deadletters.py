@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 
 def cli(settings, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.app.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **to_env(settings)}, timeout=120)
 
 

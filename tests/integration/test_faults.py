@@ -17,7 +17,7 @@ import fastavro
 import pytest
 
 from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher, partition_key
-from pipeline.bootstrap import initialise
+from pipeline.app.bootstrap import initialise
 from pipeline.contract.registry import contract_schemas, open_registry
 from pipeline.contract.wire import frame
 from pipeline.settings import Settings

@@ -121,7 +121,7 @@ def test_forget_erases_a_person_everywhere_and_is_idempotent(isolated, publisher
     time.sleep(1)
     env = {**os.environ, **to_env(isolated)}
     for _ in range(2):  # the second run finds nothing left and still succeeds
-        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "forget", "u-forget"], capture_output=True,
+        done = subprocess.run([sys.executable, "-m", "pipeline.app.cli", "forget", "u-forget"], capture_output=True,
                               text=True, env=env, timeout=120)
         assert done.returncode == 0, done.stderr
     time.sleep(1)

@@ -10,7 +10,7 @@ import pytest
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 
 from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher, topic_configs
-from pipeline.bootstrap import initialise
+from pipeline.app.bootstrap import initialise
 from pipeline.contract.registry import open_registry
 from pipeline.settings import to_env
 from pipeline.topics import identity_changelog_topic, topic_specs
@@ -53,7 +53,7 @@ def test_init_puts_back_a_topic_setting_that_drifted(isolated):
 
 @pytest.mark.parametrize("identifier", ["", "user_id:null", "guest"])
 def test_forget_of_a_blank_or_blocked_identifier_writes_nothing(isolated, ch, identifier):
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "forget", identifier], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "pipeline.app.cli", "forget", identifier], capture_output=True,
                             text=True, env={**os.environ, **to_env(isolated), "COLUMNS": "300"}, timeout=120)
     assert result.returncode == 2 and "refusing to forget" in result.stderr, result.stdout + result.stderr
     assert ch.execute("SELECT count() FROM identity_audit")[0][0] == 0
@@ -66,7 +66,7 @@ def test_publish_reports_a_10_mb_line_and_binary_garbage_by_number_and_sends_not
     huge = json.dumps(touchpoint("huge", now, attributes={"blob": "z" * 10_000_000})).encode()
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(b"\n".join([good[0], huge, good[1], b"\x00\xff\xfe garbage \x9c"]) + b"\n")
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "publish", str(path)], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "pipeline.app.cli", "publish", str(path)], capture_output=True,
                             text=True, env={**os.environ, **to_env(isolated), "COLUMNS": "300"}, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr, result.stderr
     assert "line 2: line is 10,0" in result.stdout and "line 4: not UTF-8 text" in result.stdout

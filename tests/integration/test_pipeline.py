@@ -104,7 +104,7 @@ def test_publish_to_clickhouse_exact_counts_indicators_and_alerts(isolated, publ
     assert csat_by["bank/CONTACT_CENTRE"] > 0.6 > csat_by["hospital/STORE"]
     roles = dict(ch.execute("SELECT toString(role), count() FROM touchpoints FINAL GROUP BY role"))
     assert {"prospect", "user"} <= set(roles) <= {r.value for r in Role}
-    view = subprocess.run([sys.executable, "-m", "pipeline.cli", "watch", "--once"], capture_output=True, text=True,
+    view = subprocess.run([sys.executable, "-m", "pipeline.app.cli", "watch", "--once"], capture_output=True, text=True,
                           env={**os.environ, **to_env(isolated), "COLUMNS": "250"}, timeout=60)
     assert view.returncode == 0, view.stderr
     assert "ux_error_rate_high" in view.stdout and "cx_csat_low" in view.stdout and "MOBILE_APP" in view.stdout
@@ -220,14 +220,14 @@ def test_publish_command_reports_bad_lines_and_publishes_nothing_or_every_good_l
     path = tmp_path / "touchpoints.jsonl"
     path.write_text("\n".join(lines) + "\n")
     env = {**os.environ, **to_env(isolated), "COLUMNS": "200"}
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "publish", str(path)], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "pipeline.app.cli", "publish", str(path)], capture_output=True,
                             text=True, env=env, timeout=60)
     assert result.returncode == 1, result.stderr
     assert "line 2" in result.stdout and "not JSON" in result.stdout
     assert "line 3" in result.stdout and "line 4" in result.stdout and "outside its scale" in result.stdout
     assert "published nothing: 3 bad lines, 2 good" in result.stdout
     assert read_topic(isolated, isolated.kafka.topic, isolated.kafka.partitions, expected=1, timeout_s=3) == []
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "publish", "--skip-bad", str(path)],
+    result = subprocess.run([sys.executable, "-m", "pipeline.app.cli", "publish", "--skip-bad", str(path)],
                             capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 1, result.stderr
     assert "delivered 2 of 2 touchpoints" in result.stdout and "3 bad lines skipped" in result.stdout

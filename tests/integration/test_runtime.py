@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bootstrap import initialise
+from pipeline.app.bootstrap import initialise
 from pipeline.settings import Settings, to_env
 from tests.factories import touchpoint
 from tests.integration.conftest import read_topic, wait_until
@@ -102,7 +102,7 @@ def _alive(pid: int) -> bool:
 
 def test_the_demos_worker_ends_when_the_demo_is_hung_up(isolated, tmp_path):
     env = {**os.environ, **to_env(isolated), "TOUCHPOINT_STACK__STATE_DIR": str(tmp_path)}
-    demo = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "demo", "--duration", "120", "--rate", "20"],
+    demo = subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "demo", "--duration", "120", "--rate", "20"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         workers = wait_until(lambda: _children(demo.pid, "worker"), 60, "the demo's worker")
@@ -122,7 +122,7 @@ def test_a_second_pipeline_is_refused_a_database_that_holds_another_pipelines_ce
     other.kafka.topic, other.kafka.consumer_group = f"{isolated.kafka.topic}-b", f"{isolated.kafka.consumer_group}-b"
     env = {**os.environ, **to_env(other)}
     for command in (["init"], ["worker"]):
-        result = subprocess.run([sys.executable, "-m", "pipeline.cli", *command], env=env, capture_output=True,
+        result = subprocess.run([sys.executable, "-m", "pipeline.app.cli", *command], env=env, capture_output=True,
                                 text=True, timeout=60)
         output = (result.stdout + result.stderr).strip()
         assert result.returncode == 2, output

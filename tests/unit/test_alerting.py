@@ -11,7 +11,7 @@ import time
 import pytest
 
 from pipeline.adapters.alert_store import PartitionProgress
-from pipeline.alerter import Dispatcher, closed_horizon
+from pipeline.app.alerter import Dispatcher, closed_horizon
 from pipeline.core.alerting import (
     AlertEngine,
     Completeness,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pipeline.erasure import refusal
+from pipeline.app.erasure import refusal
 from pipeline.settings import Settings
 
 
@@ -20,7 +20,7 @@ def free_port():
 
 def touchpoint_cli(*args, **env):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TOUCHPOINT_")}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.app.cli", *args], capture_output=True, text=True,
                           env={**clean, "COLUMNS": "300", **env}, timeout=120)
 
 

@@ -183,7 +183,7 @@ def test_collector_key_prints_a_settings_entry_that_admits_the_key(tmp_path: Any
 
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from pipeline.app.cli import app
     from pipeline.collector.keys import KeyRing
     from pipeline.settings import Settings
 

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from pipeline.app.deadletters import DeadLetterError, parse_since
 from pipeline.console.alerts import ClickHouseAlertStore, alert_state
 from pipeline.console.app import create_app
 from pipeline.console.health import scrape_counter
 from pipeline.core.overview import CX_AXIS, UX_AXIS, health, position, wilson_interval
-from pipeline.deadletters import DeadLetterError, parse_since
 from pipeline.settings import Settings
 
 
@@ -176,8 +176,8 @@ def test_actions_need_the_token_and_record_the_action():
 
 def test_dead_letters_are_decoded_where_they_decode_and_shown_in_hex_where_not():
     from pipeline.adapters.kafka import StoredRecord, TouchpointEncoder
+    from pipeline.app.deadletters import describe
     from pipeline.contract.registry import open_registry
-    from pipeline.deadletters import describe
     from tests.factories import BASE_MS, touchpoint
 
     settings = Settings()

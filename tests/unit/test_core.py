@@ -11,9 +11,9 @@ from pipeline.core.aggregate import DUPLICATE, LATE, NEVER, ON_TIME, Checkpoint,
 from pipeline.core.enrich import Enricher
 from pipeline.core.evaluate import AlertRule, judge, totals_of
 from pipeline.core.indicators import BY_ID, observation
-from pipeline.core.processor import TOUCHPOINT_COLUMNS, TouchpointProcessor, WindowConfig
+from pipeline.core.processor import TOUCHPOINT_COLUMNS, TouchpointProcessor
 from pipeline.core.validate import CONTRACT_VIOLATION, FUTURE_EVENT_TIME, violation
-from tests.factories import BASE_MS, csat, encode, schema_for, stream_event, streams, task, touchpoint
+from tests.factories import BASE_MS, csat, encode, schema_for, stream_event, streams, task, touchpoint, window_config
 
 MINUTE = 60_000
 
@@ -214,7 +214,7 @@ RULES = [AlertRule("cx_csat_low", "csat", "below", 0.6, 3, "critical"),
 
 
 def _processor(idle_ms: int = 1_000):
-    return TouchpointProcessor(WindowConfig(MINUTE, 0, 300_000, idle_ms), schema_for)
+    return TouchpointProcessor(window_config(MINUTE, 0, 300_000, idle_ms), schema_for)
 
 
 def test_processor_tells_bad_ux_good_cx_from_good_ux_bad_cx():

@@ -12,10 +12,10 @@ import pytest
 from pipeline.core.aggregate import NEVER, Checkpoint, WindowCell
 from pipeline.core.evaluate import Alert, AlertRule, WindowTotal, totals_of
 from pipeline.core.identity import Operation
-from pipeline.core.processor import DeadLetter, Output, TouchpointProcessor, WindowConfig
+from pipeline.core.processor import DeadLetter, Output, TouchpointProcessor
 from pipeline.runtime.deadletters import HEADROOM_BYTES, dead_letter_message
 from pipeline.runtime.runner import DeliveryPolicy, Runner, StoreUnavailable
-from tests.factories import BASE_MS, encode, schema_for, task
+from tests.factories import BASE_MS, encode, schema_for, task, window_config
 
 MINUTE = 60_000
 
@@ -236,7 +236,7 @@ class Harness:
         self.offsets = FakeOffsets(self.journal, set(partitions))
         self.clock = FakeClock()
         self.observer = FakeObserver()
-        config = WindowConfig(MINUTE, 5_000, 300_000, 30_000)
+        config = window_config(MINUTE, 5_000, 300_000, 30_000)
         processor = TouchpointProcessor(config, schema_for, identity_enabled=identity is not None,
                                         snapshot_interval_ms=snapshot_interval_ms)
         self.runner = Runner(processor, store=self.store, dead_letters=self.dead_letters, identity_log=identity,

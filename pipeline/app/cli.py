@@ -107,7 +107,7 @@ def init(
                     skip = "  -- skipped if its columns exist" if added_columns(statement) else ""
                     print(f"{statement};{skip}")
         return
-    from pipeline.bootstrap import initialise
+    from pipeline.app.bootstrap import initialise
 
     report = initialise(settings)  # a database another pipeline owns ends it with one line (operator_message)
     console.print(f"kafka: topics created {report.topics_created or 'none (all there)'}, settings updated on "
@@ -150,14 +150,14 @@ def collector_key(
 @app.command()
 def alerter() -> None:
     """Run the alert engine: judges the closed windows of every partition, notifies, opens cases (one active)."""
-    from pipeline.alerter import run_alerter
+    from pipeline.app.alerter import run_alerter
 
     run_alerter(get_settings())
 
 
 def _admin(call: Callable[[], T]) -> T:
     """Run an operator's command; their mistakes are one red line, not a traceback."""
-    from pipeline.alert_admin import AdminError
+    from pipeline.app.alert_admin import AdminError
 
     try:
         return call()
@@ -169,7 +169,7 @@ def _admin(call: Callable[[], T]) -> T:
 @alerts_app.command("list")
 def alerts_list(all_states: bool = typer.Option(False, "--all", help="Also inactive and resolved alerts.")) -> None:
     """Current state per alert series."""
-    from pipeline.alert_admin import list_alerts
+    from pipeline.app.alert_admin import list_alerts
 
     table = Table("fingerprint", "state", "rule", "tenant", "channel", "since (UTC)", "value", "acked by")
     for fp, rule, tenant, channel, state, since_ms, value, acked, _level in list_alerts(get_settings(), all_states):
@@ -182,7 +182,7 @@ def alerts_list(all_states: bool = typer.Option(False, "--all", help="Also inact
 def alerts_ack(fingerprint: str, by: str = typer.Option(..., "--by", help="Who acknowledges."),
                comment: str = "") -> None:
     """Acknowledge a firing alert: it stops repeating and escalating."""
-    from pipeline.alert_admin import command
+    from pipeline.app.alert_admin import command
 
     fp = _admin(lambda: command(get_settings(), "ack", fingerprint, by, comment))
     console.print(f"acknowledgement of {fp} recorded; the alerter applies it in its next cycle")
@@ -192,7 +192,7 @@ def alerts_ack(fingerprint: str, by: str = typer.Option(..., "--by", help="Who a
 def alerts_resolve(fingerprint: str, by: str = typer.Option(..., "--by", help="Who resolves."),
                    comment: str = "") -> None:
     """Resolve an alert by hand (it fires again if its next windows still breach)."""
-    from pipeline.alert_admin import command
+    from pipeline.app.alert_admin import command
 
     fp = _admin(lambda: command(get_settings(), "resolve", fingerprint, by, comment))
     console.print(f"resolution of {fp} recorded; the alerter applies it in its next cycle")
@@ -206,7 +206,7 @@ def alerts_silence(
     expire: str = typer.Option("", help="End this silence id now instead."),
 ) -> None:
     """Mute notifications of matching alerts until the silence ends (transitions are still recorded)."""
-    from pipeline.alert_admin import expire_silence, silence
+    from pipeline.app.alert_admin import expire_silence, silence
 
     if expire:
         _admin(lambda: expire_silence(get_settings(), expire))
@@ -221,7 +221,7 @@ def alerts_silence(
 def cases_list(all_cases: bool = typer.Option(False, "--all", help="Also closed cases."),
                limit: int = 200) -> None:
     """Open (and escalated) follow-up cases, newest first."""
-    from pipeline.alert_admin import list_cases
+    from pipeline.app.alert_admin import list_cases
 
     table = Table("case", "status", "tenant", "person", "reason", "queue", "opened (UTC)", "SLA due (UTC)", "level")
     for c in list_cases(get_settings(), all_cases, limit):
@@ -234,7 +234,7 @@ def cases_list(all_cases: bool = typer.Option(False, "--all", help="Also closed 
 @cases_app.command("close")
 def cases_close(case_id: str, by: str = typer.Option(..., "--by", help="Who closes it."), comment: str = "") -> None:
     """Close a follow-up case."""
-    from pipeline.alert_admin import command
+    from pipeline.app.alert_admin import command
 
     cid = _admin(lambda: command(get_settings(), "close_case", case_id, by, comment))
     console.print(f"closing of case {cid} recorded; the alerter applies it in its next cycle")
@@ -245,7 +245,7 @@ def forget(
     identifier: str = typer.Argument(..., help="kind:value (e.g. user_id:u-42), or a bare value to try every kind."),
 ) -> None:
     """Erase a person: identity state on every worker and their rows in ClickHouse. Idempotent and audited."""
-    from pipeline.erasure import forget as erase
+    from pipeline.app.erasure import forget as erase
 
     report = erase(get_settings(), identifier)
     console.print(f"Erased {len(report.identifiers)} identifiers and {len(report.person_ids)} person ids "
@@ -264,7 +264,7 @@ def publish(
 ) -> None:
     """Check every line (size, UTF-8, JSON, contract) first, report bad lines by number and reason, then publish
     nothing or every good line and print what the broker acknowledged."""
-    from pipeline.publish import publish_file
+    from pipeline.app.publish import publish_file
 
     settings = get_settings()
     report = publish_file(settings, file, int(time.time() * 1000), schema_version=schema_version or None,
@@ -314,7 +314,7 @@ def generate(
                 handle.write(json.dumps(event) + "\n")
         console.print(f"wrote {total} touchpoints to {out}")
         return
-    from pipeline.live import publish_paced
+    from pipeline.app.live import publish_paced
 
     sent = publish_paced(settings, scenario, total, rate=rate, seed=seed, schema_version=schema_version)
     console.print(f"published {sent} touchpoints of scenario {scenario} at {rate:g}/s")
@@ -327,7 +327,7 @@ def watch(
     once: bool = typer.Option(False, help="Print one snapshot and exit."),
 ) -> None:
     """Live CX and UX indicators and alerts, read from ClickHouse."""
-    from pipeline.live import watch as live_watch
+    from pipeline.app.live import watch as live_watch
 
     live_watch(get_settings(), console, refresh_s=refresh, minutes=minutes, once=once)
 
@@ -356,7 +356,7 @@ def _unreachable(exc: Exception, what: str) -> typer.Exit:
 
 
 def _dead_letter_filters(reason: str | None, since: str | None) -> int | None:
-    from pipeline.deadletters import DeadLetterError, parse_since
+    from pipeline.app.deadletters import DeadLetterError, parse_since
 
     try:
         return parse_since(since, int(time.time() * 1000)) if since else None
@@ -377,7 +377,7 @@ def deadletters_list(
 
     from kafka.errors import KafkaError
 
-    from pipeline.deadletters import list_dead_letters
+    from pipeline.app.deadletters import list_dead_letters
 
     settings = get_settings()
     try:
@@ -415,7 +415,7 @@ def deadletters_replay(
 ) -> None:
     """Re-publish chosen dead letters to the touchpoint topic with their original key and bytes (event ids kept:
     an event counts once per window, late ones are kept uncounted, so nothing is counted twice)."""
-    from pipeline.deadletters import DeadLetterError, replay
+    from pipeline.app.deadletters import DeadLetterError, replay
 
     places = []
     for text in offset:
@@ -464,7 +464,7 @@ def bench(
     """Measure end-to-end, raw consume and decode-only rates of the same events in one run."""
     import json
 
-    from pipeline.bench import run_bench
+    from pipeline.app.bench import run_bench
     from pipeline.stack import local
 
     settings = get_settings()
@@ -472,7 +472,7 @@ def bench(
     if identity_scale:
         import tempfile
 
-        from pipeline.bench import run_identity_scale
+        from pipeline.app.bench import run_identity_scale
 
         with tempfile.TemporaryDirectory(prefix="identity-scale-") as directory:
             for store in ("memory", "rocksdb"):
@@ -480,7 +480,7 @@ def bench(
                                  .as_dict()))
         return
     if alerts:
-        from pipeline.alert_bench import print_alert_bench
+        from pipeline.app.alert_bench import print_alert_bench
 
         print_alert_bench(settings, console, as_json)
         return
@@ -536,7 +536,7 @@ def demo(
     rate: float = typer.Option(300.0, help="Events per second."),
 ) -> None:
     """Bring up the local stack and run the whole pipeline on generated traffic, showing live results."""
-    from pipeline.live import run_demo
+    from pipeline.app.live import run_demo
 
     run_demo(get_settings(), console, duration_s=duration, rate=rate)
 
@@ -549,8 +549,8 @@ def operator_message(exc: BaseException) -> str | None:
     from pydantic import ValidationError
 
     from pipeline.adapters.clickhouse import DatabaseInUse
+    from pipeline.app.erasure import ErasureRefused
     from pipeline.contract.registry import RegistryError
-    from pipeline.erasure import ErasureRefused
     from pipeline.stack.local import StackError
 
     chain: list[BaseException] = []

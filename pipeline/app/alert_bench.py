@@ -51,7 +51,7 @@ def _rules() -> list[dict[str, Any]]:
 def run_alert_bench(settings: Settings, *, tenants: int = 50, windows: int = 6, flip_share: float = 0.1,
                     seed: int = 11) -> AlertBenchResult:
     from pipeline.adapters.clickhouse import ClickHouseSink, apply_migrations, connect
-    from pipeline.alerter import Alerter
+    from pipeline.app.alerter import Alerter
     from pipeline.core.aggregate import WindowCell
 
     run = uuid.uuid4().hex[:8]

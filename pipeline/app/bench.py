@@ -148,7 +148,7 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
     from resuming to the last row: the worker's own rate, without the publisher on the same cores."""
     from pipeline.adapters.clickhouse import connect
     from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher, partition_key
-    from pipeline.bootstrap import initialise
+    from pipeline.app.bootstrap import initialise
     from pipeline.contract.registry import open_registry, parse_for_decoding
 
     run = uuid.uuid4().hex[:8]
@@ -184,7 +184,7 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
     client = connect(bench.clickhouse)
     with log_path.open("w") as log:
         spawned = time.perf_counter()
-        worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], stdout=log,
+        worker = subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "worker"], stdout=log,
                                   stderr=subprocess.STDOUT, env=env)
     restart_s = 0.0
     try:
@@ -209,7 +209,7 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
             worker.wait(timeout=60)
             with log_path.open("a") as log:
                 spawned = time.perf_counter()
-                worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], stdout=log,
+                worker = subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "worker"], stdout=log,
                                           stderr=subprocess.STDOUT, env=env)
             late = dict(warmup, event_id="restart-probe", event_time=warmup["event_time"] + 1)
             publisher.publish(late)

@@ -134,7 +134,7 @@ def _start_console(settings: Settings) -> subprocess.Popen[bytes]:
     token = settings.console.token or secrets.token_urlsafe(12)
     log_path = settings.stack.state_dir / "demo-console.log"
     with log_path.open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "console"], stdout=log,
+        process = subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "console"], stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True,
                                    env={**os.environ, "TOUCHPOINT_CONSOLE__TOKEN": token})
     print(f"operations console: http://{settings.console.host}:{settings.console.port}/ "
@@ -148,7 +148,7 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 
 def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: float) -> None:
     """Stack up, init, a worker, generated traffic of every scenario, and the live view until it is done."""
-    from pipeline.bootstrap import initialise
+    from pipeline.app.bootstrap import initialise
     from pipeline.stack import local
 
     console.print("[bold]1/4[/] starting the local stack (Tansu broker, ClickHouse server)")
@@ -160,7 +160,7 @@ def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: f
     # A short idle close lets the last windows close soon after the traffic stops.
     env = {**os.environ, "TOUCHPOINT_WINDOW__IDLE_CLOSE_S": "5", "TOUCHPOINT_METRICS_PORT": "9108"}
     with log_path.open("w") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], stdout=log,
+        worker = subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "worker"], stdout=log,
                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
     operations_console = _start_console(settings)
     console.print(f"[bold]4/4[/] publishing {duration_s:.0f} s of traffic at {rate:g}/s: banking app with "
