@@ -160,25 +160,6 @@ class IdentitySettings(BaseModel):
         )
 
 
-class AlertRuleSettings(BaseModel):
-    name: str
-    indicator: str
-    comparison: str = Field(pattern="^(above|below)$")
-    threshold: float
-    min_denominator: float = Field(20, description="Ignore windows with fewer observations than this.")
-    severity: str = "warning"
-    window_kind: str = Field("1m", pattern="^(1m|15m|session)$", description="Which windows the rule judges.")
-
-
-def default_alert_rules() -> list[AlertRuleSettings]:
-    return [
-        AlertRuleSettings(name="ux_error_rate_high", indicator="error_rate", comparison="above", threshold=0.15),
-        AlertRuleSettings(
-            name="cx_csat_low", indicator="csat", comparison="below", threshold=0.6, min_denominator=10
-        ),
-    ]
-
-
 def default_alerting_rules() -> list[dict[str, Any]]:
     """The alerter's rules (pipeline/core/alerting.py reads them; docs/alerting.md explains each field)."""
     ux = {"task_success_rate": [0.8, 0.9], "error_rate": [0.1, 0.05], "apdex": [0.65, 0.75],
@@ -254,7 +235,6 @@ class ConsoleSettings(BaseModel):
     token: str = Field("", description="Bearer token for the console's actions (acknowledge, silence, resolve, "
                                        "erase); empty = actions refused.")
     overview_minutes: int = Field(15, ge=1, description="Minutes of closed 1-minute windows the overview pools.")
-    firing_for_s: int = Field(300, ge=1, description="An alert whose window ended this recently is firing.")
     dead_letters_scanned: int = Field(1000, ge=1, description="The console reads this many newest dead letters.")
 
 
@@ -319,7 +299,6 @@ class Settings(BaseSettings):
     window: WindowSettings = WindowSettings()
     batch: BatchSettings = BatchSettings()
     identity: IdentitySettings = IdentitySettings()
-    alert_rules: list[AlertRuleSettings] = Field(default_factory=default_alert_rules)
     alerting: AlertingSettings = AlertingSettings()
     stack: StackSettings = StackSettings()
     console: ConsoleSettings = ConsoleSettings()

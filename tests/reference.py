@@ -14,7 +14,8 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pipeline.core.evaluate import AlertRule
+from pipeline.core.alerting import AlertEngine, parse_rules
+from pipeline.core.evaluate import WindowTotal
 from pipeline.core.indicators import ALL_CHANNELS, REGISTRY, Indicator, SessionSummary, channel_of, note_in_session
 from pipeline.core.sketch import Sketch, merge, of_values
 
@@ -176,10 +177,42 @@ def indicator_values(events: list[Event], window_ms: int) -> dict[tuple[int, str
     return {key: (num, den) for key, (num, den) in sums.items()}
 
 
-def alerts(values: dict[tuple[int, str, str, str], tuple], rules: list[AlertRule]) -> set[tuple[str, str, str, int]]:
+def firing_series(values: dict[tuple[int, str, str, str], tuple], rules: Sequence[Mapping[str, Any]],
+                  window_ms: int, until_ms: int) -> set[tuple[str, str, str]]:
+    """(rule, tenant, channel) of every threshold rule's series that reaches `for_windows` breaching windows of
+    its tenant and channel (ending by `until_ms`) with no judged, non-breaching window in between: when the
+    alerter must have fired it. Written from the rules' text, not with the engine."""
     fired = set()
-    for (start, tenant, channel, indicator), (num, den) in values.items():
-        for rule in rules:
-            if rule.indicator == indicator and den >= rule.min_denominator and den > 0 and rule.fires(num / den):
-                fired.add((rule.name, tenant, channel, start))
+    for rule in rules:
+        assert rule["kind"] == "threshold", "the batch reference reads threshold rules only"
+        series: dict[tuple[str, str], list[tuple[int, float, float]]] = defaultdict(list)
+        for (start_s, tenant, channel, indicator), (num, den) in values.items():
+            if indicator == rule["indicator"] and start_s * 1000 + window_ms <= until_ms:
+                series[(tenant, channel)].append((start_s, num, den))
+        for (tenant, channel), windows in series.items():
+            run = 0
+            for _start, num, den in sorted(windows):
+                if den < rule.get("min_count", 20) or den <= 0:
+                    continue  # too few observations: not judged, the run goes on
+                value = num / den
+                breaking = value > rule["threshold"] if rule["comparison"] == "above" else value < rule["threshold"]
+                run = run + 1 if breaking else 0
+                if run >= rule.get("for_windows", 1):
+                    fired.add((rule["name"], tenant, channel))
     return fired
+
+
+def alert_transitions(values: dict[tuple[int, str, str, str], tuple], rules: Sequence[Mapping[str, Any]],
+                      window_ms: int, until_ms: int) -> set[tuple[str, str, str, str, str, int]]:
+    """(rule, tenant, channel, from, to, window end) of every transition the core's alert engine makes over the
+    batch 1-minute totals, window by window up to `until_ms`: what the alerter must write reading the store."""
+    engine = AlertEngine(parse_rules(rules), {"1m": window_ms, "session": window_ms, "15m": 15 * window_ms})
+    by_end: dict[int, list[WindowTotal]] = defaultdict(list)
+    for (start_s, tenant, channel, indicator), (num, den) in values.items():
+        start = start_s * 1000  # indicator_values keys windows by their start in seconds
+        by_end[start + window_ms].append(WindowTotal(start, start + window_ms, tenant, channel, indicator, num, den))
+    out = set()
+    for end in range(min(by_end), until_ms + 1, window_ms) if by_end else ():
+        for event in engine.judge(end, by_end.get(end, []), now_ms=end):
+            out.add((event.rule, event.tenant, event.channel, event.from_state, event.to_state, event.window_end_ms))
+    return out

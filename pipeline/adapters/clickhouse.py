@@ -1,6 +1,6 @@
-"""ClickHouse adapter: versioned migrations, columnar batch inserts of touchpoints, indicator cells and alerts,
-window totals for judging, hourly/daily rollups, pane restore and checkpoints. It reads and writes; judging is the
-core's (pipeline.core.evaluate), called by the runner."""
+"""ClickHouse adapter: versioned migrations, columnar batch inserts of touchpoints and indicator cells, window
+totals for the alerter to judge, hourly/daily rollups, pane restore and checkpoints. It reads and writes; judging is
+the core's (pipeline.core.alerting), applied by `touchpoint alerter`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 from clickhouse_driver import Client
 
 from pipeline.core.aggregate import Checkpoint, WindowCell
-from pipeline.core.evaluate import Alert, WindowTotal
+from pipeline.core.evaluate import WindowTotal
 from pipeline.core.indicators import BY_ID
 from pipeline.core.processor import TOUCHPOINT_COLUMNS, Output
 from pipeline.settings import SCHEMAS_DIR, ClickHouseSettings
@@ -179,9 +179,6 @@ InsertObserver = Callable[[str, float, int], None]  # (table, seconds, rows)
 _CELL_COLUMNS = ("window_kind", "window_start", "window_end", "tenant", "channel", "role", "flow", "device_class",
                  "indicator", "family", "quantile", "source_partition", "count", "total", "sketch_keys",
                  "sketch_counts", "emitted_at_ms")
-_ALERT_COLUMNS = ("alert_id", "rule", "indicator", "family", "severity", "tenant", "channel", "window_kind",
-                  "window_start", "window_end", "value", "threshold", "comparison", "numerator", "denominator",
-                  "message", "fired_at_ms")
 _AUDIT_COLUMNS = ("at_ms", "action", "identifier_a", "identifier_b", "from_person_id", "into_person_id", "reason",
                   "event_id", "recorded_at_ms")
 _CHECKPOINT_COLUMNS = ("consumer_group", "topic", "partition", "commit_offset", "read_offset", "watermark_ms",
@@ -291,17 +288,6 @@ class ClickHouseSink:
                 if self._hour_seen.get(cp.partition) != hour:
                     self.roll_up(cp.partition, cp.closed_before_ms, now_ms)
                     self._hour_seen[cp.partition] = hour
-
-    def write_alerts(self, alerts: Sequence[Alert], now_ms: int) -> None:
-        """Alerts keyed by their deterministic id: judging a window again rewrites the same row."""
-        self._insert("alerts", _ALERT_COLUMNS, [
-            [a.alert_id for a in alerts], [a.rule for a in alerts], [a.indicator for a in alerts],
-            [a.family for a in alerts], [a.severity for a in alerts], [a.tenant for a in alerts],
-            [a.channel for a in alerts], [a.window_kind for a in alerts], [a.window_start_ms // 1000 for a in alerts],
-            [a.window_end_ms // 1000 for a in alerts], [a.value for a in alerts], [a.threshold for a in alerts],
-            [a.comparison for a in alerts], [a.numerator for a in alerts], [a.denominator for a in alerts],
-            [a.message for a in alerts], [now_ms] * len(alerts),
-        ])
 
     def _write_identity(self, output: Output, now_ms: int) -> None:
         identity = output.identity

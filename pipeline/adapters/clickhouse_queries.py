@@ -15,6 +15,8 @@ from pipeline.adapters.clickhouse import connect
 from pipeline.core.identity import person_id_of
 from pipeline.settings import ClickHouseSettings
 
+JOURNEY_COLUMNS = ("event_id", "event_time_ms", "channel", "event_type", "role", "person_id", "flow", "outcome",
+                   "error_code", "survey_kind", "survey_score", "amount_minor", "currency", "counted")
 
 @dataclass(frozen=True, slots=True)
 class SeriesCell:
@@ -44,12 +46,6 @@ class Journey:
     merges: list[dict[str, Any]] = field(default_factory=list)
     transitions: list[dict[str, Any]] = field(default_factory=list)
 
-
-ALERT_COLUMNS = ("alert_id", "rule", "indicator", "family", "severity", "tenant", "channel", "window_kind",
-                 "window_start_ms", "window_end_ms", "value", "threshold", "comparison", "numerator", "denominator",
-                 "message", "fired_at_ms")
-JOURNEY_COLUMNS = ("event_id", "event_time_ms", "channel", "event_type", "role", "person_id", "flow", "outcome",
-                   "error_code", "survey_kind", "survey_score", "amount_minor", "currency", "counted")
 
 
 class ConsoleQueries:
@@ -111,52 +107,6 @@ class ConsoleQueries:
             "AND event_time >= now() - %(seconds)s GROUP BY pane_start",
             {"pane": int(pane_ms), "tenant": tenant, "channel": channel, "seconds": int(seconds)})
         return {int(start): int(n) for start, n in rows}
-
-    # --- alerts ---------------------------------------------------------------------------------------------
-
-    def alerts(self, seconds: int, limit: int = 200) -> list[dict[str, Any]]:
-        rows = self.execute(
-            "SELECT alert_id, rule, indicator, toString(family), toString(severity), tenant, toString(channel), "
-            "window_kind, toUInt64(toUInt32(window_start)) * 1000, toUInt64(toUInt32(window_end)) * 1000, value, "
-            "threshold, toString(comparison), numerator, denominator, message, fired_at_ms FROM alerts FINAL "
-            "WHERE window_start >= now() - %(seconds)s ORDER BY window_start DESC, rule, tenant LIMIT %(limit)s",
-            {"seconds": int(seconds), "limit": int(limit)})
-        return [dict(zip(ALERT_COLUMNS, row, strict=True)) for row in rows]
-
-    def alert(self, alert_id: str) -> dict[str, Any] | None:
-        rows = self.execute(
-            "SELECT alert_id, rule, indicator, toString(family), toString(severity), tenant, toString(channel), "
-            "window_kind, toUInt64(toUInt32(window_start)) * 1000, toUInt64(toUInt32(window_end)) * 1000, value, "
-            "threshold, toString(comparison), numerator, denominator, message, fired_at_ms FROM alerts FINAL "
-            "WHERE alert_id = %(id)s LIMIT 1", {"id": alert_id})
-        return dict(zip(ALERT_COLUMNS, rows[0], strict=True)) if rows else None
-
-    def latest_alert_actions(self, alert_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """alert id -> its newest action (action, actor, note, silenced_until_ms, at_ms) and how many there were."""
-        if not alert_ids:
-            return {}
-        rows = self.execute(
-            "SELECT alert_id, argMax(toString(action), at_ms), argMax(actor, at_ms), argMax(note, at_ms), "
-            "argMax(silenced_until_ms, at_ms), max(at_ms), count() FROM alert_actions FINAL "
-            "WHERE alert_id IN %(ids)s GROUP BY alert_id", {"ids": tuple(alert_ids)})
-        return {alert_id: {"action": action, "actor": actor, "note": note, "silenced_until_ms": until,
-                           "at_ms": at_ms, "actions": n}
-                for alert_id, action, actor, note, until, at_ms, n in rows}
-
-    def alert_history(self, alert_id: str) -> list[dict[str, Any]]:
-        rows = self.execute(
-            "SELECT toString(action), actor, note, silenced_until_ms, at_ms FROM alert_actions FINAL "
-            "WHERE alert_id = %(id)s ORDER BY at_ms", {"id": alert_id})
-        return [{"action": a, "actor": actor, "note": note, "silenced_until_ms": until, "at_ms": at}
-                for a, actor, note, until, at in rows]
-
-    def record_alert_action(self, alert: dict[str, Any], action: str, actor: str, note: str,
-                            silenced_until_ms: int, at_ms: int) -> None:
-        self.execute(
-            "INSERT INTO alert_actions (alert_id, rule, tenant, channel, action, actor, note, silenced_until_ms, "
-            "at_ms) VALUES",
-            [(alert["alert_id"], alert["rule"], alert["tenant"], alert["channel"], action, actor, note,
-              silenced_until_ms, at_ms)])
 
     # --- a person's journey ---------------------------------------------------------------------------------
 

@@ -4,12 +4,10 @@ person ids never become labels."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from pipeline.core.evaluate import Alert
 from pipeline.core.processor import Output
 
 log = logging.getLogger("touchpoint.worker")
@@ -49,16 +47,15 @@ LAST_FLUSH = Gauge("touchpoint_last_flush_timestamp_seconds",
 HEARTBEAT = Gauge("touchpoint_event_loop_heartbeat_timestamp_seconds",
                   "When the worker's fetch loop last came round: /metrics answers from its own thread, so a stuck "
                   "event loop shows as a stale heartbeat.")
-ALERTS_FIRED = Counter("touchpoint_alerts_fired", "Alerts raised, by rule and severity.", ["rule", "severity"])
 
 
 class PrometheusObserver:
-    """The runner's reports as metrics (and the alerts as log lines)."""
+    """The runner's reports as metrics."""
 
     def __init__(self, topic: str) -> None:
         self.topic = topic
 
-    def flushed(self, output: Output, alerts: Sequence[Alert], at_s: float) -> None:
+    def flushed(self, output: Output, at_s: float) -> None:
         BATCH_SIZE.observe(output.records)
         for channel, n in output.events_in.items():
             EVENTS_IN.labels(channel).inc(n)
@@ -79,9 +76,6 @@ class PrometheusObserver:
             IDENTITY_DECISIONS.labels(record.action).inc()
         for transition in output.identity.transitions:
             ROLE_TRANSITIONS.labels(transition.to_role).inc()
-        for alert in alerts:
-            ALERTS_FIRED.labels(alert.rule, alert.severity).inc()
-            log.warning("ALERT %s: %s", alert.rule, alert.message)
         LAST_FLUSH.set(at_s)
 
     def store_failed(self, error: BaseException, attempt: int, retry_in_s: float) -> None:

@@ -32,7 +32,6 @@ from pipeline.adapters.clickhouse import ClickHouseSink, claim_database
 from pipeline.adapters.identity_log import KafkaIdentityLog, changelog_topic
 from pipeline.adapters.identity_store import open_graph_state
 from pipeline.contract.registry import open_registry, parse_for_decoding
-from pipeline.core.evaluate import AlertRule
 from pipeline.core.identity import GraphState, MemoryState
 from pipeline.core.processor import DeadLetter, TouchpointProcessor
 from pipeline.runtime.deadletters import dead_letter_message
@@ -259,7 +258,6 @@ def create_app(settings: Settings) -> TouchpointApp:
     state = graph_state_for(settings) if settings.identity.enabled else None
     identity_log = FaustIdentityLog(app, settings, state) if state is not None else None
     app.identity_log = identity_log
-    rules = [AlertRule(**rule.model_dump()) for rule in settings.alert_rules]
     policy = DeliveryPolicy(settings.batch.max_events, settings.batch.max_wait_s,
                             retry_max_s=settings.batch.retry_max_s)
 
@@ -268,7 +266,7 @@ def create_app(settings: Settings) -> TouchpointApp:
                                observe=metrics.observe_insert)
         return Runner(processor_for(settings, state), store=store, dead_letters=FaustDeadLetters(app, settings),
                       identity_log=identity_log, offsets=offsets, clock=SystemClock(),
-                      observer=metrics.PrometheusObserver(settings.kafka.topic), policy=policy, rules=rules,
+                      observer=metrics.PrometheusObserver(settings.kafka.topic), policy=policy,
                       on_ready=_freeze_start_up_heap)
 
     app.make_runner = make_runner

@@ -4,11 +4,13 @@ alerter applies in its next cycle, so the engine stays the only writer of alert 
 
 from __future__ import annotations
 
+import builtins
 import time
 import uuid
 from typing import Any
 
 from pipeline.adapters.alert_store import AlertStore
+from pipeline.console.alerts import UnknownAlert, console_state
 from pipeline.core.cases import Case
 from pipeline.core.notify import Silence
 from pipeline.settings import Settings
@@ -133,12 +135,7 @@ class LifecycleAlertStore:
             labels = {"alertname": alert["rule"], "rule": alert["rule"], "tenant": alert["tenant"],
                       "channel": alert["channel"], "severity": alert["severity"], "family": alert["family"]}
             muted = next((s for s in silences if s.mutes(labels, now_ms)), None)
-            state = alert["lifecycle_state"]
-            if muted is not None and state in ("firing", "pending", "no_data"):
-                state = "silenced"
-            elif state == "firing" and alert["acked_by"]:
-                state = "acknowledged"
-            alert["state"] = state
+            alert["state"] = console_state(alert["lifecycle_state"], alert["acked_by"], muted is not None)
             alert["silenced_until_ms"] = muted.ends_at_ms if muted is not None else 0
             alert["last_action"] = None
         return alerts
@@ -169,7 +166,7 @@ class LifecycleAlertStore:
             now_ms: int) -> dict[str, Any]:
         alert = self.get(alert_id, now_ms)
         if alert is None:
-            raise LookupError(alert_id)
+            raise UnknownAlert(alert_id)
         if action == "acknowledge":
             self.store.write_command(uuid.uuid4().hex, "ack", alert_id, actor, note, now_ms)
         elif action == "resolve":
@@ -183,6 +180,15 @@ class LifecycleAlertStore:
         found = self.get(alert_id, now_ms)
         assert found is not None
         return found
+
+    def cases(self, now_ms: int, everything: bool = False) -> builtins.list[dict[str, Any]]:
+        statuses = ("open", "escalated", "closed") if everything else ("open", "escalated")
+        out = []
+        for case in self.store.list_cases(statuses, 500):
+            row = case.as_dict()
+            row["sla_remaining_ms"] = case.sla_due_ms - now_ms if case.status != "closed" else 0
+            out.append(row)
+        return out
 
     def close(self) -> None:
         self.store.close()

@@ -119,7 +119,7 @@ def init(
 
 @app.command()
 def worker() -> None:
-    """Run a stream worker: consume touchpoints, compute indicator windows and alerts, write to ClickHouse."""
+    """Run a stream worker: consume touchpoints, compute indicator windows, write to ClickHouse (alerts: alerter)."""
     from pipeline.adapters.worker import run_worker
 
     run_worker(get_settings())  # a database another pipeline owns ends it with one line (operator_message)

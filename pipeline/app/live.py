@@ -50,13 +50,18 @@ WHERE window_kind = '1m' AND quantile = 0 AND window_start >= now() - %(seconds)
 GROUP BY tenant, channel, indicator
 ORDER BY tenant, channel
 """
+# Each series' state from the alerter (alert_current), with the message of its newest transition.
 ALERT_QUERY = """
-SELECT window_start, severity, rule, tenant, channel, message
-FROM alerts FINAL
-WHERE window_start >= now() - %(seconds)s
-ORDER BY window_start DESC, rule
+SELECT c.since_ms, c.state, e_severity, c.rule, c.tenant, c.channel, e_message
+FROM alert_current AS c ANY LEFT JOIN (
+    SELECT fingerprint, argMax(severity, at_ms) AS e_severity, argMax(message, at_ms) AS e_message
+    FROM alert_events GROUP BY fingerprint) AS e USING fingerprint
+WHERE c.state IN ('pending', 'firing', 'no_data') OR c.since_ms >= (toUInt64(now()) - %(seconds)s) * 1000
+ORDER BY c.since_ms DESC, c.rule
 LIMIT 12
 """
+STATE_STYLE = {"firing": "[red]firing[/]", "pending": "[yellow]pending[/]", "no_data": "[magenta]no_data[/]",
+               "resolved": "[green]resolved[/]"}
 VOLUME_QUERY = "SELECT count(), uniqExact(person_id) FROM touchpoints WHERE event_time >= now() - %(seconds)s"
 
 
@@ -71,8 +76,10 @@ def _pooled(cells: dict[tuple[str, str], dict[str, tuple[float, float]]], tenant
 
 
 def _threshold(settings: Settings, indicator: str, default: float) -> float:
-    """The first alert rule's threshold for the indicator, so the verdicts agree with the alerts."""
-    return next((rule.threshold for rule in settings.alert_rules if rule.indicator == indicator), default)
+    """The first threshold rule's threshold for the indicator, so the verdicts agree with the alerter's."""
+    return next((float(rule["threshold"]) for rule in settings.alerting.rules
+                 if rule.get("kind", "threshold") == "threshold" and rule.get("indicator") == indicator
+                 and "threshold" in rule), default)
 
 
 def snapshot(settings: Settings, minutes: int) -> Group:
@@ -106,11 +113,12 @@ def snapshot(settings: Settings, minutes: int) -> Group:
         if cx is not None:
             cx_text = ("[red]bad[/] " if cx < _threshold(settings, "csat", 0.6) else "[green]good[/] ") + cx_text
         verdicts.add_row(tenant, ux_text, cx_text)
-    alerts = Table(title="Latest alerts")
-    for column in ("window (UTC)", "severity", "rule", "tenant", "channel", "message"):
+    alerts = Table(title="Alerts (states from `touchpoint alerter`)")
+    for column in ("since (UTC)", "state", "severity", "rule", "tenant", "channel", "message"):
         alerts.add_column(column)
-    for window_start, severity, rule, tenant, channel, message in client.execute(ALERT_QUERY, params):
-        alerts.add_row(window_start.strftime("%H:%M"), severity, rule, tenant, channel, message)
+    for since_ms, state, severity, rule, tenant, channel, message in client.execute(ALERT_QUERY, params):
+        since = datetime.fromtimestamp(since_ms / 1000, tz=UTC).strftime("%H:%M:%S")
+        alerts.add_row(since, STATE_STYLE.get(state, state), severity or "", rule, tenant, channel, message or "")
     client.disconnect()
     stamp = datetime.now(UTC).strftime("%H:%M:%S UTC")
     note = f"[dim]{stamp} - indicators appear when a window closes (its end + lateness)[/]"
@@ -142,12 +150,24 @@ def _start_console(settings: Settings) -> subprocess.Popen[bytes]:
     return process
 
 
+def _start_alerter(settings: Settings) -> subprocess.Popen[bytes]:
+    """The alert engine beside the worker: it judges the windows the worker closes (one active per cluster)."""
+    log_path = settings.stack.state_dir / "demo-alerter.log"
+    # The worker closes idle windows after 5 s: the alerter counts a partition idle as soon.
+    env = {**os.environ, "TOUCHPOINT_WINDOW__IDLE_CLOSE_S": "5"}
+    with log_path.open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "alerter"], stdout=log,
+                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    print(f"alerter started (logs: {log_path})", flush=True)
+    return process
+
+
 def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
 def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: float) -> None:
-    """Stack up, init, a worker, generated traffic of every scenario, and the live view until it is done."""
+    """Stack up, init, a worker and an alerter, generated traffic of every scenario, and the live view until done."""
     from pipeline.app.bootstrap import initialise
     from pipeline.stack import local
 
@@ -155,13 +175,14 @@ def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: f
     local.up(settings)
     console.print("[bold]2/4[/] creating topics, registering schemas, applying migrations")
     initialise(settings)
-    console.print("[bold]3/4[/] starting a worker (logs: .touchpoint/demo-worker.log)")
+    console.print("[bold]3/4[/] starting a worker and an alerter (logs: .touchpoint/demo-worker.log, demo-alerter.log)")
     log_path = settings.stack.state_dir / "demo-worker.log"
     # A short idle close lets the last windows close soon after the traffic stops.
     env = {**os.environ, "TOUCHPOINT_WINDOW__IDLE_CLOSE_S": "5", "TOUCHPOINT_METRICS_PORT": "9108"}
     with log_path.open("w") as log:
         worker = subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "worker"], stdout=log,
                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    alerter = _start_alerter(settings)
     operations_console = _start_console(settings)
     console.print(f"[bold]4/4[/] publishing {duration_s:.0f} s of traffic at {rate:g}/s: banking app with "
                   "intermittent failures, hospital booking then a bad visit, and ordinary traffic; "
@@ -176,7 +197,7 @@ def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: f
         thread.start()
     # Until traffic stops, plus one window, the lateness and the idle close, so the last minute closes too.
     deadline = time.time() + duration_s + settings.window.size_s + settings.window.allowed_lateness_s + 10
-    # A closed terminal (SIGHUP) or a kill must stop the worker too: end through the `finally` below.
+    # A closed terminal (SIGHUP) or a kill must stop the worker and the alerter too: end through the `finally` below.
     for stop_signal in (signal.SIGHUP, signal.SIGTERM):
         signal.signal(stop_signal, _exit_on_signal)
     try:
@@ -185,10 +206,13 @@ def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: f
                 time.sleep(2)
                 if worker.poll() is not None:
                     raise RuntimeError(f"the worker exited with code {worker.returncode}; see {log_path}")
+                if alerter.poll() is not None:
+                    raise RuntimeError(f"the alerter exited with code {alerter.returncode}; see "
+                                       f"{settings.stack.state_dir / 'demo-alerter.log'}")
                 live.update(snapshot(settings, 10))
     finally:
         stop.set()
-        for process in (worker, operations_console):
+        for process in (worker, alerter, operations_console):
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout=30)
@@ -197,4 +221,5 @@ def run_demo(settings: Settings, console: Console, *, duration_s: float, rate: f
     console.print("\ndone; the stack stays up (`touchpoint stack down` stops it), `touchpoint console` serves the "
                   "operations console again. Query ClickHouse for more, "
                   "e.g. clickhouse-client --port "
-                  f"{settings.clickhouse.port} -d {settings.clickhouse.database} -q 'SELECT * FROM alerts FINAL'")
+                  f"{settings.clickhouse.port} -d {settings.clickhouse.database} "
+                  "-q 'SELECT * FROM alert_current FINAL'")

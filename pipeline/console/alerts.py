@@ -1,11 +1,12 @@
-"""Alerts as the console shows and acts on them, behind one small interface (AlertStore), so the alert
-lifecycle engine can replace today's store (the `alerts` table plus operators' actions in `alert_actions`)."""
+"""Alerts as the console shows and acts on them, behind one small interface (AlertStore). The alerter's lifecycle
+tables back it (pipeline/app/alert_admin.py LifecycleAlertStore): states pending, firing, resolved and no_data from
+`alert_current`, transitions from `alert_events`; acknowledging and resolving write `alert_commands`, silencing
+writes `silences`, and the alerter applies them; follow-up cases come from `cases`."""
 
 from __future__ import annotations
 
+import builtins
 from typing import Any, Protocol
-
-from pipeline.adapters.clickhouse_queries import ConsoleQueries
 
 ACTIONS = ("acknowledge", "silence", "resolve")
 
@@ -22,56 +23,15 @@ class AlertStore(Protocol):
     def act(self, alert_id: str, action: str, actor: str, note: str, silenced_until_ms: int,
             now_ms: int) -> dict[str, Any]: ...
 
-
-def alert_state(alert: dict[str, Any], last_action: dict[str, Any] | None, now_ms: int, firing_for_ms: int) -> str:
-    """firing while its window ended within `firing_for_ms`, else ended; an operator's newest action overrides:
-    resolved, silenced (until its time), acknowledged (while it would fire)."""
-    recent = alert["window_end_ms"] >= now_ms - firing_for_ms
-    if last_action is not None:
-        action = last_action["action"]
-        if action == "resolve":
-            return "resolved"
-        if action == "silence" and last_action["silenced_until_ms"] > now_ms:
-            return "silenced"
-        if action == "acknowledge":
-            return "acknowledged" if recent else "ended"
-    return "firing" if recent else "ended"
+    def cases(self, now_ms: int, everything: bool = False) -> builtins.list[dict[str, Any]]:
+        """Follow-up cases (open and escalated, or all), each with `sla_remaining_ms` (negative: overdue)."""
 
 
-class ClickHouseAlertStore:
-    """Today's store: alerts from `alerts FINAL`, actions appended to `alert_actions`."""
-
-    def __init__(self, queries: ConsoleQueries, firing_for_ms: int) -> None:
-        self.queries = queries
-        self.firing_for_ms = firing_for_ms
-
-    def _with_state(self, alerts: list[dict[str, Any]], now_ms: int) -> list[dict[str, Any]]:
-        actions = self.queries.latest_alert_actions([a["alert_id"] for a in alerts])
-        for alert in alerts:
-            last = actions.get(alert["alert_id"])
-            alert["last_action"] = last
-            alert["state"] = alert_state(alert, last, now_ms, self.firing_for_ms)
-        return alerts
-
-    def list(self, seconds: int, now_ms: int) -> list[dict[str, Any]]:
-        return self._with_state(self.queries.alerts(seconds), now_ms)
-
-    def get(self, alert_id: str, now_ms: int) -> dict[str, Any] | None:
-        alert = self.queries.alert(alert_id)
-        if alert is None:
-            return None
-        alert = self._with_state([alert], now_ms)[0]
-        alert["history"] = self.queries.alert_history(alert_id)
-        return alert
-
-    def act(self, alert_id: str, action: str, actor: str, note: str, silenced_until_ms: int,
-            now_ms: int) -> dict[str, Any]:
-        if action not in ACTIONS:
-            raise ValueError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
-        alert = self.queries.alert(alert_id)
-        if alert is None:
-            raise UnknownAlert(alert_id)
-        self.queries.record_alert_action(alert, action, actor, note, silenced_until_ms, now_ms)
-        found = self.get(alert_id, now_ms)
-        assert found is not None
-        return found
+def console_state(lifecycle_state: str, acked_by: str, silenced: bool) -> str:
+    """What the console shows: the alerter's state, except that a silence mutes an active series (silenced) and an
+    acknowledged firing alert shows as acknowledged."""
+    if silenced and lifecycle_state in ("firing", "pending", "no_data"):
+        return "silenced"
+    if lifecycle_state == "firing" and acked_by:
+        return "acknowledged"
+    return lifecycle_state

@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from pipeline.adapters.clickhouse_queries import ConsoleQueries
-from pipeline.console.alerts import ACTIONS, AlertStore, ClickHouseAlertStore, UnknownAlert
+from pipeline.console.alerts import ACTIONS, AlertStore, UnknownAlert
 from pipeline.core.indicators import BY_ID, REGISTRY, Kind
 from pipeline.core.overview import CX_AXIS, SPLIT, UX_AXIS, position, wilson_interval
 from pipeline.core.sketch import quantile
@@ -126,7 +126,11 @@ def create_app(settings: Settings, *, queries: ConsoleQueries | None = None, ale
     from pipeline.console.health import HealthSource
 
     queries = queries or ConsoleQueries(settings.clickhouse)
-    store: AlertStore = alerts or ClickHouseAlertStore(queries, settings.console.firing_for_s * 1000)
+    if alerts is None:
+        from pipeline.app.alert_admin import LifecycleAlertStore
+
+        alerts = LifecycleAlertStore(settings)
+    store: AlertStore = alerts
     app = FastAPI(title="Touchpoint operations console", version="1",
                   description="Live CX and UX indicators, alerts, journeys and pipeline health. Reads are open; "
                               "actions need `Authorization: Bearer <console.token>`.",
@@ -212,11 +216,12 @@ def _indicator_routes(app: FastAPI, settings: Settings, queries: ConsoleQueries)
 
 
 def _alert_routes(app: FastAPI, store: AlertStore, token: Any) -> None:
-    @app.get("/api/alerts", summary="Alerts of the last minutes, with their state and the newest action")
+    @app.get("/api/alerts", summary="Alert series active now or changed in the last minutes, with their state "
+                                    "(pending, firing, acknowledged, silenced, resolved, no_data)")
     def list_alerts(minutes: int = Query(24 * 60, ge=1, le=30 * 24 * 60)) -> list[dict[str, Any]]:
         return store.list(minutes * 60, _now_ms())
 
-    @app.get("/api/alerts/{alert_id:path}", summary="One alert with the history of actions on it")
+    @app.get("/api/alerts/{alert_id:path}", summary="One alert series with its transitions and operators' commands")
     def get_alert(alert_id: str) -> dict[str, Any]:
         found = store.get(alert_id, _now_ms())
         if found is None:
@@ -236,11 +241,13 @@ def _alert_routes(app: FastAPI, store: AlertStore, token: Any) -> None:
         except UnknownAlert:
             raise HTTPException(404, f"no alert {alert_id!r}") from None
 
-    @app.get("/api/cases", summary="Follow-up cases (not on this branch yet)")
-    def cases() -> dict[str, Any]:
-        return {"available": False, "cases": [],
-                "note": "Follow-up cases with SLA countdowns come with the alert lifecycle engine; this build "
-                        "has none yet."}
+    @app.get("/api/cases", summary="Follow-up cases of detractor customers, with their SLA countdowns")
+    def cases(all_cases: bool = Query(False, alias="all", description="Closed cases too.")) -> dict[str, Any]:
+        now_ms = _now_ms()
+        found = store.cases(now_ms, all_cases)
+        return {"available": True, "now_ms": now_ms, "cases": found,
+                "note": f"{sum(c['status'] != 'closed' for c in found)} open cases, "
+                        f"{sum(c['status'] == 'escalated' for c in found)} escalated past their SLA"}
 
 
 def _person_routes(app: FastAPI, settings: Settings, queries: ConsoleQueries, token: Any) -> None:

@@ -1,43 +1,15 @@
-"""Step 5, evaluate: alert rules over closed windows. A window is judged once it is closed on every partition
-this worker reads, from the totals of all of those partitions' cells (so a restart judges it whole too). A rule
-judges one window kind ("1m" by default) per (tenant, channel, indicator): cells are summed over role, flow and
-device class, their sketches merged."""
+"""Step 5, evaluate: the totals alert rules judge. Cells of one window are summed over partitions, roles, flows
+and device classes per (tenant, channel, indicator), their sketches merged. The rules themselves live in
+pipeline/core/alerting.py and are applied by `touchpoint alerter` (workers only store cells)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Protocol
 
 from pipeline.core.indicators import BY_ID, Kind
 from pipeline.core.sketch import Sketch, merge, quantile
-
-WINDOW_KINDS = ("1m", "15m", "session")
-
-
-@dataclass(frozen=True, slots=True)
-class AlertRule:
-    name: str
-    indicator: str
-    comparison: str  # "above" or "below"
-    threshold: float
-    min_denominator: float
-    severity: str
-    window_kind: str = "1m"  # "1m" pane, "15m" hopping, or "session" (session indicators)
-
-    def __post_init__(self) -> None:
-        if self.indicator not in BY_ID:
-            raise ValueError(f"alert rule {self.name!r} names unknown indicator {self.indicator!r}; "
-                             f"known: {', '.join(sorted(BY_ID))}")
-        if self.comparison not in ("above", "below"):
-            raise ValueError(f"alert rule {self.name!r}: comparison must be 'above' or 'below'")
-        if self.window_kind not in BY_ID[self.indicator].windows:
-            raise ValueError(f"alert rule {self.name!r}: {self.indicator} is computed in "
-                             f"{', '.join(BY_ID[self.indicator].windows)} windows, not {self.window_kind!r}")
-
-    def fires(self, value: float) -> bool:
-        return value > self.threshold if self.comparison == "above" else value < self.threshold
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,66 +32,6 @@ class WindowTotal:
         if indicator.kind == Kind.QUANTILE and self.sketch:
             return quantile(self.sketch, indicator.q)
         return self.numerator / self.denominator if self.denominator > 0 else None
-
-
-@dataclass(frozen=True, slots=True)
-class Alert:
-    alert_id: str  # deterministic, so a replay rewrites the same alert instead of adding one
-    rule: str
-    indicator: str
-    family: str
-    severity: str
-    tenant: str
-    channel: str
-    window_start_ms: int
-    window_end_ms: int
-    value: float
-    threshold: float
-    comparison: str
-    numerator: float
-    denominator: float
-    message: str
-    window_kind: str = "1m"
-
-
-def _clock(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M")
-
-
-def _shown(value: float, unit: str) -> str:
-    return f"{value:.1%}" if unit == "ratio" else f"{value:,.1f} {unit}"
-
-
-def judge(rules: Iterable[AlertRule], totals: Iterable[WindowTotal]) -> list[Alert]:
-    """The alerts that closed windows raise."""
-    by_indicator: dict[tuple[str, str], list[AlertRule]] = {}
-    for rule in rules:
-        by_indicator.setdefault((rule.window_kind, rule.indicator), []).append(rule)
-    alerts: list[Alert] = []
-    for total in sorted(totals, key=lambda t: (t.window_kind, t.window_start_ms, t.tenant, t.channel, t.indicator)):
-        num, den = total.numerator, total.denominator
-        for rule in by_indicator.get((total.window_kind, total.indicator), ()):
-            if den <= 0 or den < rule.min_denominator:
-                continue
-            value = total.value
-            if value is None or not rule.fires(value):
-                continue
-            indicator = BY_ID[total.indicator]
-            start, end = total.window_start_ms, total.window_end_ms
-            kind = "" if rule.window_kind == "1m" else f"{rule.window_kind}/"
-            alerts.append(Alert(
-                alert_id=f"{rule.name}/{total.tenant}/{total.channel}/{kind}{start}",
-                rule=rule.name, indicator=total.indicator, family=indicator.family.value, severity=rule.severity,
-                tenant=total.tenant, channel=total.channel, window_start_ms=start, window_end_ms=end,
-                value=value, threshold=rule.threshold, comparison=rule.comparison, numerator=num,
-                denominator=den,
-                message=(f"{indicator.family.value} {indicator.name} {_shown(value, indicator.unit)} is "
-                         f"{rule.comparison} {_shown(rule.threshold, indicator.unit)} on {total.channel} for "
-                         f"{total.tenant} in "
-                         f"{_clock(start)}-{_clock(end)[-5:]} UTC ({num:.0f} of {den:.0f})"),
-                window_kind=rule.window_kind,
-            ))
-    return alerts
 
 
 class _Cell(Protocol):

@@ -148,11 +148,6 @@ class Output:
     touchpoints: list[TouchpointRow] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     window_cells: list[WindowCell] = field(default_factory=list)
-    # Windows starting in [judge_from_ms, judge_before_ms) are now closed on every partition of this worker
-    # (judge_partitions) and are to be judged from those partitions' stored rows.
-    judge_from_ms: int | None = None
-    judge_before_ms: int | None = None
-    judge_partitions: tuple[int, ...] = ()
     checkpoints: dict[int, Checkpoint] = field(default_factory=dict)
     identity: IdentityOutput = field(default_factory=IdentityOutput)
     events_in: Counter[str] = field(default_factory=Counter)  # by channel
@@ -208,8 +203,6 @@ class TouchpointProcessor:
         self.schema_for = schema_for
         self.enricher = Enricher(identity, enabled=identity_enabled, state=identity_state)
         self.indicators = config.indicators()
-        self._judged_before: int | None = None  # windows starting before this have been judged
-        self._caught_up: frozenset[int] = frozenset()  # partitions with nothing left to read, as of the last tick
         self.partitions: dict[int, PartitionWindows] = {}
         self._activity: dict[int, tuple[int, int]] = {}  # partition -> (wall ms, watermark) at last record
         self.output = Output()
@@ -250,9 +243,6 @@ class TouchpointProcessor:
         self._snapshot_at.pop(partition, None)
         self._changed.discard(partition)
         self._activity[partition] = (now_ms, windows.watermark_ms)
-        # A restored partition's final windows were judged before; a new one's have all to be judged.
-        restored = windows.closed_before_ms
-        self._judged_before = restored if self._judged_before is None else min(self._judged_before, restored)
         return resume
 
     def revoke(self, partition: int) -> None:
@@ -328,7 +318,6 @@ class TouchpointProcessor:
         """Let event time flow on idle partitions, so the last windows of a quiet stream still close. Idle means
         caught up (nothing left to read) for the idle time: a partition that merely waits, during a rebalance
         or behind a backlog, keeps its windows open."""
-        self._caught_up = frozenset(caught_up)
         for partition, (seen_ms, watermark_ms) in self._activity.items():
             idle_ms = now_ms - seen_ms
             if idle_ms >= self.config.idle_close_ms and watermark_ms != NEVER and partition in caught_up:
@@ -338,34 +327,14 @@ class TouchpointProcessor:
                 if windows.watermark_ms != before:
                     self._changed.add(partition)
                 self._collect(partition)
-        self._evaluate()
 
     def _collect(self, partition: int) -> None:
         windows = self.partitions[partition]
         closed = windows.drain_closed()
         if closed:
             self.output.window_cells.extend(closed)
-            self._evaluate()
         if self.snapshot_interval_ms is None:
             self.output.checkpoints[partition] = windows.checkpoint()
-
-    def _evaluate(self) -> None:
-        """Judge windows closed on every partition of this worker; an empty partition (no event yet and nothing
-        to read) does not hold the others back."""
-        horizons = [
-            windows.closed_before_ms for p, windows in self.partitions.items()
-            if windows.watermark_ms != NEVER or p not in self._caught_up
-        ]
-        if not horizons or self._judged_before is None:
-            return
-        horizon = min(horizons)
-        if horizon > self._judged_before:
-            out = self.output
-            if out.judge_from_ms is None:
-                out.judge_from_ms = self._judged_before
-            out.judge_before_ms = horizon
-            out.judge_partitions = tuple(sorted(self.partitions))
-            self._judged_before = horizon
 
     def apply_identity(self, operations: Sequence[Operation], *, replay: bool = False) -> None:
         """Identity operations from the shared log (other workers' links and facts, erasures)."""

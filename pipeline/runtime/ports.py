@@ -4,11 +4,10 @@ implement them in production, and in-memory fakes stand in for them in the runne
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from pipeline.core.aggregate import Checkpoint, WindowCell
-from pipeline.core.evaluate import Alert, WindowTotal
 from pipeline.core.identity import Operation
 from pipeline.core.processor import DeadLetter, Output
 
@@ -28,11 +27,6 @@ class Store(Protocol):
     def pane_event_ids(self, partition: int, from_ms: int, before_offset: int) -> list[tuple[int, str]]:
         """(event time, event id) of the partition's counted touchpoints read before `before_offset` with event
         times from `from_ms` on: the dedup sets of the panes open at a checkpoint."""
-
-    def window_totals(self, from_ms: int, before_ms: int, partitions: Sequence[int], indicators: set[str],
-                      window_kinds: Collection[str]) -> list[WindowTotal]: ...
-
-    def write_alerts(self, alerts: Sequence[Alert], now_ms: int) -> None: ...
 
 
 class DeadLetters(Protocol):
@@ -97,7 +91,7 @@ class Clock(Protocol):
 class RunnerObserver(Protocol):
     """Where the runner reports what it did (Prometheus and logs in production)."""
 
-    def flushed(self, output: Output, alerts: Sequence[Alert], at_s: float) -> None:
+    def flushed(self, output: Output, at_s: float) -> None:
         """A flush is stored (and its offsets committed, when it had any); at_s: wall-clock epoch seconds."""
 
     def store_failed(self, error: BaseException, attempt: int, retry_in_s: float) -> None: ...

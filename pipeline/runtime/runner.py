@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pipeline.core.aggregate import NEVER, Checkpoint, WindowCell
-from pipeline.core.evaluate import Alert, AlertRule, judge
 from pipeline.core.processor import Output, SourceRecord, TouchpointProcessor
 from pipeline.runtime.ports import Clock, DeadLetters, IdentityLog, Offsets, RunnerObserver, Store
 
@@ -58,7 +57,7 @@ async def _in_thread(call: Callable[[], T]) -> T:
 class Runner:
     def __init__(self, processor: TouchpointProcessor, *, store: Store, dead_letters: DeadLetters,
                  identity_log: IdentityLog | None, offsets: Offsets, clock: Clock, observer: RunnerObserver,
-                 policy: DeliveryPolicy, rules: Sequence[AlertRule] = (),
+                 policy: DeliveryPolicy,
                  run_blocking: RunBlocking[Any] = _in_thread, on_ready: Callable[[], None] | None = None) -> None:
         self.processor = processor
         self.store = store
@@ -68,7 +67,6 @@ class Runner:
         self.clock = clock
         self.observer = observer
         self.policy = policy
-        self.rules = tuple(rules)
         self._run_blocking = run_blocking
         self._on_ready = on_ready  # called once the identity graph is built, before the first touchpoint
         self._identity_ready = False
@@ -105,8 +103,8 @@ class Runner:
         output = self.processor.output
         due = (self._first_buffered_at is not None
                and self.clock.monotonic() - self._first_buffered_at >= self.policy.max_wait_s)
-        # Closed windows (and windows to judge) go out at once: alerts should not wait for a full batch.
-        if due or output.window_cells or output.judge_before_ms is not None or self.processor.snapshot_due(now_ms):
+        # Closed windows go out at once: the alerter judges them from the store and should not wait for a full batch.
+        if due or output.window_cells or self.processor.snapshot_due(now_ms):
             await self.flush()
         self._report_progress()
 
@@ -180,7 +178,7 @@ class Runner:
             await self.dead_letters.flush()
             if self.identity_log is not None:
                 await self.identity_log.flush()
-        alerts = await self._retrying(lambda: self._persist(output))
+        await self._retrying(lambda: self.store.write(output))
         offsets = {p: cp.commit_offset for p, cp in output.checkpoints.items() if cp.commit_offset > 0}
         if offsets:
             try:
@@ -189,20 +187,7 @@ class Runner:
                 self.observer.commit_failed(exc)
                 log.warning("Offset commit failed (%s: %s); the rows are stored and a later commit or a replay "
                             "covers them", type(exc).__name__, exc)
-        self.observer.flushed(output, alerts, self.clock.now_ms() / 1000)
-
-    def _persist(self, output: Output) -> list[Alert]:
-        """Blocking: rows, cells and checkpoints, then the alerts of windows now closed on every partition (judged
-        from the stored cells, so partials written before a crash count too)."""
-        self.store.write(output)
-        if output.judge_before_ms is None or not output.judge_partitions or not self.rules:
-            return []
-        totals = self.store.window_totals(output.judge_from_ms or 0, output.judge_before_ms,
-                                          output.judge_partitions, {rule.indicator for rule in self.rules},
-                                          {rule.window_kind for rule in self.rules})
-        alerts = judge(self.rules, totals)
-        self.store.write_alerts(alerts, self.clock.now_ms())
-        return alerts
+        self.observer.flushed(output, self.clock.now_ms() / 1000)
 
     async def _retrying(self, call: Callable[[], T]) -> T:
         attempt = 0
@@ -332,5 +317,4 @@ class Runner:
 
 
 def _has_work(output: Output) -> bool:
-    return bool(output.records or output.window_cells or output.checkpoints or output.judge_before_ms is not None
-                or output.identity)
+    return bool(output.records or output.window_cells or output.checkpoints or output.identity)

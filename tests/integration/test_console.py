@@ -1,13 +1,17 @@
 """The operations console on the real stack, in a real browser (Debian's chromium, headless, through Selenium and
-Debian's chromedriver): generated bank and hospital traffic and a conversion journey go through a real worker,
-then the page must show the seeds' quadrants, a chart with points, an acknowledgement that reaches ClickHouse and
-the journey's roles in order, with no console errors. Screenshots go to the test's tmp_path."""
+Debian's chromedriver): generated bank and hospital traffic and a conversion journey go through a real worker and
+a real `touchpoint alerter`, then the page must show the seeds' quadrants, a chart with points, the alerter's
+states, an acknowledgement that reaches the alerter's tables in ClickHouse, follow-up cases with SLA countdowns
+and the journey's roles in order, with no console errors. Screenshots go to the test's tmp_path."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -25,7 +29,7 @@ from pipeline.app.bootstrap import initialise
 from pipeline.console.app import create_app
 from pipeline.contract.registry import open_registry
 from pipeline.generate.scenarios import generate
-from pipeline.settings import Settings
+from pipeline.settings import Settings, to_env
 from tests.factories import touchpoint
 from tests.integration.conftest import WorkerProcess
 
@@ -86,10 +90,16 @@ def console_stack(stack_settings: Settings, tmp_path_factory: pytest.TempPathFac
     settings.batch.max_events = 2_000
     settings.batch.max_wait_s = 0.2
     settings.console.token = TOKEN
-    settings.console.firing_for_s = 3600  # every alert of the run counts as firing, so acknowledging shows
+    settings.alerting.topic = f"it-{run}.alerts"
+    settings.alerting.cycle_s = 0.3
+    settings.alerting.lease_ttl_s = 3
+    settings.alerting.start_lookback_s = 1_200  # the ten minutes of traffic and the time to store them
+    # The default rules but the seasonal one: ten minutes of traffic have no weeks of history to compare with.
+    settings.alerting.rules = [r for r in settings.alerting.rules if r.get("kind") != "seasonal"]
     initialise(settings)
     logs = tmp_path_factory.mktemp("console-worker")
     worker = WorkerProcess(settings, logs / "worker.log")
+    alerter: subprocess.Popen[bytes] | None = None
     ch = connect(settings.clickhouse)
     server: uvicorn.Server | None = None
     thread: threading.Thread | None = None
@@ -114,7 +124,16 @@ def console_stack(stack_settings: Settings, tmp_path_factory: pytest.TempPathFac
             return len(rows) == 4 and all(c > last_ms - last_ms % 10_000 for _, c in rows)
 
         _wait(closed, 180, "every window closed", worker)
-        _wait(lambda: ch.execute("SELECT count() FROM alerts")[0][0] > 0, 30, "an alert", worker)
+        # The one alerting path: the alerter beside the worker. Started once the past ten minutes are stored: an
+        # alerter that has already judged up to now does not go back for windows backfilled after it.
+        with (logs / "alerter.log").open("a") as alerter_log:
+            alerter = subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "alerter"], stdout=alerter_log,
+                                       stderr=subprocess.STDOUT, env={**os.environ, **to_env(settings)})
+        deadline = time.monotonic() + 120
+        while not ch.execute("SELECT count() FROM alert_current WHERE state = 'firing'")[0][0]:
+            if time.monotonic() > deadline or alerter.poll() is not None:
+                pytest.fail("no firing alert from the alerter:\n" + (logs / "alerter.log").read_text()[-3000:])
+            time.sleep(0.5)
         server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=_free_port(),
                                                log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
@@ -122,6 +141,13 @@ def console_stack(stack_settings: Settings, tmp_path_factory: pytest.TempPathFac
         _wait(lambda: server.started, 20, "the console to listen")
         yield {"settings": settings, "base": f"http://127.0.0.1:{server.config.port}", "ch": ch, "worker": worker}
     finally:
+        if alerter is not None and alerter.poll() is None:
+            alerter.send_signal(signal.SIGTERM)
+            try:
+                alerter.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                alerter.kill()
+                alerter.wait()
         if server is not None and thread is not None:
             server.should_exit = True
             thread.join(timeout=10)
@@ -215,17 +241,56 @@ def test_acknowledging_an_alert_in_the_page_changes_its_state_in_clickhouse(cons
                            "t.dispatchEvent(new Event('change'));")
     alert_id = _until(browser, "const r = document.querySelector(\"#alerts-table tr[data-state='firing']\");"
                                "return r ? r.dataset.alertId : null;")
-    assert ch.execute("SELECT count() FROM alert_actions WHERE alert_id = %(id)s", {"id": alert_id})[0][0] == 0
+    current = "SELECT state, acked_by FROM alert_current WHERE fingerprint = %(id)s"
+    assert ch.execute(current, {"id": alert_id}) == [("firing", "")]
+    assert ch.execute("SELECT count() FROM alert_commands WHERE target = %(id)s", {"id": alert_id})[0][0] == 0
     row = browser.find_element("css selector", f"#alerts-table tr[data-alert-id='{alert_id}']")
     row.find_element("css selector", "button[data-action='acknowledge']").click()
     _until(browser, f"const r = document.querySelector(\"#alerts-table tr[data-alert-id='{alert_id}']\");"
                     "return r && r.dataset.state == 'acknowledged';")
-    stored = ch.execute("SELECT toString(action), actor FROM alert_actions FINAL WHERE alert_id = %(id)s",
-                        {"id": alert_id})
-    assert stored == [("acknowledge", "console")]
+    commands = ch.execute("SELECT action, actor FROM alert_commands FINAL WHERE target = %(id)s", {"id": alert_id})
+    assert commands == [("ack", "console")]
+    assert ch.execute(current, {"id": alert_id}) == [("firing", "console")]  # the alerter applied it
     api = httpx.get(f"{console_stack['base']}/api/alerts/{alert_id}").json()
-    assert api["state"] == "acknowledged" and [h["action"] for h in api["history"]] == ["acknowledge"]
+    assert api["state"] == "acknowledged" and api["acked_by"] == "console"
+    assert [h["action"] for h in api["history"] if "cause" not in h] == ["ack"]
+    assert any(h["action"].endswith("->firing") for h in api["history"])  # the alerter's transition to firing
     _screenshot(browser, tmp_path / "alerts.png", "alerts")
+
+
+def test_the_page_shows_the_alerters_states_and_cases_with_sla_countdowns(console_stack, browser, tmp_path):
+    ch = console_stack["ch"]
+    browser.get(console_stack["base"] + "/#alerts")
+    shown = _until(browser, "const r = [...document.querySelectorAll('#alerts-table tr[data-alert-id]')];"
+                            "return r.length ? r.map(x => [x.dataset.alertId, x.dataset.state]) : null;")
+    stored = dict(ch.execute("SELECT fingerprint, state FROM alert_current WHERE fingerprint != '' "
+                             "AND state IN ('pending', 'firing', 'no_data')"))
+    page = dict(shown)
+    assert set(stored) <= set(page)  # every active series is on the page, with the alerter's state
+    assert all(page[fp] == state or page[fp] in ("acknowledged", "silenced") for fp, state in stored.items())
+    rules = {rule for (rule,) in ch.execute("SELECT rule FROM alert_current WHERE state = 'firing'")}
+    assert {"ux_error_rate_high", "cx_csat_low"} <= rules, rules  # the bank's failing app, the hospital's visit
+    # A follow-up case as the alerter stores it (test_alerter.py covers the alerter opening cases from detractors).
+    from pipeline.adapters.alert_store import AlertStore as LifecycleTables
+    from pipeline.core.cases import Case, CaseChange
+
+    settings = console_stack["settings"]
+    now_ms = int(time.time() * 1000)
+    tables = LifecycleTables(settings.clickhouse, settings.kafka.consumer_group, settings.kafka.topic)
+    try:
+        tables.write_cases([CaseChange(Case("console-case-1", "hospital", "p-console-1", "nps_detractor",
+                                            "cx-follow-up", "open", now_ms, now_ms + 48 * 3_600_000,
+                                            "console-detractor-1", "SURVEY", 2.0), "opened", "NPS 2")], now_ms)
+    finally:
+        tables.close()
+    open_cases = {case_id for (case_id,) in ch.execute("SELECT case_id FROM cases FINAL WHERE status != 'closed'")}
+    browser.get(console_stack["base"] + "/#cases")
+    rows = _until(browser, "const r = [...document.querySelectorAll('#cases-table tr[data-case-id]')];"
+                           f"return r.length >= {len(open_cases)} ? r.map(x => [x.dataset.caseId, "
+                           "x.querySelector('.sla').textContent]) : null;")
+    assert {case_id for case_id, _ in rows} == open_cases
+    assert all(" h " in sla and "min" in sla for _, sla in rows)  # 48 h SLA counting down
+    _screenshot(browser, tmp_path / "cases.png", "cases")
 
 
 def test_a_journey_shows_the_roles_of_a_conversion_in_order(console_stack, browser, tmp_path):

@@ -100,16 +100,30 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_the_demos_worker_ends_when_the_demo_is_hung_up(isolated, tmp_path):
+def test_the_demos_worker_and_alerter_end_when_the_demo_is_hung_up(isolated, tmp_path):
     env = {**os.environ, **to_env(isolated), "TOUCHPOINT_STACK__STATE_DIR": str(tmp_path)}
     demo = subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "demo", "--duration", "120", "--rate", "20"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        workers = wait_until(lambda: _children(demo.pid, "worker"), 60, "the demo's worker")
+        def commands() -> dict[int, str]:
+            found = {}
+            for pid in _children(demo.pid):
+                try:
+                    found[pid] = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                except OSError:  # ended meanwhile
+                    continue
+            return found
+
+        started = wait_until(lambda: (found := commands()) and any(c.endswith("pipeline.app.cli alerter ")
+                                                                   for c in found.values()) and found,
+                             60, "the demo's worker and alerter")
+        kinds = {command.split("pipeline.app.cli ", 1)[-1].strip() for command in started.values()}
+        assert {"worker", "alerter"} <= kinds, kinds  # the alerter runs beside the worker
         time.sleep(3)
         demo.send_signal(signal.SIGHUP)  # what closing the terminal does
         demo.wait(timeout=40)
-        wait_until(lambda: not any(_alive(w) for w in workers), 35, "the worker to end after the hang-up")
+        wait_until(lambda: not any(_alive(pid) for pid in started), 35,
+                   "the worker and the alerter to end after the hang-up")
     finally:
         if demo.poll() is None:
             demo.kill()

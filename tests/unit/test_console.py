@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from pipeline.app.deadletters import DeadLetterError, parse_since
-from pipeline.console.alerts import ClickHouseAlertStore, alert_state
+from pipeline.console.alerts import UnknownAlert, console_state
 from pipeline.console.app import create_app
 from pipeline.console.health import scrape_counter
 from pipeline.core.overview import CX_AXIS, UX_AXIS, health, position, wilson_interval
@@ -64,16 +63,13 @@ def test_wilson_interval_covers_the_rate_and_narrows_with_n():
     assert math.isclose(low, 0.2366, abs_tol=1e-4) and math.isclose(high, 0.7634, abs_tol=1e-4)
 
 
-def test_alert_states_follow_the_newest_action():
-    alert = {"window_end_ms": 1_000_000}
-    assert alert_state(alert, None, 1_100_000, 300_000) == "firing"
-    assert alert_state(alert, None, 1_400_000, 300_000) == "ended"
-    ack = {"action": "acknowledge", "silenced_until_ms": 0}
-    assert alert_state(alert, ack, 1_100_000, 300_000) == "acknowledged"
-    silence = {"action": "silence", "silenced_until_ms": 1_200_000}
-    assert alert_state(alert, silence, 1_100_000, 300_000) == "silenced"
-    assert alert_state(alert, silence, 1_250_000, 300_000) == "firing"  # the silence is over
-    assert alert_state(alert, {"action": "resolve", "silenced_until_ms": 0}, 1_100_000, 300_000) == "resolved"
+def test_console_states_are_the_alerters_with_silences_and_acknowledgements_on_top():
+    assert [console_state(state, "", False) for state in ("pending", "firing", "resolved", "no_data")] == [
+        "pending", "firing", "resolved", "no_data"]
+    assert console_state("firing", "ops", False) == "acknowledged"
+    assert console_state("pending", "ops", False) == "pending"  # only a firing alert is acknowledged
+    assert [console_state(state, "", True) for state in ("pending", "firing", "no_data", "resolved")] == [
+        "silenced", "silenced", "silenced", "resolved"]
 
 
 def test_since_takes_durations_and_times():
@@ -92,45 +88,48 @@ def test_scrape_counter_says_none_when_nothing_answers():
 
 
 class FakeQueries:
-    """Stands in for ConsoleQueries: answers from lists, records actions."""
-
-    def __init__(self) -> None:
-        self.alert_rows = [{"alert_id": "r/bank/MOBILE_APP/1", "rule": "r", "tenant": "bank", "channel": "MOBILE_APP",
-                            "window_start_ms": 0, "window_end_ms": int(time.time() * 1000), "message": "m"}]
-        self.actions: list[tuple[Any, ...]] = []
+    """Stands in for ConsoleQueries: answers from lists."""
 
     def pooled_by_tenant(self, seconds: int) -> dict[str, dict[str, tuple[float, float]]]:
         return {"bank": pooled({"error_rate": 0.2, "task_success_rate": 0.7, "csat": 0.9, "fcr": 0.9})}
 
-    def alerts(self, seconds: int) -> list[dict[str, Any]]:
-        return [dict(a) for a in self.alert_rows]
 
-    def alert(self, alert_id: str) -> dict[str, Any] | None:
-        return next((dict(a) for a in self.alert_rows if a["alert_id"] == alert_id), None)
+class FakeAlerts:
+    """Stands in for LifecycleAlertStore: one firing series, records operators' actions, one case."""
 
-    def latest_alert_actions(self, ids: list[str]) -> dict[str, dict[str, Any]]:
-        out = {}
-        for alert_id, action, actor, note, until, at in self.actions:
-            if alert_id in ids:
-                out[alert_id] = {"action": action, "actor": actor, "note": note, "silenced_until_ms": until,
-                                 "at_ms": at, "actions": 1}
-        return out
+    def __init__(self) -> None:
+        self.series = {"fp1": {"alert_id": "fp1", "rule": "r", "tenant": "bank", "channel": "MOBILE_APP",
+                               "lifecycle_state": "firing", "acked_by": "", "since_ms": 0, "message": "m"}}
+        self.actions: list[tuple[str, str, str]] = []
 
-    def alert_history(self, alert_id: str) -> list[dict[str, Any]]:
-        return [{"action": a[1]} for a in self.actions if a[0] == alert_id]
+    def list(self, seconds: int, now_ms: int) -> list[dict[str, Any]]:
+        return [dict(a, state=console_state(a["lifecycle_state"], a["acked_by"], False))
+                for a in self.series.values()]
 
-    def record_alert_action(self, alert: dict[str, Any], action: str, actor: str, note: str, until: int,
-                            at: int) -> None:
-        self.actions.append((alert["alert_id"], action, actor, note, until, at))
+    def get(self, alert_id: str, now_ms: int) -> dict[str, Any] | None:
+        return next((a for a in self.list(0, now_ms) if a["alert_id"] == alert_id), None)
+
+    def act(self, alert_id: str, action: str, actor: str, note: str, silenced_until_ms: int,
+            now_ms: int) -> dict[str, Any]:
+        if alert_id not in self.series:
+            raise UnknownAlert(alert_id)
+        self.actions.append((alert_id, action, actor))
+        if action == "acknowledge":
+            self.series[alert_id]["acked_by"] = actor
+        found = self.get(alert_id, now_ms)
+        assert found is not None
+        return found
+
+    def cases(self, now_ms: int, everything: bool = False) -> list[dict[str, Any]]:
+        return [{"case_id": "c1", "tenant": "hospital", "status": "open", "sla_remaining_ms": 3_600_000}]
 
 
-def client(token: str = "") -> tuple[TestClient, FakeQueries]:
+def client(token: str = "") -> tuple[TestClient, FakeAlerts]:
     settings = Settings()
     settings.console.token = token
-    fake = FakeQueries()
-    app = create_app(settings, queries=fake,  # type: ignore[arg-type]
-                     alerts=ClickHouseAlertStore(fake, 300_000),  # type: ignore[arg-type]
-                     health=lambda: {"partitions": []})
+    fake = FakeAlerts()
+    app = create_app(settings, queries=FakeQueries(),  # type: ignore[arg-type]
+                     alerts=fake, health=lambda: {"partitions": []})
     return TestClient(app), fake
 
 
@@ -158,18 +157,18 @@ def test_page_and_vendored_chart_library_are_served_without_a_cdn():
 
 def test_actions_need_the_token_and_record_the_action():
     api, fake = client()
-    assert api.post("/api/alerts/r/bank/MOBILE_APP/1/acknowledge").status_code == 403  # no token set: off
+    assert api.post("/api/alerts/fp1/acknowledge").status_code == 403  # no token set: off
     api, fake = client("s3cret")
-    assert api.post("/api/alerts/r/bank/MOBILE_APP/1/acknowledge").status_code == 401
-    assert api.post("/api/alerts/r/bank/MOBILE_APP/1/acknowledge",
+    assert api.post("/api/alerts/fp1/acknowledge").status_code == 401
+    assert api.post("/api/alerts/fp1/acknowledge",
                     headers={"Authorization": "Bearer nope"}).status_code == 401
     assert fake.actions == []
-    done = api.post("/api/alerts/r/bank/MOBILE_APP/1/acknowledge", headers={"Authorization": "Bearer s3cret"},
+    done = api.post("/api/alerts/fp1/acknowledge", headers={"Authorization": "Bearer s3cret"},
                     json={"actor": "ops", "note": "looking"})
     assert done.status_code == 200 and done.json()["state"] == "acknowledged"
-    assert [(a[0], a[1], a[2]) for a in fake.actions] == [("r/bank/MOBILE_APP/1", "acknowledge", "ops")]
+    assert fake.actions == [("fp1", "acknowledge", "ops")]
     assert api.post("/api/alerts/none/resolve", headers={"Authorization": "Bearer s3cret"}).status_code == 404
-    assert api.post("/api/alerts/r/bank/MOBILE_APP/1/explode",
+    assert api.post("/api/alerts/fp1/explode",
                     headers={"Authorization": "Bearer s3cret"}).status_code == 404
     assert api.post("/api/persons/erase", json={"identifier": "user_id:x"}).status_code == 401
 

@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.core.aggregate import DUPLICATE, LATE, NEVER, ON_TIME, Checkpoint, PartitionWindows
+from pipeline.core.alerting import RuleError, observe, parse_rule, parse_rules
 from pipeline.core.enrich import Enricher
-from pipeline.core.evaluate import AlertRule, judge, totals_of
+from pipeline.core.evaluate import totals_of
 from pipeline.core.indicators import BY_ID, observation
 from pipeline.core.processor import TOUCHPOINT_COLUMNS, TouchpointProcessor
 from pipeline.core.validate import CONTRACT_VIOLATION, FUTURE_EVENT_TIME, violation
@@ -180,24 +181,35 @@ def test_hopping_window_merges_the_panes_it_covers():
     assert (BASE_MS + 4 * MINUTE, "task_success_rate") not in hopping  # no pane with data in it
 
 
-def test_alert_fires_when_a_closed_window_breaks_the_rule():
-    rule = AlertRule("ux_error_rate_high", "error_rate", "above", 0.2, min_denominator=4, severity="warning")
+def _threshold(name: str, indicator: str, comparison: str, threshold: float, min_count: float,
+               severity: str = "warning", **more) -> dict:
+    return {"name": name, "kind": "threshold", "indicator": indicator, "comparison": comparison,
+            "threshold": threshold, "min_count": min_count, "severity": severity, **more}
+
+
+def breaching(rules, totals) -> set[tuple[str, str, str]]:
+    """(rule, tenant, channel) of every series the alerter's rules find breaching in these totals."""
+    return {(rule.name, o.tenant, o.channel) for rule in rules for o in observe(rule, totals, {}) if o.breaching}
+
+
+def test_alert_rule_breaches_when_a_closed_window_breaks_it():
+    rule = parse_rule(_threshold("ux_error_rate_high", "error_rate", "above", 0.2, 4))
     windows = PartitionWindows(0, MINUTE, 0)
     events = [task("FAILURE" if i < 3 else "SUCCESS", event_id=str(i), event_time=BASE_MS + i) for i in range(10)]
     windows.add([*events, touchpoint(event_id="x", event_time=BASE_MS + MINUTE)], list(range(11)))
-    alerts = judge([rule], totals_of(windows.drain_closed()))
-    assert [(a.alert_id, a.value, a.family) for a in alerts] == [
-        (f"ux_error_rate_high/bank/WEB/{BASE_MS}", 0.3, "UX")]
-    assert "30.0% is above 20.0% on WEB for bank" in alerts[0].message
-    quiet = AlertRule("q", "error_rate", "above", 0.2, min_denominator=11, severity="warning")
-    assert judge([quiet], totals_of(windows.drain_closed())) == []  # too few observations
+    totals = totals_of(windows.drain_closed())
+    (obs,) = [o for o in observe(rule, totals, {}) if o.judged]
+    assert (obs.tenant, obs.channel, obs.breaching, obs.value) == ("bank", "WEB", True, 0.3)
+    assert "3 of 10" in obs.summary
+    quiet = parse_rule(_threshold("q", "error_rate", "above", 0.2, 11))
+    assert [(o.judged, o.breaching) for o in observe(quiet, totals, {})] == [(False, False)]  # too few observations
 
 
 def test_alert_rule_rejects_unknown_indicator():
-    with pytest.raises(ValueError, match="unknown indicator"):
-        AlertRule("x", "nope", "below", 0.1, 1, "warning")
-    with pytest.raises(ValueError, match="not 'session'"):
-        AlertRule("x", "csat", "below", 0.1, 1, "warning", window_kind="session")
+    with pytest.raises(RuleError, match="nope"):
+        parse_rule(_threshold("x", "nope", "below", 0.1, 1))
+    with pytest.raises(RuleError, match="session"):
+        parse_rule(_threshold("x", "csat", "below", 0.1, 1, window_kind="session"))
 
 
 @dataclass
@@ -209,8 +221,8 @@ class Record:
     headers: tuple = ()
 
 
-RULES = [AlertRule("cx_csat_low", "csat", "below", 0.6, 3, "critical"),
-         AlertRule("ux_error_rate_high", "error_rate", "above", 0.15, 3, "warning")]
+RULES = parse_rules([_threshold("cx_csat_low", "csat", "below", 0.6, 3, "critical"),
+                     _threshold("ux_error_rate_high", "error_rate", "above", 0.15, 3)])
 
 
 def _processor(idle_ms: int = 1_000):
@@ -238,8 +250,8 @@ def test_processor_tells_bad_ux_good_cx_from_good_ux_bad_cx():
     assert processor.output.window_cells == []  # records may still be unread: a quiet partition is not idle
     processor.tick(now_ms=BASE_MS + 20_000 + 2 * MINUTE, caught_up={0})  # caught up and quiet: idle
     out = processor.take_output()
-    assert out.judge_before_ms == BASE_MS + 2 * MINUTE and out.judge_partitions == (0,)  # idle for 2 min
-    fired = {(a.rule, a.tenant, a.channel) for a in judge(RULES, totals_of(out.window_cells))}
+    assert {c.window_start_ms for c in out.window_cells if c.window_kind == "1m"} == {BASE_MS}  # closed by idling
+    fired = breaching(RULES, totals_of(out.window_cells))
     assert fired == {("ux_error_rate_high", "bank", "MOBILE_APP"), ("cx_csat_low", "hospital", "STORE")}
     assert len(out.touchpoints) == 40 and len(out.touchpoints[0]) == len(TOUCHPOINT_COLUMNS)
     assert out.checkpoints[0].commit_offset == 0  # the persons' sessions are still open
@@ -264,7 +276,7 @@ def test_processor_dead_letters_bad_records_and_goes_on():
     assert out.checkpoints[3].read_offset == 14
 
 
-def test_alerts_wait_for_every_partition_of_the_worker_to_close_the_window():
+def test_a_window_is_judged_from_the_cells_of_every_partition():
     processor = _processor(idle_ms=30_000)
     processor.assign(0, None, now_ms=BASE_MS)
     processor.assign(1, None, now_ms=BASE_MS)
@@ -272,16 +284,16 @@ def test_alerts_wait_for_every_partition_of_the_worker_to_close_the_window():
     ok = [task("SUCCESS", event_id=f"s{i}", event_time=BASE_MS + i) for i in range(20)]
     closing = touchpoint("next", event_time=BASE_MS + 2 * MINUTE)
     processor.process(0, [Record(0, n, encode(e)) for n, e in enumerate([*failing, closing])], BASE_MS + 1)
-    assert processor.output.judge_before_ms is None  # partition 0 alone is 100% failures; 1 has not spoken
+    alone = [o.value for o in observe(RULES[1], totals_of(processor.output.window_cells), {}) if o.judged]
+    assert alone == [1.0]  # partition 0 alone is 100% failures
     processor.process(1, [Record(1, n, encode(e)) for n, e in enumerate([*ok, closing])], BASE_MS + 2)
     out = processor.take_output()
-    assert (out.judge_from_ms, out.judge_before_ms, out.judge_partitions) == (
-        NEVER, BASE_MS + 2 * MINUTE, (0, 1))  # both closed the first two windows
-    alerts = judge(RULES, totals_of(out.window_cells))
-    assert [(a.value, a.denominator) for a in alerts] == [(0.2, 25)]
+    assert {c.partition for c in out.window_cells} == {0, 1}
+    whole = [(o.value, o.breaching) for o in observe(RULES[1], totals_of(out.window_cells), {}) if o.judged]
+    assert whole == [(0.2, True)]  # 5 failures of 25 on both partitions
 
 
-def test_a_restored_worker_judges_only_windows_not_yet_final():
+def test_a_restored_worker_emits_only_windows_not_yet_final():
     processor = _processor()
     checkpoint = Checkpoint(0, commit_offset=5, read_offset=9, watermark_ms=BASE_MS + 3 * MINUTE,
                             closed_before_ms=BASE_MS + 3 * MINUTE)
@@ -290,7 +302,8 @@ def test_a_restored_worker_judges_only_windows_not_yet_final():
               task("SUCCESS", event_id="m", event_time=BASE_MS + 6 * MINUTE)]  # closes the 4th minute
     processor.process(0, [Record(0, 9 + n, encode(e)) for n, e in enumerate(events)], BASE_MS + 10 * MINUTE)
     out = processor.take_output()
-    assert (out.judge_from_ms, out.judge_before_ms) == (BASE_MS + 3 * MINUTE, BASE_MS + 6 * MINUTE)
+    assert {c.window_start_ms for c in out.window_cells if c.window_kind == "1m"} == {BASE_MS + 4 * MINUTE}
+    assert out.checkpoints[0].closed_before_ms == BASE_MS + 6 * MINUTE
 
 
 def test_an_event_id_counted_on_two_partitions_of_a_worker_is_reported():

@@ -31,7 +31,6 @@ DOCUMENTED_METRICS = {
     "touchpoint_clickhouse_insert_duration_seconds": "histogram",
     "touchpoint_consumer_lag_events": "gauge",
     "touchpoint_watermark_lag_seconds": "gauge",
-    "touchpoint_alerts_fired_total": "counter",
 }
 HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
 METRIC_TOKEN = re.compile(r"\btouchpoint_[a-z0-9_]+\b")
@@ -136,6 +135,27 @@ def test_compose_runs_init_worker_and_generator_from_the_dockerfile(services):
     assert "container_name" not in services["worker"]  # replicas need generated names
 
 
+def test_compose_runs_the_alerter_console_and_collector_beside_the_workers(services, monkeypatch):
+    for name in ("alerter", "console", "collector"):
+        assert name in app_services(services), name
+        assert services[name]["command"] == [name]
+        assert services[name]["depends_on"]["init"]["condition"] == "service_completed_successfully"
+    assert services["alerter"]["deploy"]["replicas"] >= 2  # the lease keeps one active, the other stands by
+    for key in list(os.environ):
+        if key.startswith("TOUCHPOINT_"):
+            monkeypatch.delenv(key)
+    for name in ("console", "collector"):
+        for key, value in environment(services[name]).items():
+            monkeypatch.setenv(key, value)
+        settings = getattr(Settings(), name)
+        for key in environment(services[name]):
+            monkeypatch.delenv(key, raising=False)
+        assert settings.host == "0.0.0.0", name  # reachable through the published port, not loopback only
+        published = [p for p in services[name]["ports"] if p.endswith(f":{settings.port}")]
+        assert published and all(p.startswith("127.0.0.1:") for p in published), name  # host side on loopback
+        assert f":{settings.port}/" in " ".join(services[name]["healthcheck"]["test"]), name
+
+
 def test_every_touchpoint_variable_in_compose_is_a_setting(services):
     known = settings_env_names()
     used = {key for s in services.values() for key in environment(s) if key.startswith("TOUCHPOINT_")}
@@ -150,7 +170,7 @@ def test_every_touchpoint_variable_in_the_dockerfile_is_a_setting():
     assert used <= settings_env_names(), sorted(used - settings_env_names())
 
 
-@pytest.mark.parametrize("service", ["init", "worker", "generator"])
+@pytest.mark.parametrize("service", ["init", "worker", "generator", "alerter", "console", "collector"])
 def test_compose_environment_is_read_by_settings(services, service, monkeypatch):
     for key in list(os.environ):
         if key.startswith("TOUCHPOINT_"):
@@ -296,11 +316,16 @@ def test_dashboard_has_tenant_and_channel_variables_that_its_clickhouse_panels_u
             assert "${channel:singlequote}" in sql, panel["title"]
 
 
-def test_dashboard_has_an_alerts_panel_reading_the_alerts_table(dashboard):
-    panels = [p for p in clickhouse_panels(dashboard) if "touchpoint.alerts" in p["targets"][0]["rawSql"]]
-    assert panels and panels[0]["type"] == "table"
-    sql = panels[0]["targets"][0]["rawSql"]
-    assert "FINAL" in sql and "$__timeFilter(window_start)" in sql
+def test_dashboard_alert_panels_read_the_alerters_tables(dashboard):
+    sqls = {p["title"]: p["targets"][0]["rawSql"] for p in clickhouse_panels(dashboard)}
+    table = [p for p in clickhouse_panels(dashboard) if p["type"] == "table"
+             and "touchpoint.alert_current" in p["targets"][0]["rawSql"]]
+    assert table and "touchpoint.alert_events" in table[0]["targets"][0]["rawSql"]
+    assert "$__timeFilter(" in table[0]["targets"][0]["rawSql"]
+    assert any("touchpoint.alert_events" in sql and "to_state" in sql for sql in sqls.values())
+    every_query = json.dumps(dashboard)
+    assert "touchpoint.alerts " not in every_query and "touchpoint.alerts\\n" not in every_query  # old table
+    assert "alerts_fired" not in every_query  # workers no longer judge, so they count no alerts
 
 
 def test_grafana_reads_clickhouse_as_a_read_only_user_of_its_own(services):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from pipeline.core.aggregate import NEVER, Checkpoint, WindowCell
-from pipeline.core.evaluate import Alert, AlertRule, WindowTotal, totals_of
 from pipeline.core.identity import Operation
 from pipeline.core.processor import DeadLetter, Output, TouchpointProcessor
 from pipeline.runtime.deadletters import HEADROOM_BYTES, dead_letter_message
@@ -49,7 +48,6 @@ class FakeStore:
         self.rows: dict[str, Any] = {}  # event_id -> row: a re-written row replaces the first, as in ClickHouse
         self.cells: list[WindowCell] = []
         self.checkpoints: dict[int, Checkpoint] = {}
-        self.alerts: dict[str, Alert] = {}
 
     def write(self, output: Output) -> None:
         if self.failures_left:
@@ -73,16 +71,6 @@ class FakeStore:
         return [(row.event_time_ms, row.event_id) for row in self.rows.values()
                 if row.source_partition == partition and row.counted and row.source_offset < before_offset
                 and row.event_time_ms >= from_ms]
-
-    def window_totals(self, from_ms: int, before_ms: int, partitions: Sequence[int], indicators: set[str],
-                      window_kinds: Collection[str]) -> list[WindowTotal]:
-        cells = [c for c in self.cells if from_ms < c.window_end_ms <= before_ms and c.indicator in indicators
-                 and c.window_kind in window_kinds]
-        return totals_of(cells, None)
-
-    def write_alerts(self, alerts: Sequence[Alert], now_ms: int) -> None:
-        self.alerts.update({a.alert_id: a for a in alerts})
-        self.journal.add("store.alerts", [a.alert_id for a in alerts])
 
 
 class FakeDeadLetters:
@@ -196,7 +184,7 @@ class FakeObserver:
         self.forgotten: list[int] = []
         self.last_flush_at: float | None = None
 
-    def flushed(self, output: Output, alerts: Sequence[Alert], at_s: float) -> None:
+    def flushed(self, output: Output, at_s: float) -> None:
         self.flushes.append(output)
         self.last_flush_at = at_s
 
@@ -225,7 +213,7 @@ async def _direct(call: Callable[[], Any]) -> Any:
 
 class Harness:
     def __init__(self, partitions: set[int] = frozenset({0}), *, max_events: int = 1_000, max_wait_s: float = 1.0,
-                 identity: FakeIdentityLog | None = None, rules: Sequence[AlertRule] = (),
+                 identity: FakeIdentityLog | None = None,
                  snapshot_interval_ms: int | None = None, progress_every_s: float = 1.0) -> None:
         self.journal = Journal()
         self.store = FakeStore(self.journal)
@@ -243,7 +231,7 @@ class Harness:
                              offsets=self.offsets, clock=self.clock, observer=self.observer,
                              policy=DeliveryPolicy(max_events, max_wait_s, retry_initial_s=0.5, retry_max_s=4.0,
                                                    progress_every_s=progress_every_s),
-                             rules=rules, run_blocking=_direct)
+                             run_blocking=_direct)
 
     def records(self, partition: int, start: int, events: list[dict[str, Any]]) -> list[Record]:
         return [Record(partition, start + n, encode(e)) for n, e in enumerate(events)]
@@ -466,22 +454,22 @@ def test_lag_and_heartbeat_are_reported_while_the_store_keeps_failing():
     assert h.observer.last_flush_at is None
 
 
-def test_windows_closed_on_every_partition_are_judged_from_the_store_and_alerts_written():
-    rule = AlertRule("ux_error_rate_high", "error_rate", "above", 0.15, 5, "warning")
-    h = Harness(rules=[rule])
+def test_closed_windows_are_stored_at_once_and_the_worker_writes_no_alerts():
+    """The alerter judges windows from the store: a window that closes goes out without waiting for a full batch or
+    max_wait, and the worker judges nothing itself."""
+    h = Harness(max_events=1_000, max_wait_s=3_600.0)
 
     async def scenario() -> None:
         closer = task("SUCCESS", event_id="late-closer", event_time=BASE_MS + 3 * MINUTE, user_id="u9")
-        events = [*_tasks(10, outcome="FAILURE"), closer]
-        await h.runner.on_records({0: h.records(0, 0, events)})
-        await h.runner.flush(wait=True)
+        await h.runner.on_records({0: h.records(0, 0, [*_tasks(10, outcome="FAILURE"), closer])})
+        assert "store.write" not in h.journal.names()  # a batch of 11 is far from full, and max_wait is an hour
+        await h.runner.on_idle()
+        await h.runner._drain()  # the write on_idle started, in flight
 
     run(scenario())
-    assert [a.rule for a in h.store.alerts.values()] == ["ux_error_rate_high"]
-    alert = next(iter(h.store.alerts.values()))
-    assert (alert.denominator, alert.value, alert.window_kind) == (10, 1.0, "1m")
-    names = h.journal.names()
-    assert names.index("store.write") < names.index("store.alerts")
+    errors = [c for c in h.store.cells if c.indicator == "error_rate" and c.window_start_ms == BASE_MS]
+    assert errors and sum(c.count for c in errors) == 10 and sum(c.total for c in errors) == 10
+    assert not any(name.startswith("store.alert") for name in h.journal.names())
 
 
 def test_initial_identity_operations_are_applied_before_the_first_record_and_incoming_ones_flushed():

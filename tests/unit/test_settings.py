@@ -5,7 +5,8 @@ def test_toml_file_then_environment_override_defaults(tmp_path, monkeypatch):
     config = tmp_path / "touchpoint.toml"
     config.write_text(
         '[kafka]\ntopic = "from-toml"\npartitions = 12\n\n[window]\nsize_s = 300\n\n'
-        '[[alert_rules]]\nname = "nps_low"\nindicator = "csat"\ncomparison = "below"\nthreshold = 0.5\n'
+        '[[alerting.rules]]\nname = "nps_low"\nkind = "threshold"\nindicator = "csat"\ncomparison = "below"\n'
+        'threshold = 0.5\n'
     )
     monkeypatch.setenv("TOUCHPOINT_CONFIG", str(config))
     monkeypatch.setenv("TOUCHPOINT_KAFKA__PARTITIONS", "24")
@@ -13,7 +14,7 @@ def test_toml_file_then_environment_override_defaults(tmp_path, monkeypatch):
     assert settings.kafka.topic == "from-toml"  # TOML over the default
     assert settings.kafka.partitions == 24  # environment over TOML
     assert settings.window.size_s == 300 and settings.window.allowed_lateness_s == 10
-    assert [rule.name for rule in settings.alert_rules] == ["nps_low"]
+    assert [rule["name"] for rule in settings.alerting.rules] == ["nps_low"]
 
 
 def test_to_env_round_trips_through_the_environment(monkeypatch):

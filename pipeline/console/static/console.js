@@ -141,26 +141,17 @@ async function loadSeries() {
 
 // --- alerts ------------------------------------------------------------------------------------------------
 async function loadAlerts() {
+  // One row per alert series (rule, tenant, channel): its lifecycle state from `touchpoint alerter`.
   const alerts = await api("/api/alerts");
-  // One row per rule, tenant and channel: its newest breach (the one actions apply to) and its history.
-  const groups = new Map();
-  for (const a of alerts) {
-    const key = `${a.rule}|${a.tenant}|${a.channel}`;
-    if (!groups.has(key)) groups.set(key, {newest: a, breaches: []});
-    groups.get(key).breaches.push(a);
-  }
-  const rows = [...groups.values()].map(({newest: a, breaches}) => {
-    const last = a.last_action ? `${esc(a.last_action.action)} by ${esc(a.last_action.actor)} at ${hhmm(a.last_action.at_ms)}` +
-      (a.last_action.action === "silence" ? ` until ${hhmm(a.last_action.silenced_until_ms)}` : "") +
-      ` (${a.last_action.actions} action${a.last_action.actions > 1 ? "s" : ""})` : "";
-    const first = breaches[breaches.length - 1];
-    const history = `${breaches.length} window${breaches.length > 1 ? "s" : ""} broke the rule since ${hhmm(first.window_start_ms)}`;
+  const rows = alerts.map((a) => {
+    const note = a.state === "silenced" ? `silenced until ${hhmm(a.silenced_until_ms)}` :
+      a.acked_by ? `acknowledged by ${esc(a.acked_by)}` : "";
     return `<tr data-alert-id="${esc(a.alert_id)}" data-state="${esc(a.state)}"><td><span class="badge state-${esc(a.state)}">${esc(a.state)}</span></td>` +
-      `<td>${utc(a.window_start_ms)}</td><td>${esc(a.severity)}</td><td>${esc(a.rule)}</td><td>${esc(a.tenant)}</td><td>${esc(a.channel)}</td>` +
-      `<td>${esc(a.message)}<br><small>${history}</small></td><td>${last}</td><td>` +
+      `<td>${utc(a.since_ms)}</td><td>${a.window_end_ms ? utc(a.window_end_ms) : ""}</td><td>${esc(a.severity || "")}</td><td>${esc(a.rule)}</td><td>${esc(a.tenant)}</td><td>${esc(a.channel)}</td>` +
+      `<td>${esc(a.message || "")}</td><td>${note}</td><td>` +
       `<button data-action="acknowledge">Acknowledge</button> <button data-action="silence">Silence 1 h</button> <button data-action="resolve">Resolve</button></td></tr>`;
   }).join("");
-  $("alerts-table").innerHTML = `<table><tr><th>state</th><th>newest window</th><th>severity</th><th>rule</th><th>tenant</th><th>channel</th><th>message, history</th><th>last action</th><th>actions</th></tr>${rows || '<tr><td colspan="9">no alerts in the last day</td></tr>'}</table>`;
+  $("alerts-table").innerHTML = `<table><tr><th>state</th><th>since</th><th>newest window end</th><th>severity</th><th>rule</th><th>tenant</th><th>channel</th><th>message</th><th>operator</th><th>actions</th></tr>${rows || '<tr><td colspan="10">no alerts active or changed in the last day</td></tr>'}</table>`;
 }
 
 async function alertAction(alertId, action) {
@@ -175,9 +166,19 @@ async function alertAction(alertId, action) {
 }
 
 // --- cases -------------------------------------------------------------------------------------------------
+function countdown(ms) {
+  const sign = ms < 0 ? "overdue by " : "";
+  const minutes = Math.floor(Math.abs(ms) / 60000);
+  return `${sign}${Math.floor(minutes / 60)} h ${String(minutes % 60).padStart(2, "0")} min`;
+}
+
 async function loadCases() {
   const cases = await api("/api/cases");
-  $("cases-note").textContent = cases.available ? `${cases.cases.length} open cases` : cases.note;
+  $("cases-note").textContent = cases.note;
+  const rows = cases.cases.map((c) => `<tr data-case-id="${esc(c.case_id)}" data-status="${esc(c.status)}"><td><span class="badge case-${esc(c.status)}">${esc(c.status)}</span></td>` +
+    `<td class="sla ${c.sla_remaining_ms < 0 ? "overdue" : ""}">${c.status === "closed" ? "" : countdown(c.sla_remaining_ms)}</td><td>${esc(c.tenant)}</td><td>${esc(c.reason)}</td><td>${esc(c.queue)}</td>` +
+    `<td>${esc(c.person_id)}</td><td>${esc(c.source_channel)}</td><td>${c.score === null ? "" : c.score}</td><td>${utc(c.opened_at_ms)}</td></tr>`).join("");
+  $("cases-table").innerHTML = `<table><tr><th>status</th><th>SLA</th><th>tenant</th><th>reason</th><th>queue</th><th>person</th><th>channel</th><th>score</th><th>opened</th></tr>${rows || '<tr><td colspan="9">no open cases</td></tr>'}</table>`;
 }
 
 // --- journey -----------------------------------------------------------------------------------------------
@@ -234,7 +235,7 @@ async function loadHealth() {
 
 // --- wiring ------------------------------------------------------------------------------------------------
 async function refresh() {
-  const tasks = [loadOverview(), loadAlerts(), loadHealth(), loadChannels().then(loadSeries)];
+  const tasks = [loadOverview(), loadAlerts(), loadCases(), loadHealth(), loadChannels().then(loadSeries)];
   const results = await Promise.allSettled(tasks);
   const failed = results.filter((r) => r.status === "rejected").map((r) => r.reason.message);
   setStatus(failed.length ? "update failed: " + failed.join("; ") : "updated " + new Date().toISOString().slice(11, 19) + " UTC");
@@ -252,6 +253,5 @@ $("alerts-table").addEventListener("click", (event) => {
 });
 $("journey-form").addEventListener("submit", loadJourney);
 $("j-erase").addEventListener("click", erasePerson);
-loadCases();
 refresh();
 setInterval(refresh, POLL_MS);
