@@ -1,5 +1,5 @@
-"""The console's reads (and its few writes) of ClickHouse: every SQL statement the operations console runs lives
-here, beside the sink. Indicator reads filter `indicator_cells FINAL` directly rather than the views, because
+"""The console's and the live view's reads (and the console's few writes) of ClickHouse: every SQL statement they
+run lives here, beside the sink. Indicator reads filter `indicator_cells FINAL` directly rather than the views, because
 ClickHouse 18.16 does not push a WHERE down into a view (docs/clickhouse.md)."""
 
 from __future__ import annotations
@@ -46,6 +46,25 @@ class Journey:
     merges: list[dict[str, Any]] = field(default_factory=list)
     transitions: list[dict[str, Any]] = field(default_factory=list)
 
+
+
+LIVE_INDICATORS = """
+SELECT tenant, channel, indicator, sum(total) AS num, sum(count) AS den, max(window_start) AS last
+FROM indicator_values_by_channel
+WHERE window_kind = '1m' AND quantile = 0 AND window_start >= now() - %(seconds)s
+GROUP BY tenant, channel, indicator
+ORDER BY tenant, channel
+"""
+# Each series' state from the alerter (alert_current), with the message of its newest transition.
+LIVE_ALERTS = """
+SELECT c.since_ms, c.state, e_severity, c.rule, c.tenant, c.channel, e_message
+FROM alert_current AS c ANY LEFT JOIN (
+    SELECT fingerprint, argMax(severity, at_ms) AS e_severity, argMax(message, at_ms) AS e_message
+    FROM alert_events GROUP BY fingerprint) AS e USING fingerprint
+WHERE c.state IN ('pending', 'firing', 'no_data') OR c.since_ms >= (toUInt64(now()) - %(seconds)s) * 1000
+ORDER BY c.since_ms DESC, c.rule
+LIMIT 12
+"""
 
 
 class ConsoleQueries:
@@ -183,3 +202,17 @@ class ConsoleQueries:
         if rows:
             self.execute("INSERT INTO dead_letter_replays (dead_letter_topic, dead_letter_partition, "
                          "dead_letter_offset, event_id, reason, target_topic, replayed_at_ms) VALUES", list(rows))
+
+    def live_indicators(self, seconds: int) -> list[tuple[str, str, str, float, float]]:
+        """(tenant, channel, indicator, numerator, observations) of the closed 1-minute windows of the last seconds."""
+        return [(t, c, i, num, den) for t, c, i, num, den, _last in self.execute(LIVE_INDICATORS, {"seconds": seconds})]
+
+    def touchpoint_volume(self, seconds: int) -> tuple[int, int]:
+        """Touchpoints and distinct persons of the last seconds."""
+        rows = self.execute("SELECT count(), uniqExact(person_id) FROM touchpoints "
+                            "WHERE event_time >= now() - %(seconds)s", {"seconds": seconds})
+        return int(rows[0][0]), int(rows[0][1])
+
+    def live_alerts(self, seconds: int) -> list[tuple[Any, ...]]:
+        """(since, state, severity, rule, tenant, channel, message) of alerts active or changed in the last seconds."""
+        return list(self.execute(LIVE_ALERTS, {"seconds": seconds}))

@@ -43,26 +43,8 @@ def publish_paced(settings: Settings, scenario: str, count: int, *, rate: float,
     return sent
 
 
-INDICATOR_QUERY = """
-SELECT tenant, channel, indicator, sum(total) AS num, sum(count) AS den, max(window_start) AS last
-FROM indicator_values_by_channel
-WHERE window_kind = '1m' AND quantile = 0 AND window_start >= now() - %(seconds)s
-GROUP BY tenant, channel, indicator
-ORDER BY tenant, channel
-"""
-# Each series' state from the alerter (alert_current), with the message of its newest transition.
-ALERT_QUERY = """
-SELECT c.since_ms, c.state, e_severity, c.rule, c.tenant, c.channel, e_message
-FROM alert_current AS c ANY LEFT JOIN (
-    SELECT fingerprint, argMax(severity, at_ms) AS e_severity, argMax(message, at_ms) AS e_message
-    FROM alert_events GROUP BY fingerprint) AS e USING fingerprint
-WHERE c.state IN ('pending', 'firing', 'no_data') OR c.since_ms >= (toUInt64(now()) - %(seconds)s) * 1000
-ORDER BY c.since_ms DESC, c.rule
-LIMIT 12
-"""
 STATE_STYLE = {"firing": "[red]firing[/]", "pending": "[yellow]pending[/]", "no_data": "[magenta]no_data[/]",
                "resolved": "[green]resolved[/]"}
-VOLUME_QUERY = "SELECT count(), uniqExact(person_id) FROM touchpoints WHERE event_time >= now() - %(seconds)s"
 
 
 def _percent(num: float | None, den: float | None) -> str:
@@ -84,14 +66,14 @@ def _threshold(settings: Settings, indicator: str, default: float) -> float:
 
 def snapshot(settings: Settings, minutes: int) -> Group:
     """One rendering of the live view from ClickHouse."""
-    from pipeline.adapters.clickhouse import connect
+    from pipeline.adapters.clickhouse_queries import ConsoleQueries
 
-    client = connect(settings.clickhouse)
-    params = {"seconds": minutes * 60}
+    queries = ConsoleQueries(settings.clickhouse)
+    seconds = minutes * 60
     cells: dict[tuple[str, str], dict[str, tuple[float, float]]] = {}
-    for tenant, channel, indicator, num, den, _last in client.execute(INDICATOR_QUERY, params):
+    for tenant, channel, indicator, num, den in queries.live_indicators(seconds):
         cells.setdefault((tenant, channel), {})[indicator] = (num, den)
-    volume, persons = client.execute(VOLUME_QUERY, params)[0]
+    volume, persons = queries.touchpoint_volume(seconds)
     table = Table(title=f"CX and UX indicators, closed 1-minute windows of the last {minutes} min "
                         f"({volume} touchpoints from {persons} persons)")
     for column in ("tenant", "channel", "CX: CSAT", "UX: task success", "UX: error rate"):
@@ -116,10 +98,10 @@ def snapshot(settings: Settings, minutes: int) -> Group:
     alerts = Table(title="Alerts (states from `touchpoint alerter`)")
     for column in ("since (UTC)", "state", "severity", "rule", "tenant", "channel", "message"):
         alerts.add_column(column)
-    for since_ms, state, severity, rule, tenant, channel, message in client.execute(ALERT_QUERY, params):
+    for since_ms, state, severity, rule, tenant, channel, message in queries.live_alerts(seconds):
         since = datetime.fromtimestamp(since_ms / 1000, tz=UTC).strftime("%H:%M:%S")
         alerts.add_row(since, STATE_STYLE.get(state, state), severity or "", rule, tenant, channel, message or "")
-    client.disconnect()
+    queries.close()
     stamp = datetime.now(UTC).strftime("%H:%M:%S UTC")
     note = f"[dim]{stamp} - indicators appear when a window closes (its end + lateness)[/]"
     return Group(table, verdicts, alerts, note)
