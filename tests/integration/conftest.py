@@ -23,9 +23,8 @@ from pipeline.contract.registry import open_registry
 from pipeline.settings import Settings, to_env
 
 
-@pytest.fixture
-def isolated(stack_settings: Settings) -> Iterator[Settings]:
-    run = uuid.uuid4().hex[:8]
+def isolated_settings(stack_settings: Settings, run: str) -> Settings:
+    """The stack's settings with a topic, group and database of this run's own, and short windows."""
     settings = stack_settings.model_copy(deep=True)
     settings.kafka.topic = f"it-{run}"
     settings.kafka.dead_letter_topic = f"it-{run}.deadletter"
@@ -38,6 +37,12 @@ def isolated(stack_settings: Settings) -> Iterator[Settings]:
     settings.window.idle_close_s = 1
     settings.batch.max_events = 2_000
     settings.batch.max_wait_s = 0.2
+    return settings
+
+
+@pytest.fixture
+def isolated(stack_settings: Settings) -> Iterator[Settings]:
+    settings = isolated_settings(stack_settings, uuid.uuid4().hex[:8])
     initialise(settings)
     yield settings
     connect(settings.clickhouse, database="default").execute(f"DROP DATABASE IF EXISTS {settings.clickhouse.database}")

@@ -31,7 +31,7 @@ from pipeline.contract.registry import open_registry
 from pipeline.generate.scenarios import generate
 from pipeline.settings import Settings, to_env
 from tests.factories import touchpoint
-from tests.integration.conftest import WorkerProcess
+from tests.integration.conftest import WorkerProcess, isolated_settings
 
 pytestmark = pytest.mark.integration
 
@@ -77,18 +77,7 @@ def _wait(check: Any, timeout_s: float, what: str, worker: WorkerProcess | None 
 def console_stack(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """One database, topic and worker for the module (the browser tests read the same traffic)."""
     run = uuid.uuid4().hex[:8]
-    settings = stack_settings.model_copy(deep=True)
-    settings.kafka.topic = f"it-{run}"
-    settings.kafka.dead_letter_topic = f"it-{run}.deadletter"
-    settings.kafka.consumer_group = f"it-{run}"
-    settings.kafka.partitions = 4
-    settings.clickhouse.database = f"it_{run}"
-    settings.metrics_port = 0
-    settings.window.size_s = 10
-    settings.window.allowed_lateness_s = 2
-    settings.window.idle_close_s = 1
-    settings.batch.max_events = 2_000
-    settings.batch.max_wait_s = 0.2
+    settings = isolated_settings(stack_settings, run)
     settings.console.token = TOKEN
     settings.alerting.topic = f"it-{run}.alerts"
     settings.alerting.cycle_s = 0.3
