@@ -27,6 +27,7 @@ from typing import Any
 
 import faust
 from faust.streams import _current_event  # private: see IdentityTable.write
+from faust.tables import TableManager
 from faust.tables.globaltable import GlobalTable
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP
@@ -262,6 +263,16 @@ class BatchTransport(aiokafka_driver.Transport):
     Consumer = BatchConsumer
 
 
+class PromptTableManager(TableManager):
+    """Faust's table manager without its start-up pause: Faust sleeps a second before registering tables, for
+    agents that declare them late; this app declares its one table (identity) before it starts."""
+
+    async def on_start(self) -> None:
+        if not self.should_stop:
+            await self._update_channels()  # private: what Faust's on_start does after its sleep
+            await self.recovery.start()
+
+
 class TouchpointApp(faust.App):
     """A Faust app whose consumer feeds a runner; the runner is made by `make_runner` once the consumer exists."""
 
@@ -316,6 +327,7 @@ def create_app(settings: Settings) -> TouchpointApp:
         producer_max_request_size=settings.kafka.max_message_bytes,
         datadir=str(datadir),  # per group: Faust keeps table stores under datadir/v<version>/
         store=settings.identity.store,
+        TableManager=PromptTableManager,
     )
     app.touchpoint_topic = settings.kafka.topic
     app.topics.add(app.topic(settings.kafka.topic, value_serializer="raw", key_serializer="raw"))
