@@ -51,6 +51,7 @@ class BenchResult:
     drain: bool = False
     startup_s: float = 0.0  # launching the worker -> its first row in ClickHouse
     worker_cpu_s: float = 0.0  # user + system CPU of the worker process while the clock ran
+    worker_runqueue_wait_s: float = 0.0  # ...and how long its threads waited for a core meanwhile
     worker_cpu_us_per_event: float = 0.0
     decode_us_per_event: float = 0.0  # CPU time of fastavro decoding alone
     e2e_over_decode: float = 0.0  # goal: >= 1.0
@@ -93,6 +94,19 @@ def cpu_seconds(stat_line: str, ticks_per_s: int) -> float:
 def _worker_cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         return cpu_seconds(stat.read(), os.sysconf("SC_CLK_TCK"))
+
+
+def _worker_runqueue_wait_s(pid: int) -> float:
+    """Seconds the worker's threads were ready to run but waited for a core (the scheduler's /proc schedstat,
+    summed over the threads alive now): the share of the wall clock that other processes on the cores took."""
+    waited_ns = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as schedstat:
+                waited_ns += int(schedstat.read().split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue  # a thread that ended meanwhile, or a kernel without schedstat
+    return waited_ns / 1e9
 
 
 def _generated(events: int, seed: int) -> list[dict[str, Any]]:
@@ -257,14 +271,15 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
         if drain:
             os.kill(worker.pid, signal.SIGSTOP)
         publish_started = started = time.perf_counter()
-        cpu_before = _worker_cpu_s(worker.pid)
+        cpu_before, waited_before = _worker_cpu_s(worker.pid), _worker_runqueue_wait_s(worker.pid)
         for key, value in zip(keys, values, strict=True):
             publisher.publish_raw(value, key)
         publisher.flush()
         published = time.perf_counter()
         if drain:
             started = time.perf_counter()
-            cpu_before = _worker_cpu_s(worker.pid)  # stopped since the first row: nothing spent meanwhile
+            # Stopped since the first row: nothing spent meanwhile.
+            cpu_before, waited_before = _worker_cpu_s(worker.pid), _worker_runqueue_wait_s(worker.pid)
             os.kill(worker.pid, signal.SIGCONT)
 
         def sample_rss() -> None:
@@ -272,6 +287,7 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
 
         finished = _wait_rows(client, events + 1, timeout_s, every_2_s=sample_rss)
         worker_cpu_s = _worker_cpu_s(worker.pid) - cpu_before
+        waited_s = _worker_runqueue_wait_s(worker.pid) - waited_before
         worker_rss = _worker_rss_mib(worker.pid)
         rss_over_time.append((round(finished - started, 1), round(worker_rss, 1)))
         publisher.close()
@@ -296,7 +312,8 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
                        publish_events_per_s=publish_rate, e2e_seconds=finished - started, identity=identity,
                        preloaded_identifiers=len(preload) * 2 // 3, worker_rss_mib=worker_rss,
                        graph_bytes_per_identifier=per_identifier, drain=drain, startup_s=startup_s,
-                       worker_cpu_s=worker_cpu_s, worker_rss_mib_over_time=rss_over_time,
+                       worker_cpu_s=worker_cpu_s, worker_runqueue_wait_s=waited_s,
+                       worker_rss_mib_over_time=rss_over_time,
                        profile_path=str(profile or ""), **asdict(cost))
 
 
