@@ -39,3 +39,35 @@ def test_cpu_seconds_of_this_process_grow_with_work():
     with open("/proc/self/stat") as stat:
         after = cpu_seconds(stat.read(), ticks)
     assert after - before > 0.05
+
+
+def _busy_in_a_thread() -> int:
+    return sum(i * i for i in range(200_000))
+
+
+def _busy_in_the_main_thread() -> int:
+    return sum(i * i for i in range(200_000))
+
+
+def test_the_worker_profile_holds_every_thread(tmp_path):
+    import pstats
+    import threading
+
+    from pipeline.adapters.worker import _profiled
+
+    path = tmp_path / "worker.pstats"
+    with _profiled(str(path)):
+        thread = threading.Thread(target=_busy_in_a_thread)
+        thread.start()
+        _busy_in_the_main_thread()
+        thread.join()
+    functions = {name for _file, _line, name in pstats.Stats(str(path)).stats}
+    assert {"_busy_in_a_thread", "_busy_in_the_main_thread"} <= functions
+
+
+def test_no_profile_without_a_path(tmp_path):
+    from pipeline.adapters.worker import _profiled
+
+    with _profiled(""):
+        pass
+    assert list(tmp_path.iterdir()) == []
