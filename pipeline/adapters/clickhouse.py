@@ -36,6 +36,15 @@ def connect(settings: ClickHouseSettings, *, database: str | None = None) -> Cli
     )
 
 
+def drop_database(settings: ClickHouseSettings) -> None:
+    """Remove a scratch database (a bench's own) with everything in it."""
+    client = connect(settings, database="default")
+    try:
+        client.execute(f"DROP DATABASE IF EXISTS {settings.database}")
+    finally:
+        client.disconnect()
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     version: int
@@ -278,18 +287,21 @@ class ClickHouseSink:
         self.write_journeys(output, now_ms)
         if output.checkpoints:
             cps = list(output.checkpoints.values())
-            self._insert("pipeline_checkpoints", _CHECKPOINT_COLUMNS, [
-                [self.consumer_group] * len(cps), [self.topic] * len(cps), [c.partition for c in cps],
-                [c.commit_offset for c in cps], [c.read_offset for c in cps], [c.watermark_ms for c in cps],
-                [c.closed_before_ms for c in cps], [c.replay_watermark_ms for c in cps],
-                [c.replay_closed_before_ms for c in cps], [c.state or b"" for c in cps], [now_ms] * len(cps),
-            ])
+            self.write_checkpoints(cps, now_ms)
             for cp in cps:
                 # Rolling needs a query or two: only when the partition's closed horizon entered a new hour.
                 hour = cp.closed_before_ms - cp.closed_before_ms % HOUR_MS
                 if self._hour_seen.get(cp.partition) != hour:
                     self.roll_up(cp.partition, cp.closed_before_ms, now_ms)
                     self._hour_seen[cp.partition] = hour
+
+    def write_checkpoints(self, cps: Sequence[Checkpoint], now_ms: int) -> None:
+        self._insert("pipeline_checkpoints", _CHECKPOINT_COLUMNS, [
+            [self.consumer_group] * len(cps), [self.topic] * len(cps), [c.partition for c in cps],
+            [c.commit_offset for c in cps], [c.read_offset for c in cps], [c.watermark_ms for c in cps],
+            [c.closed_before_ms for c in cps], [c.replay_watermark_ms for c in cps],
+            [c.replay_closed_before_ms for c in cps], [c.state or b"" for c in cps], [now_ms] * len(cps),
+        ])
 
     def write_journeys(self, output: Output, now_ms: int) -> None:
         """Closed journeys and the profiles they changed; a replayed journey or profile replaces its first copy."""
