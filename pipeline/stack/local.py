@@ -498,7 +498,7 @@ dataDir={home}/data
 clientPort={port}
 clientPortAddress={host}
 admin.enableServer=false
-4lw.commands.whitelist=ruok
+4lw.commands.whitelist=srvr
 maxClientCnxns=200
 """
 
@@ -533,10 +533,11 @@ class ZooKeeperServer(_Service):
                 str(self.home / "zoo.cfg")]
 
     def ready(self) -> bool:
+        """Serving sessions: before that it answers `ruok` but drops a client's handshake."""
         try:
             with socket.create_connection(self.address, timeout=1) as probe:
-                probe.sendall(b"ruok")
-                return probe.recv(4) == b"imok"
+                probe.sendall(b"srvr")
+                return b"Mode: standalone" in probe.recv(4096)
         except OSError:
             return False
 
@@ -576,8 +577,9 @@ class ClusterNode(ClickHouseServer):
             return False
         from clickhouse_driver import Client
 
-        try:
-            Client(host=self.address[0], port=self.address[1], connect_timeout=2).execute("SELECT 1")
+        try:  # and its ZooKeeper session is up (18.16 fails ON CLUSTER queries, or worse, without one)
+            Client(host=self.address[0], port=self.address[1], connect_timeout=2).execute(
+                "SELECT count() FROM system.zookeeper WHERE path = '/'")
             return True
         except Exception:  # still starting: keep waiting until the deadline
             return False
