@@ -265,6 +265,11 @@ def mutated_table(settings: ClickHouseSettings, table: str) -> str:
     return f"{settings.database}.{table}{LOCAL_SUFFIX} ON CLUSTER {settings.cluster}"
 
 
+def mutations_table(settings: ClickHouseSettings) -> str:
+    """Where mutations are listed: this server's system.mutations, or every server's of the cluster."""
+    return f"cluster('{settings.cluster}', system.mutations)" if settings.cluster else "system.mutations"
+
+
 def cluster_settings(settings: ClickHouseSettings) -> dict[str, object]:
     """Connection settings of the pipeline's clients on a cluster. Writers insert into the Distributed tables
     synchronously (insert_distributed_sync): an insert returns once every shard holds its rows, so the runner's

@@ -18,6 +18,7 @@ import pytest
 from pipeline.adapters.clickhouse import connect
 from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher
 from pipeline.app.bootstrap import initialise
+from pipeline.app.erasure import forget
 from pipeline.contract.registry import open_registry
 from pipeline.settings import Settings
 from pipeline.stack.local import LocalCluster, ShardPorts
@@ -120,3 +121,15 @@ def test_a_worker_writes_across_two_shards_and_bi_reads_exact_counts_from_either
     persons = [set(server.execute("SELECT DISTINCT person_id FROM role_transitions_local"))
                for server in (first, second)]
     assert persons[0] and persons[1] and not persons[0] & persons[1]  # a person's role changes together
+
+    # Erasure deletes on every shard (ALTER ... ON CLUSTER on the local tables) and waits for all of them.
+    # (A web visitor: an anonymous id of their own, linked to no one else.)
+    [(visitor, rows)] = first.execute(
+        "SELECT anonymous_id, count() FROM touchpoints FINAL WHERE anonymous_id != 'a-1' AND user_id IS NULL "
+        "AND customer_id IS NULL GROUP BY anonymous_id ORDER BY count() DESC LIMIT 1")
+    report = forget(cluster, f"anonymous_id:{visitor}", settle_s=0.5)
+    assert report.rows_before >= rows > 0  # (before folding: the copies sent twice count twice)
+    for server in (first, second):
+        assert server.execute("SELECT count() FROM touchpoints FINAL WHERE anonymous_id = %(a)s",
+                              {"a": visitor})[0][0] == 0
+        assert server.execute("SELECT count() FROM touchpoints_unique")[0][0] == 3_000 - rows
