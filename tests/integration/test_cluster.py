@@ -67,7 +67,8 @@ def cluster(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) 
 def shards(settings: Settings) -> list[Any]:
     """A client on each server of the cluster (the settings point at the first)."""
     ports = [row[0] for row in connect(settings.clickhouse).execute(
-        "SELECT port FROM system.clusters WHERE cluster = %(c)s ORDER BY shard_num", {"c": settings.clickhouse.cluster})]
+        "SELECT port FROM system.clusters WHERE cluster = %(c)s ORDER BY shard_num",
+        {"c": settings.clickhouse.cluster})]
     assert len(ports) == 2
     return [connect(settings.clickhouse.model_copy(update={"port": port})) for port in ports]
 
