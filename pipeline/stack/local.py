@@ -436,11 +436,16 @@ class ClickHouseServer(_Service):
     def address(self) -> tuple[str, int]:
         return self.settings.clickhouse.host, self.settings.clickhouse.port
 
+    @property
+    def http_port(self) -> int:
+        return self.settings.clickhouse.http_port
+
+    ready_query = "SELECT 1"
+
     def prepare(self) -> None:
         for sub in ("data", "tmp", "user_files", "format_schemas", "log"):
             (self.home / sub).mkdir(parents=True, exist_ok=True)
-        config, users = render_clickhouse_config(self.home, self.settings.clickhouse.port,
-                                                 self.settings.clickhouse.http_port, self.cluster_config())
+        config, users = render_clickhouse_config(self.home, self.address[1], self.http_port, self.cluster_config())
         (self.home / "config.xml").write_text(config)
         (self.home / "users.xml").write_text(users)
 
@@ -457,8 +462,8 @@ class ClickHouseServer(_Service):
 
         ch = self.settings.clickhouse
         try:
-            Client(host=ch.host, port=ch.port, user=ch.user, password=ch.password,
-                   connect_timeout=2).execute("SELECT 1")
+            Client(host=self.address[0], port=self.address[1], user=ch.user, password=ch.password,
+                   connect_timeout=2).execute(self.ready_query)
             return True
         except Exception:  # still starting (or refusing): keep waiting until the deadline
             return False
@@ -559,30 +564,17 @@ class ClusterNode(ClickHouseServer):
     def address(self) -> tuple[str, int]:
         return "127.0.0.1", self.cluster.shards[self.shard - 1].tcp_port
 
-    def prepare(self) -> None:
-        ports = self.cluster.shards[self.shard - 1]
-        for sub in ("data", "tmp", "user_files", "format_schemas", "log"):
-            (self.home / sub).mkdir(parents=True, exist_ok=True)
-        config, users = render_clickhouse_config(self.home, ports.tcp_port, ports.http_port, self.cluster_config())
-        (self.home / "config.xml").write_text(config)
-        (self.home / "users.xml").write_text(users)
+    @property
+    def http_port(self) -> int:
+        return self.cluster.shards[self.shard - 1].http_port
+
+    # Also its ZooKeeper session: 18.16 fails ON CLUSTER queries (or crashes) without one.
+    ready_query = "SELECT count() FROM system.zookeeper WHERE path = '/'"
 
     def cluster_config(self) -> str:
         ports = self.cluster.shards[self.shard - 1]
         return render_cluster_config(self.cluster.name, [("127.0.0.1", s.tcp_port) for s in self.cluster.shards],
                                      ("127.0.0.1", self.cluster.zookeeper_port), self.shard, ports.interserver_port)
-
-    def ready(self) -> bool:
-        if not _answers(*self.address):
-            return False
-        from clickhouse_driver import Client
-
-        try:  # and its ZooKeeper session is up (18.16 fails ON CLUSTER queries, or worse, without one)
-            Client(host=self.address[0], port=self.address[1], connect_timeout=2).execute(
-                "SELECT count() FROM system.zookeeper WHERE path = '/'")
-            return True
-        except Exception:  # still starting: keep waiting until the deadline
-            return False
 
 
 @dataclass(frozen=True, slots=True)
