@@ -45,12 +45,16 @@ SHARDING_KEYS = {
     "indicator_rollup_hourly": "source_partition",
     "indicator_rollup_daily": "source_partition",
     "pipeline_checkpoints": "partition",
+    "person_touchpoints": "cityHash64(person_id)",
 }
 
 _CREATE_TABLE = re.compile(r"^CREATE\s+TABLE\s+IF\s+NOT\s+EXISTS\s+(\w+)\s*\(", re.I)
 _ENGINE = re.compile(r"^\s*ENGINE\s*=\s*(\w+)(?:\(([^)]*)\))?(.*)$", re.I | re.S)
 _ORDER_BY = re.compile(r"ORDER\s+BY\s+(\([^)]*\)|\w+)", re.I)
 _CREATE_VIEW = re.compile(r"^CREATE\s+VIEW\s+IF\s+NOT\s+EXISTS\s+(\w+)\s+AS\b", re.I)
+_CREATE_MATERIALIZED_VIEW = re.compile(
+    r"^CREATE\s+MATERIALIZED\s+VIEW\s+IF\s+NOT\s+EXISTS\s+(\w+)\s+TO\s+(\w+)\s+AS\b", re.I)
+_INSERT_SELECT = re.compile(r"^INSERT\s+INTO\s+\w+\b.*\bSELECT\b", re.I | re.S)
 _ALTER = re.compile(r"^ALTER\s+TABLE\s+(\w+)\s", re.I)
 _DROP = re.compile(r"^DROP\s+TABLE\s+IF\s+EXISTS\s+(\w+)\s*$", re.I)
 _JOIN = re.compile(r"(?<!GLOBAL )\bANY\s+LEFT\s+JOIN\b", re.I)
@@ -231,9 +235,13 @@ def render_statement(statement: str, target: MigrationTarget) -> list[str]:
     if view := _CREATE_VIEW.match(statement):
         # Views read the Distributed tables; a join's right side is read across the cluster once (GLOBAL), not on
         # every shard (which 18.16 refuses by default: distributed_product_mode = deny).
-        # Each server checks a view's query when it creates it, in its default database: names are qualified.
-        body = _FROM_TABLE.sub(rf"\1{db}.\2", _JOIN.sub("GLOBAL ANY LEFT JOIN", statement[view.end():]))
-        return [f"CREATE VIEW IF NOT EXISTS {db}.{view[1]} {on_cluster} AS{body}"]
+        return [f"CREATE VIEW IF NOT EXISTS {db}.{view[1]} {on_cluster} AS{_qualified(statement[view.end():], db)}"]
+    if view := _CREATE_MATERIALIZED_VIEW.match(statement):
+        # On every server, over the Distributed tables: the server a writer inserts through sees each row once
+        # (shards receive their rows into the local tables, which have no view) and sends the view's rows to the
+        # target's shards by the target's own sharding key, so its copies fold as on one server.
+        return [f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{view[1]} {on_cluster} TO {db}.{view[2]} "
+                f"AS{_qualified(statement[view.end():], db)}"]
     if alter := _ALTER.match(statement):
         name = alter[1]
         key = dict(target.sharding_keys).get(name)
@@ -245,7 +253,16 @@ def render_statement(statement: str, target: MigrationTarget) -> list[str]:
                 f"DROP TABLE IF EXISTS {db}.{name} {on_cluster}", _distributed_table(name, key, target)]
     if drop := _DROP.match(statement):
         return [f"DROP TABLE IF EXISTS {db}.{drop[1]} {on_cluster}"]
-    return [statement]  # INSERT ... SELECT: through the Distributed tables, once
+    if _INSERT_SELECT.match(statement):
+        return [statement]  # through the Distributed tables, once
+    raise ValueError(f"no cluster form of this migration statement (pipeline/adapters/clickhouse_ddl.py): "
+                     f"{statement[:80]}")
+
+
+def _qualified(query: str, database: str) -> str:
+    """A view's query with its tables named with their database (each server checks a view's query when it
+    creates it, in its own default database) and its joins GLOBAL."""
+    return _FROM_TABLE.sub(rf"\1{database}.\2", _JOIN.sub("GLOBAL ANY LEFT JOIN", query))
 
 
 def render_statements(statements: tuple[str, ...] | list[str], target: MigrationTarget) -> list[str]:

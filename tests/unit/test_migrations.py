@@ -375,3 +375,20 @@ def test_every_sharding_key_is_made_of_its_tables_sorting_key_so_copies_fold_on_
     by_name = {t.name: sharding_key(t) for t in tables}
     for person_table in ("journeys", "person_profiles", "role_transitions"):
         assert by_name[person_table] == "cityHash64(person_id)"  # a person's rows together
+
+
+def test_a_cluster_materialized_view_reads_and_writes_the_distributed_tables():
+    [view] = render_statements(["CREATE MATERIALIZED VIEW IF NOT EXISTS lookups_writer TO lookups AS\n"
+                                "SELECT person_id, event_id FROM touchpoints\nARRAY JOIN resolved_from AS identifier"],
+                               cluster_target())
+    assert view == ("CREATE MATERIALIZED VIEW IF NOT EXISTS touchpoint.lookups_writer ON CLUSTER tp TO "
+                    "touchpoint.lookups AS\nSELECT person_id, event_id FROM touchpoint.touchpoints\n"
+                    "ARRAY JOIN resolved_from AS identifier")
+
+
+def test_a_statement_without_a_cluster_form_is_refused_rather_than_run_on_one_server():
+    with pytest.raises(ValueError, match="no cluster form"):
+        render_statements(["CREATE MATERIALIZED VIEW IF NOT EXISTS m ENGINE = SummingMergeTree ORDER BY a AS "
+                           "SELECT a FROM touchpoints"], cluster_target())
+    with pytest.raises(ValueError, match="no migration creates"):
+        render_statements(["ALTER TABLE nowhere ADD COLUMN a UInt8"], cluster_target())
