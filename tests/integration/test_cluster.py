@@ -24,7 +24,13 @@ from pipeline.settings import Settings
 from pipeline.stack.local import LocalCluster, ShardPorts
 from tests import reference
 from tests.integration.conftest import WorkerProcess, isolated_settings, wait_until
-from tests.integration.test_pipeline import all_windows_closed, assert_values_equal, stored_values, traffic
+from tests.integration.test_pipeline import (
+    all_windows_closed,
+    assert_alerts_follow_the_rules,
+    assert_values_equal,
+    stored_values,
+    traffic,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -113,6 +119,10 @@ def test_a_worker_writes_across_two_shards_and_bi_reads_exact_counts_from_either
         # the views that join persons' aliases read them across the cluster (GLOBAL JOIN)
         assert server.execute("SELECT sum(touchpoint_count) FROM persons")[0][0] == 3_000
         assert server.execute("SELECT count() FROM touchpoints_by_person")[0][0] == 3_000
+
+    # The alerter (its lease, states and transitions in Distributed tables) judges what the workers stored.
+    fired = assert_alerts_follow_the_rules(second, cluster, expected, events[-1]["event_time"])
+    assert ("ux_error_rate_high", "bank", "MOBILE_APP") in fired
 
     on_shard = [server.execute("SELECT count() FROM touchpoints_local FINAL")[0][0] for server in (first, second)]
     assert min(on_shard) > 500 and sum(on_shard) == 3_000  # both shards hold rows, each row once
