@@ -252,7 +252,10 @@ def render_statement(statement: str, target: MigrationTarget) -> list[str]:
         return [f"ALTER TABLE {db}.{name}{LOCAL_SUFFIX} {on_cluster} {statement[alter.end():]}",
                 f"DROP TABLE IF EXISTS {db}.{name} {on_cluster}", _distributed_table(name, key, target)]
     if drop := _DROP.match(statement):
-        return [f"DROP TABLE IF EXISTS {db}.{drop[1]} {on_cluster}"]
+        name = drop[1]
+        local = [f"DROP TABLE IF EXISTS {db}.{name}{LOCAL_SUFFIX} {on_cluster}"] if name in dict(
+            target.sharding_keys) else []  # a table's shards too; a view has none
+        return [f"DROP TABLE IF EXISTS {db}.{name} {on_cluster}", *local]
     if _INSERT_SELECT.match(statement):
         return [statement]  # through the Distributed tables, once
     raise ValueError(f"no cluster form of this migration statement (pipeline/adapters/clickhouse_ddl.py): "

@@ -386,6 +386,14 @@ def test_a_cluster_materialized_view_reads_and_writes_the_distributed_tables():
                     "ARRAY JOIN resolved_from AS identifier")
 
 
+def test_a_cluster_drops_a_view_on_every_server_and_a_table_with_its_shards():
+    assert render_statements(["DROP TABLE IF EXISTS indicator_values"], cluster_target()) == [
+        "DROP TABLE IF EXISTS touchpoint.indicator_values ON CLUSTER tp"]
+    assert render_statements(["DROP TABLE IF EXISTS alerts"], cluster_target()) == [
+        "DROP TABLE IF EXISTS touchpoint.alerts ON CLUSTER tp",
+        "DROP TABLE IF EXISTS touchpoint.alerts_local ON CLUSTER tp"]
+
+
 def test_a_statement_without_a_cluster_form_is_refused_rather_than_run_on_one_server():
     with pytest.raises(ValueError, match="no cluster form"):
         render_statements(["CREATE MATERIALIZED VIEW IF NOT EXISTS m ENGINE = SummingMergeTree ORDER BY a AS "
