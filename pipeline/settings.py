@@ -68,6 +68,19 @@ class ClickHouseSettings(BaseModel):
     database: str = "touchpoint"
     user: str = "default"
     password: str = ""
+    cluster: str = Field("", pattern=r"^[A-Za-z0-9_]*$", description=(
+        "A cluster of the servers' remote_servers: migrations create Replicated*MergeTree tables <table>_local "
+        "ON CLUSTER and Distributed tables under the usual names over them (docs/clickhouse.md); empty = one "
+        "server."))
+    replica_path: str = Field("/clickhouse/tables/{shard}/{database}/{table}", description=(
+        "ZooKeeper path of each replicated table ({shard} and {replica} are the servers' macros; {database} and "
+        "{table} are filled in by the migrations)."))
+    touchpoints_ttl_days: int = Field(0, ge=0, description=(
+        "Raw touchpoints older than this (event time) are deleted by the server; 0 = kept. Set when the table is "
+        "created, on servers with TTL (19.6+; not 18.16)."))
+    dead_letter_replays_ttl_days: int = Field(30, ge=0, description=(
+        "Records of replayed dead letters are kept this long (the dead-letter topic's retention); 0 = kept. Set "
+        "when the table is created, on servers with TTL."))
 
 
 def _default_apdex_t_ms() -> dict[str, int]:

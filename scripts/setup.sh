@@ -11,6 +11,8 @@ fi
 command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+# ZooKeeper coordinates the two-shard ClickHouse cluster the integration tests start (clickhouse.cluster).
+[ -e /usr/share/java/zookeeper.jar ] || missing+=(zookeeper)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing from Debian's packages: ${missing[*]}"
     apt-get update -q

@@ -93,10 +93,6 @@ class AlertStore:
         with self._lock:
             return self.client.execute(query, params, **kwargs)
 
-    def query(self, sql: str, params: object = None) -> Any:
-        """A read for operators' views (the console's alert store)."""
-        return self._execute(sql, params)
-
     def _insert(self, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
         if rows:
             data = [list(column) for column in zip(*rows, strict=True)]
@@ -270,6 +266,37 @@ class AlertStore:
             "SELECT fingerprint, rule, tenant, channel, state, since_ms, value, acked_by, escalation_level "
             "FROM alert_current WHERE state IN %(states)s ORDER BY state, rule, tenant, channel",
             {"states": tuple(states)})]
+
+    def alerts_with_latest_event(self, fingerprint: str | None, since_ms: int) -> list[tuple[Any, ...]]:
+        """Each series' current state with its latest transition: one series by fingerprint, or those that changed
+        since since_ms plus every active one."""
+        params: dict[str, object]
+        if fingerprint is not None:
+            where, params = "c.fingerprint = %(fp)s", {"fp": fingerprint}
+        else:
+            where = "c.since_ms >= %(since)s OR c.state IN ('firing', 'pending', 'no_data')"
+            params = {"since": since_ms}
+        # Inner names differ from the columns: ClickHouse 18.16 reads `max(x) AS x` as an aggregate inside itself.
+        return [tuple(r) for r in self._execute(
+            "SELECT c.fingerprint, c.rule, c.tenant, c.channel, c.state, c.since_ms, c.acked_by, e_family, "
+            "e_severity, e_kind, e_start, e_end, e_value, e_threshold, e_message, e_at, e_rule_kind "
+            "FROM alert_current AS c ANY LEFT JOIN ("
+            "SELECT fingerprint, argMax(family, at_ms) AS e_family, argMax(severity, at_ms) AS e_severity, "
+            "argMax(window_kind, at_ms) AS e_kind, argMax(window_start_ms, at_ms) AS e_start, "
+            "argMax(window_end_ms, at_ms) AS e_end, argMax(value, at_ms) AS e_value, "
+            "argMax(threshold, at_ms) AS e_threshold, argMax(message, at_ms) AS e_message, max(at_ms) AS e_at, "
+            "argMax(rule_kind, at_ms) AS e_rule_kind FROM alert_events GROUP BY fingerprint) AS e USING fingerprint "
+            f"WHERE {where} ORDER BY c.since_ms DESC LIMIT 500", params)]
+
+    def transitions_of(self, fingerprint: str) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self._execute(
+            "SELECT from_state, to_state, cause, actor, window_end_ms, message, at_ms FROM alert_events FINAL "
+            "WHERE fingerprint = %(fp)s ORDER BY at_ms", {"fp": fingerprint})]
+
+    def commands_on(self, fingerprint: str) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self._execute(
+            "SELECT action, actor, comment, at_ms FROM alert_commands FINAL WHERE target = %(fp)s ORDER BY at_ms",
+            {"fp": fingerprint})]
 
     def list_cases(self, statuses: Collection[str], limit: int) -> list[Case]:
         rows = self._execute(

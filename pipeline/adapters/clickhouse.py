@@ -16,6 +16,7 @@ from typing import Any
 
 from clickhouse_driver import Client
 
+from pipeline.adapters.clickhouse_ddl import MigrationTarget, cluster_settings, create_database, render_statements
 from pipeline.core.aggregate import Checkpoint, WindowCell
 from pipeline.core.evaluate import WindowTotal
 from pipeline.core.indicators import BY_ID
@@ -32,8 +33,17 @@ def connect(settings: ClickHouseSettings, *, database: str | None = None) -> Cli
         host=settings.host, port=settings.port, user=settings.user, password=settings.password,
         database=settings.database if database is None else database,
         connect_timeout=5, send_receive_timeout=60,
-        settings={"insert_block_size": 1_048_576},
+        settings={"insert_block_size": 1_048_576, **cluster_settings(settings)},
     )
+
+
+def drop_database(settings: ClickHouseSettings) -> None:
+    """Remove a scratch database (a bench's own) with everything in it."""
+    client = connect(settings, database="default")
+    try:
+        client.execute(f"DROP DATABASE IF EXISTS {settings.database}")
+    finally:
+        client.disconnect()
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +74,7 @@ def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return migrations
 
 
-_ALTER_ADD = re.compile(r"^\s*ALTER\s+TABLE\s+(\w+)\s+ADD\s+COLUMN\s", re.I)
+_ALTER_ADD = re.compile(r"^\s*ALTER\s+TABLE\s+(?:\w+\.)?(\w+)(?:\s+ON\s+CLUSTER\s+\w+)?\s+ADD\s+COLUMN\s", re.I)
 _ADDED_COLUMN = re.compile(r"ADD\s+COLUMN\s+(\w+)", re.I)
 
 
@@ -76,7 +86,8 @@ def added_columns(statement: str) -> tuple[str, list[str]] | None:
 
 
 def migration_checksum(migration: Migration) -> str:
-    """SHA-256 (first 16 hex digits) of a migration's statements: comments and blank lines do not change it."""
+    """SHA-256 (first 16 hex digits) of a migration's statements as written (whatever server they are rendered
+    for): comments and blank lines do not change it."""
     return hashlib.sha256("\n;\n".join(migration.statements).encode()).hexdigest()[:16]
 
 
@@ -85,26 +96,36 @@ _MIGRATIONS_TABLE = ("CREATE TABLE IF NOT EXISTS schema_migrations "
                      "ENGINE = MergeTree ORDER BY version")
 
 
-def _migrations_table(client: Client) -> None:
-    client.execute(_MIGRATIONS_TABLE)
+def _migrations_table(client: Client, target: MigrationTarget) -> None:
+    for statement in render_statements([_MIGRATIONS_TABLE], target):
+        client.execute(statement)
     columns = {row[0] for row in client.execute(
         "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = 'schema_migrations'")}
     if "checksum" not in columns:  # databases initialised before checksums were recorded
-        client.execute("ALTER TABLE schema_migrations ADD COLUMN checksum String")
+        for statement in render_statements(["ALTER TABLE schema_migrations ADD COLUMN checksum String"], target):
+            client.execute(statement)
+
+
+def migration_target(settings: ClickHouseSettings, server: Client) -> MigrationTarget:
+    """Where the migrations run: the database, the dialect of the server's version, the cluster and TTLs."""
+    statements = [_MIGRATIONS_TABLE, *(s for m in load_migrations() for s in m.statements)]
+    return MigrationTarget.of(settings, server.execute("SELECT version()")[0][0], statements)
 
 
 def apply_migrations(settings: ClickHouseSettings) -> list[Migration]:
-    """Create the database and apply every migration not yet recorded; safe to run again and again."""
+    """Create the database and apply every migration not yet recorded, rendered for the server (its version, the
+    cluster: pipeline.adapters.clickhouse_ddl); safe to run again and again."""
     server = connect(settings, database="default")
-    server.execute(f"CREATE DATABASE IF NOT EXISTS {settings.database}")
+    target = migration_target(settings, server)
+    server.execute(create_database(target))
     client = connect(settings)
-    _migrations_table(client)
+    _migrations_table(client, target)
     applied = {row[0] for row in client.execute("SELECT version FROM schema_migrations")}
     done = []
     for migration in load_migrations():
         if migration.version in applied:
             continue
-        for statement in migration.statements:
+        for statement in render_statements(migration.statements, target):
             adding = added_columns(statement)
             if adding is not None:
                 table, wanted = adding
@@ -126,6 +147,7 @@ class MigrationState:
     checksum: str  # of the file as it is now
     applied_at: datetime | None  # None: pending
     applied_checksum: str  # recorded when it was applied ('' before checksums were recorded)
+    statements: tuple[str, ...] = ()  # as they run on this server (its version, the cluster)
 
     @property
     def state(self) -> str:
@@ -139,6 +161,7 @@ class MigrationState:
 def migration_status(settings: ClickHouseSettings) -> list[MigrationState]:
     """Every migration file with whether (and when, with which checksum) it was applied; reads only."""
     server = connect(settings, database="default")
+    target = migration_target(settings, server)
     exists = server.execute("SELECT count() FROM system.tables WHERE database = %(db)s "
                             "AND name = 'schema_migrations'", {"db": settings.database})[0][0]
     recorded: dict[int, tuple[datetime, str]] = {}
@@ -150,8 +173,12 @@ def migration_status(settings: ClickHouseSettings) -> list[MigrationState]:
         for version, applied_at, applied_checksum in client.execute(
                 f"SELECT version, applied_at, {checksum} FROM schema_migrations ORDER BY version"):
             recorded[version] = (applied_at, applied_checksum)
-    return [MigrationState(m, migration_checksum(m), *recorded.get(m.version, (None, "")))
-            for m in load_migrations()]
+    states = []
+    for m in load_migrations():
+        applied_at, applied_checksum = recorded.get(m.version, (None, ""))
+        states.append(MigrationState(m, migration_checksum(m), applied_at, applied_checksum,
+                                     tuple(render_statements(m.statements, target))))
+    return states
 
 
 class DatabaseInUse(RuntimeError):
@@ -278,18 +305,21 @@ class ClickHouseSink:
         self.write_journeys(output, now_ms)
         if output.checkpoints:
             cps = list(output.checkpoints.values())
-            self._insert("pipeline_checkpoints", _CHECKPOINT_COLUMNS, [
-                [self.consumer_group] * len(cps), [self.topic] * len(cps), [c.partition for c in cps],
-                [c.commit_offset for c in cps], [c.read_offset for c in cps], [c.watermark_ms for c in cps],
-                [c.closed_before_ms for c in cps], [c.replay_watermark_ms for c in cps],
-                [c.replay_closed_before_ms for c in cps], [c.state or b"" for c in cps], [now_ms] * len(cps),
-            ])
+            self.write_checkpoints(cps, now_ms)
             for cp in cps:
                 # Rolling needs a query or two: only when the partition's closed horizon entered a new hour.
                 hour = cp.closed_before_ms - cp.closed_before_ms % HOUR_MS
                 if self._hour_seen.get(cp.partition) != hour:
                     self.roll_up(cp.partition, cp.closed_before_ms, now_ms)
                     self._hour_seen[cp.partition] = hour
+
+    def write_checkpoints(self, cps: Sequence[Checkpoint], now_ms: int) -> None:
+        self._insert("pipeline_checkpoints", _CHECKPOINT_COLUMNS, [
+            [self.consumer_group] * len(cps), [self.topic] * len(cps), [c.partition for c in cps],
+            [c.commit_offset for c in cps], [c.read_offset for c in cps], [c.watermark_ms for c in cps],
+            [c.closed_before_ms for c in cps], [c.replay_watermark_ms for c in cps],
+            [c.replay_closed_before_ms for c in cps], [c.state or b"" for c in cps], [now_ms] * len(cps),
+        ])
 
     def write_journeys(self, output: Output, now_ms: int) -> None:
         """Closed journeys and the profiles they changed; a replayed journey or profile replaces its first copy."""

@@ -112,22 +112,11 @@ class LifecycleAlertStore:
     def __init__(self, settings: Settings) -> None:
         self.store = _store(settings)
 
-    def _rows(self, where: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        # Inner names differ from the columns: ClickHouse 18.16 reads `max(x) AS x` as an aggregate inside itself.
-        rows = self.store.query(
-            "SELECT c.fingerprint, c.rule, c.tenant, c.channel, c.state, c.since_ms, c.acked_by, e_family, "
-            "e_severity, e_kind, e_start, e_end, e_value, e_threshold, e_message, e_at, e_rule_kind "
-            "FROM alert_current AS c ANY LEFT JOIN ("
-            "SELECT fingerprint, argMax(family, at_ms) AS e_family, argMax(severity, at_ms) AS e_severity, "
-            "argMax(window_kind, at_ms) AS e_kind, argMax(window_start_ms, at_ms) AS e_start, "
-            "argMax(window_end_ms, at_ms) AS e_end, argMax(value, at_ms) AS e_value, "
-            "argMax(threshold, at_ms) AS e_threshold, argMax(message, at_ms) AS e_message, max(at_ms) AS e_at, "
-            "argMax(rule_kind, at_ms) AS e_rule_kind FROM alert_events GROUP BY fingerprint) AS e USING fingerprint "
-            f"WHERE {where} ORDER BY c.since_ms DESC LIMIT 500", params)
+    def _rows(self, fingerprint: str | None = None, since_ms: int = 0) -> list[dict[str, Any]]:
         keys = ("alert_id", "rule", "tenant", "channel", "lifecycle_state", "since_ms", "acked_by", "family",
                 "severity", "window_kind", "window_start_ms", "window_end_ms", "value", "threshold", "message",
                 "fired_at_ms", "rule_kind")
-        return [dict(zip(keys, row, strict=True)) for row in rows]
+        return [dict(zip(keys, row, strict=True)) for row in self.store.alerts_with_latest_event(fingerprint, since_ms)]
 
     def _with_state(self, alerts: list[dict[str, Any]], now_ms: int) -> list[dict[str, Any]]:
         silences = self.store.silences(now_ms)
@@ -141,20 +130,15 @@ class LifecycleAlertStore:
         return alerts
 
     def list(self, seconds: int, now_ms: int) -> list[dict[str, Any]]:
-        return self._with_state(self._rows("c.since_ms >= %(since)s OR c.state IN ('firing', 'pending', 'no_data')",
-                                           {"since": now_ms - seconds * 1000}), now_ms)
+        return self._with_state(self._rows(since_ms=now_ms - seconds * 1000), now_ms)
 
     def get(self, alert_id: str, now_ms: int) -> dict[str, Any] | None:
-        found = self._with_state(self._rows("c.fingerprint = %(fp)s", {"fp": alert_id}), now_ms)
+        found = self._with_state(self._rows(fingerprint=alert_id), now_ms)
         if not found:
             return None
         alert = found[0]
-        transitions = self.store.query(
-            "SELECT from_state, to_state, cause, actor, window_end_ms, message, at_ms FROM alert_events FINAL "
-            "WHERE fingerprint = %(fp)s ORDER BY at_ms", {"fp": alert_id})
-        commands = self.store.query(
-            "SELECT action, actor, comment, at_ms FROM alert_commands FINAL WHERE target = %(fp)s ORDER BY at_ms",
-            {"fp": alert_id})
+        transitions = self.store.transitions_of(alert_id)
+        commands = self.store.commands_on(alert_id)
         alert["history"] = sorted(
             [{"action": f"{a}->{b}", "cause": cause, "actor": actor, "window_end_ms": end, "note": message,
               "at_ms": at} for a, b, cause, actor, end, message, at in transitions]

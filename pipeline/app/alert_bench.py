@@ -50,9 +50,9 @@ def _rules() -> list[dict[str, Any]]:
 
 def run_alert_bench(settings: Settings, *, tenants: int = 50, windows: int = 6, flip_share: float = 0.1,
                     seed: int = 11) -> AlertBenchResult:
-    from pipeline.adapters.clickhouse import ClickHouseSink, apply_migrations, connect
+    from pipeline.adapters.clickhouse import ClickHouseSink, apply_migrations, drop_database
     from pipeline.app.alerter import Alerter
-    from pipeline.core.aggregate import WindowCell
+    from pipeline.core.aggregate import Checkpoint, WindowCell
 
     run = uuid.uuid4().hex[:8]
     bench = settings.model_copy(deep=True)
@@ -88,7 +88,6 @@ def run_alert_bench(settings: Settings, *, tenants: int = 50, windows: int = 6, 
     bench.alerting.routes = [{"receiver": "hook"}]
     apply_migrations(bench.clickhouse)
     sink = ClickHouseSink(bench.clickhouse, bench.kafka.consumer_group, bench.kafka.topic)
-    client = connect(bench.clickhouse)
     alerter = Alerter(bench)
     rng = random.Random(seed)
     pane = bench.window.size_s * 1000
@@ -132,10 +131,7 @@ def run_alert_bench(settings: Settings, *, tenants: int = 50, windows: int = 6, 
                      for tenant, channel, indicator in keys for p in range(4)]
             sink.write_cells(cells, int(time.time() * 1000))
             written = int(time.time() * 1000)
-            client.execute("INSERT INTO pipeline_checkpoints (consumer_group, topic, partition, commit_offset, "
-                           "read_offset, watermark_ms, closed_before_ms, written_at_ms) VALUES",
-                           [(bench.kafka.consumer_group, bench.kafka.topic, p, w + 1, w + 1, end, end, written)
-                            for p in range(4)])
+            sink.write_checkpoints([Checkpoint(p, w + 1, w + 1, end, end) for p in range(4)], written)
             closed_at[end] = time.time()
             if w == 0:
                 alerter.progress = {}
@@ -152,8 +148,7 @@ def run_alert_bench(settings: Settings, *, tenants: int = 50, windows: int = 6, 
         alerter.close()
         server.shutdown()
         sink.client.disconnect()
-        client.execute(f"DROP DATABASE IF EXISTS {bench.clickhouse.database}")
-        client.disconnect()
+        drop_database(bench.clickhouse)
     measured_ends = sorted(closed_at)[1:]
     latencies = []
     for at, body in received:

@@ -103,7 +103,7 @@ def init(
                   "(topics and schema registration are idempotent and not listed)")
             for st in pending_states:
                 print(f"-- {st.migration.version:04d}_{st.migration.name} (checksum {st.checksum})")
-                for statement in st.migration.statements:
+                for statement in st.statements:
                     skip = "  -- skipped if its columns exist" if added_columns(statement) else ""
                     print(f"{statement};{skip}")
         return

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 from pipeline.adapters.clickhouse import connect
+from pipeline.adapters.clickhouse_ddl import mutated_table, mutations_table
 from pipeline.adapters.identity_log import encode_chunks, write_chunks
 from pipeline.core.identity import KINDS, Forget, identifier_hash, person_id_of
 from pipeline.settings import Settings
@@ -90,19 +91,20 @@ def forget(settings: Settings, identifier: str, *, settle_s: float = 2.0, timeou
     write_chunks(settings, encode_chunks(Forget(i, now_ms) for i in sorted(ids)), "forget")
     time.sleep(settle_s)  # let workers apply it and flush what they had buffered, so those rows go too
     params = {"p": tuple(persons), "i": list(ids), "it": tuple(ids)}  # IN takes a tuple, hasAny an array
-    for statement in (
-        "ALTER TABLE touchpoints DELETE WHERE person_id IN %(p)s OR hasAny(resolved_from, %(i)s)",
-        "ALTER TABLE person_aliases DELETE WHERE alias_person_id IN %(p)s OR person_id IN %(p)s",
-        "ALTER TABLE role_transitions DELETE WHERE person_id IN %(p)s",
-        "ALTER TABLE journeys DELETE WHERE person_id IN %(p)s",
-        "ALTER TABLE person_profiles DELETE WHERE person_id IN %(p)s",
-        "ALTER TABLE identity_audit DELETE WHERE identifier_a IN %(it)s OR identifier_b IN %(it)s "
-        "OR from_person_id IN %(p)s OR into_person_id IN %(p)s",
+    ch = settings.clickhouse
+    for table, condition in (
+        ("touchpoints", "person_id IN %(p)s OR hasAny(resolved_from, %(i)s)"),
+        ("person_aliases", "alias_person_id IN %(p)s OR person_id IN %(p)s"),
+        ("role_transitions", "person_id IN %(p)s"),
+        ("journeys", "person_id IN %(p)s"),
+        ("person_profiles", "person_id IN %(p)s"),
+        ("identity_audit", "identifier_a IN %(it)s OR identifier_b IN %(it)s "
+                           "OR from_person_id IN %(p)s OR into_person_id IN %(p)s"),
     ):
-        client.execute(statement, params)
+        client.execute(f"ALTER TABLE {mutated_table(ch, table)} DELETE WHERE {condition}", params)
     deadline = time.monotonic() + timeout_s
-    while client.execute("SELECT count() FROM system.mutations WHERE database = currentDatabase() "
-                         "AND is_done = 0")[0][0]:
+    while client.execute(f"SELECT count() FROM {mutations_table(ch)} WHERE database = %(db)s AND is_done = 0",
+                         {"db": ch.database})[0][0]:
         if time.monotonic() > deadline:
             raise TimeoutError("ClickHouse has not finished the deletions yet; run forget again to check")
         time.sleep(0.2)

@@ -90,8 +90,9 @@ def clickhouse_binary() -> Path:
     raise StackError("clickhouse-server is not installed: apt-get install clickhouse-server (scripts/setup.sh)")
 
 
-def render_clickhouse_config(home: Path, tcp_port: int, http_port: int) -> tuple[str, str]:
-    """config.xml and users.xml for a server whose every path is under `home`."""
+def render_clickhouse_config(home: Path, tcp_port: int, http_port: int, cluster: str = "") -> tuple[str, str]:
+    """config.xml and users.xml for a server whose every path is under `home`; `cluster`: more configuration
+    (render_cluster_config)."""
     config = f"""<?xml version="1.0"?>
 <yandex>
     <logger>
@@ -117,7 +118,7 @@ def render_clickhouse_config(home: Path, tcp_port: int, http_port: int) -> tuple
     <timezone>UTC</timezone>
     <mark_cache_size>268435456</mark_cache_size>
     <uncompressed_cache_size>268435456</uncompressed_cache_size>
-</yandex>
+{cluster}</yandex>
 """
     users = """<?xml version="1.0"?>
 <yandex>
@@ -403,6 +404,27 @@ class KafkaBroker(_Broker):
                 "-cp", self._classpath(), "kafka.Kafka", str(config / "server.properties")]
 
 
+def render_cluster_config(cluster: str, shards: list[tuple[str, int]], zookeeper: tuple[str, int], shard: int,
+                          interserver_port: int) -> str:
+    """What makes a server the `shard`-th (from 1) of a cluster with one replica per shard: the cluster's servers
+    (remote_servers), its macros ({shard}, and a {replica} named after its address), ZooKeeper (replication and
+    ON CLUSTER queries) and the port replicas fetch parts from."""
+    replicas = "".join(
+        f"            <shard><internal_replication>true</internal_replication>"
+        f"<replica><host>{host}</host><port>{port}</port></replica></shard>\n" for host, port in shards)
+    host, port = shards[shard - 1]
+    return f"""    <remote_servers>
+        <{cluster}>
+{replicas}        </{cluster}>
+    </remote_servers>
+    <macros><shard>{shard}</shard><replica>{host}-{port}</replica></macros>
+    <zookeeper><node><host>{zookeeper[0]}</host><port>{zookeeper[1]}</port></node></zookeeper>
+    <distributed_ddl><path>/clickhouse/task_queue/ddl</path></distributed_ddl>
+    <interserver_http_host>{host}</interserver_http_host>
+    <interserver_http_port>{interserver_port}</interserver_http_port>
+"""
+
+
 class ClickHouseServer(_Service):
     name = "clickhouse"
 
@@ -414,13 +436,21 @@ class ClickHouseServer(_Service):
     def address(self) -> tuple[str, int]:
         return self.settings.clickhouse.host, self.settings.clickhouse.port
 
+    @property
+    def http_port(self) -> int:
+        return self.settings.clickhouse.http_port
+
+    ready_query = "SELECT 1"
+
     def prepare(self) -> None:
         for sub in ("data", "tmp", "user_files", "format_schemas", "log"):
             (self.home / sub).mkdir(parents=True, exist_ok=True)
-        config, users = render_clickhouse_config(self.home, self.settings.clickhouse.port,
-                                                 self.settings.clickhouse.http_port)
+        config, users = render_clickhouse_config(self.home, self.address[1], self.http_port, self.cluster_config())
         (self.home / "config.xml").write_text(config)
         (self.home / "users.xml").write_text(users)
+
+    def cluster_config(self) -> str:
+        return ""
 
     def command(self) -> list[str]:
         return [str(clickhouse_binary()), f"--config-file={self.home / 'config.xml'}"]
@@ -432,8 +462,8 @@ class ClickHouseServer(_Service):
 
         ch = self.settings.clickhouse
         try:
-            Client(host=ch.host, port=ch.port, user=ch.user, password=ch.password,
-                   connect_timeout=2).execute("SELECT 1")
+            Client(host=self.address[0], port=self.address[1], user=ch.user, password=ch.password,
+                   connect_timeout=2).execute(self.ready_query)
             return True
         except Exception:  # still starting (or refusing): keep waiting until the deadline
             return False
@@ -460,3 +490,131 @@ def down(settings: Settings) -> list[ServiceStatus]:
 
 def status(settings: Settings) -> list[ServiceStatus]:
     return [service.status() for service in _services(settings)]
+
+
+ZOOKEEPER_CLASSPATH = "/usr/share/java/zookeeper.jar"  # Debian's zookeeper package (scripts/setup.sh)
+
+
+def render_zookeeper_config(home: Path, host: str, port: int) -> str:
+    """zoo.cfg of a standalone ZooKeeper on loopback with its data under `home` (no admin web server)."""
+    return f"""# Written by pipeline/stack/local.py on every start; edits here are lost.
+tickTime=500
+dataDir={home}/data
+clientPort={port}
+clientPortAddress={host}
+admin.enableServer=false
+4lw.commands.whitelist=srvr
+maxClientCnxns=200
+"""
+
+
+class ZooKeeperServer(_Service):
+    """A standalone ZooKeeper for a local ClickHouse cluster (replicated tables, ON CLUSTER queries)."""
+
+    name = "zookeeper"
+
+    def __init__(self, settings: Settings, port: int) -> None:
+        super().__init__(settings)
+        self.port = port
+
+    @property
+    def home(self) -> Path:
+        return self.state_dir / "zookeeper"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return "127.0.0.1", self.port
+
+    def prepare(self) -> None:
+        if not Path(ZOOKEEPER_CLASSPATH).exists():
+            raise StackError(f"ZooKeeper is not installed ({ZOOKEEPER_CLASSPATH} is missing): apt-get install "
+                             "zookeeper (scripts/setup.sh)")
+        (self.home / "data").mkdir(parents=True, exist_ok=True)
+        (self.home / "zoo.cfg").write_text(render_zookeeper_config(self.home, *self.address))
+
+    def command(self) -> list[str]:
+        return [shutil.which(self.settings.stack.java) or self.settings.stack.java, "-Xmx128m",
+                "-cp", ZOOKEEPER_CLASSPATH, "org.apache.zookeeper.server.ZooKeeperServerMain",
+                str(self.home / "zoo.cfg")]
+
+    def ready(self) -> bool:
+        """Serving sessions: before that it answers `ruok` but drops a client's handshake."""
+        try:
+            with socket.create_connection(self.address, timeout=1) as probe:
+                probe.sendall(b"srvr")
+                return b"Mode: standalone" in probe.recv(4096)
+        except OSError:
+            return False
+
+
+class ClusterNode(ClickHouseServer):
+    """One server of a local cluster: the `shard`-th shard's only replica."""
+
+    def __init__(self, settings: Settings, cluster: LocalCluster, shard: int) -> None:
+        self.name = f"clickhouse-shard{shard}"
+        super().__init__(settings)
+        self.cluster = cluster
+        self.shard = shard
+
+    @property
+    def home(self) -> Path:
+        return self.state_dir / self.name
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return "127.0.0.1", self.cluster.shards[self.shard - 1].tcp_port
+
+    @property
+    def http_port(self) -> int:
+        return self.cluster.shards[self.shard - 1].http_port
+
+    # Also its ZooKeeper session: 18.16 fails ON CLUSTER queries (or crashes) without one.
+    ready_query = "SELECT count() FROM system.zookeeper WHERE path = '/'"
+
+    def cluster_config(self) -> str:
+        ports = self.cluster.shards[self.shard - 1]
+        return render_cluster_config(self.cluster.name, [("127.0.0.1", s.tcp_port) for s in self.cluster.shards],
+                                     ("127.0.0.1", self.cluster.zookeeper_port), self.shard, ports.interserver_port)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardPorts:
+    tcp_port: int
+    http_port: int
+    interserver_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class LocalCluster:
+    """A ClickHouse 18.16 cluster on loopback, one replica per shard, with its ZooKeeper: configuration, data and
+    logs under settings.stack.state_dir. `settings()` points the pipeline at its first server."""
+
+    name: str
+    zookeeper_port: int
+    shards: tuple[ShardPorts, ...]
+
+    def services(self, settings: Settings) -> list[_Service]:
+        nodes: list[_Service] = [ClusterNode(settings, self, shard) for shard in range(1, len(self.shards) + 1)]
+        return [ZooKeeperServer(settings, self.zookeeper_port), *nodes]
+
+    def up(self, settings: Settings, timeout_s: float = 90.0) -> list[ServiceStatus]:
+        started: list[ServiceStatus] = []
+        try:
+            for service in self.services(settings):
+                started.append(service.up(timeout_s))
+        except BaseException:
+            self.down(settings)  # none of them outlives a failed start
+            raise
+        return started
+
+    def down(self, settings: Settings) -> list[ServiceStatus]:
+        return [service.down() for service in reversed(self.services(settings))]
+
+    def settings(self, settings: Settings) -> Settings:
+        clustered = settings.model_copy(deep=True)
+        clustered.clickhouse.host = "127.0.0.1"
+        clustered.clickhouse.port = self.shards[0].tcp_port
+        clustered.clickhouse.http_port = self.shards[0].http_port
+        clustered.clickhouse.user, clustered.clickhouse.password = "default", ""
+        clustered.clickhouse.cluster = self.name
+        return clustered

@@ -1,6 +1,7 @@
 """The DDL must run on ClickHouse 18.16 (the local stack; see the integration tests) and on a modern
-ClickHouse, checked here with chdb's embedded engine: every migration, the value views (ratios and sketch
-quantiles) and the rollup statements the sink runs."""
+ClickHouse, checked here with chdb's embedded engine: every migration as rendered for chdb's version (with
+LowCardinality, codecs and TTLs), the value views (ratios and sketch quantiles) and the rollup statements the sink
+runs; and what a cluster gets instead (run on two 18.16 servers by tests/integration/test_cluster.py)."""
 
 import math
 import random
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.adapters.clickhouse import (
+    _MIGRATIONS_TABLE,
     DAY_MS,
     HOUR_MS,
     Migration,
@@ -18,6 +20,14 @@ from pipeline.adapters.clickhouse import (
     load_migrations,
     rollup_statements,
     split_statements,
+)
+from pipeline.adapters.clickhouse_ddl import (
+    LEGACY,
+    MigrationTarget,
+    ServerDialect,
+    TableDefinition,
+    render_statements,
+    sharding_key,
 )
 from pipeline.core.processor import TOUCHPOINT_COLUMNS
 from tests.sketch_spec import ALPHA, spec_key, spec_quantile
@@ -42,10 +52,23 @@ def test_added_columns_are_recognised_so_the_runner_can_skip_them():
     assert added_columns("CREATE TABLE IF NOT EXISTS t (a UInt8) ENGINE = Log") is None
 
 
-def apply(session, migrations: list[Migration]) -> None:
-    """What apply_migrations does, on chdb: ADD COLUMN statements whose columns exist are skipped."""
+TOUCHPOINTS_TTL_DAYS = 90
+DEAD_LETTER_TTL_DAYS = 30
+
+
+def chdb_target(session, database: str = "touchpoint") -> MigrationTarget:
+    """What apply_migrations renders for this server: its version decides the dialect."""
+    version = session.query("SELECT version()", "CSV").bytes().decode().strip().strip('"')
+    ttl_days = (("touchpoints", TOUCHPOINTS_TTL_DAYS), ("dead_letter_replays", DEAD_LETTER_TTL_DAYS))
+    return MigrationTarget(database, ServerDialect.of(version), ttl_days=ttl_days)
+
+
+def apply(session, migrations: list[Migration], database: str = "touchpoint") -> None:
+    """What apply_migrations does, on chdb: statements rendered for its version, ADD COLUMN statements whose
+    columns exist skipped."""
+    target = chdb_target(session, database)
     for migration in migrations:
-        for statement in migration.statements:
+        for statement in render_statements(migration.statements, target):
             adding = added_columns(statement)
             if adding is not None:
                 present = {r[0] for r in rows(session, "SELECT name FROM system.columns WHERE database = "
@@ -217,13 +240,13 @@ def test_migration_copies_the_earlier_windows_into_cells(modern):
     modern.query("USE upgrade")
     try:
         migrations = load_migrations()
-        apply(modern, [m for m in migrations if m.version < 10])
+        apply(modern, [m for m in migrations if m.version < 10], "upgrade")
         modern.query("INSERT INTO indicator_windows (window_start, window_end, tenant, channel, indicator, family, "
                      "source_partition, numerator, denominator, emitted_at_ms) VALUES "
                      "(60, 120, 'bank', 'WEB', 'csat', 'CX', 0, 3, 4, 1), "
                      "(60, 120, 'bank', 'WEB', 'csat', 'CX', 1, 1, 4, 1)")
         for _ in range(2):  # a half-applied migration that runs again copies nothing twice
-            apply(modern, [m for m in migrations if m.version >= 10])
+            apply(modern, [m for m in migrations if m.version >= 10], "upgrade")
         assert rows(modern, "SELECT window_kind, channel, numerator, denominator, value FROM indicator_values") == [
             ["1m", "WEB", "4", "8", "0.5"]]
     finally:
@@ -257,3 +280,123 @@ def test_checkpoints_keep_their_state_and_older_ones_have_none_on_modern_clickho
                  "watermark_ms, closed_before_ms, written_at_ms) VALUES ('s', 't', 1, 5, 9, 1000, 960, 1)")
     assert rows(modern, "SELECT partition, hex(state) FROM pipeline_checkpoints WHERE consumer_group = 's' "
                         "ORDER BY partition") == [["0", "789C00FF"], ["1", ""]]
+
+
+def column_types(session, table: str) -> dict[str, tuple[str, str]]:
+    return {name: (kind, codec) for name, kind, codec in rows(
+        session, f"SELECT name, type, compression_codec FROM system.columns WHERE database = 'touchpoint' "
+                 f"AND table = '{table}'")}
+
+
+def test_server_version_decides_the_dialect():
+    assert not ServerDialect.of("18.16.1").modern and LEGACY == ServerDialect.of("18.16.1")
+    assert not ServerDialect.of("19.17.4.11").modern
+    assert ServerDialect.of("20.3.1").modern and ServerDialect.of("25.8.2.29").modern
+
+
+def test_one_18_16_server_gets_the_migration_files_as_written():
+    target = MigrationTarget("touchpoint", LEGACY, ttl_days=(("touchpoints", 90), ("dead_letter_replays", 30)))
+    for migration in load_migrations():
+        rendered = render_statements(migration.statements, target)
+        assert rendered == list(migration.statements), migration.name
+        assert not re.search(r"LowCardinality|CODEC|\bTTL\b|ON CLUSTER|Replicated|Distributed", "\n".join(rendered))
+
+
+def test_modern_server_stores_low_cardinality_strings_and_codecs_on_time_and_numbers(modern):
+    touchpoints = column_types(modern, "touchpoints")
+    assert touchpoints["tenant"][0] == "LowCardinality(String)"
+    assert touchpoints["error_code"][0] == "LowCardinality(Nullable(String))"
+    assert touchpoints["event_id"][0] == "String" and touchpoints["person_id"][0] == "String"  # many values
+    assert "DoubleDelta" in touchpoints["event_time_ms"][1] and "DoubleDelta" in touchpoints["event_time"][1]
+    assert "T64" in touchpoints["source_offset"][1] and "T64" in touchpoints["counted"][1]
+    assert touchpoints["lcp_ms"][1] == ""  # Nullable: no codec
+    cells = column_types(modern, "indicator_cells")
+    assert cells["indicator"][0] == cells["window_kind"][0] == "LowCardinality(String)"
+    assert "Gorilla" in cells["total"][1] and "DoubleDelta" in cells["window_start"][1]
+    assert "DoubleDelta" in column_types(modern, "alert_events")["at_ms"][1]
+
+
+def test_modern_server_expires_raw_touchpoints_and_dead_letter_replays_only(modern):
+    engines = dict(rows(modern, "SELECT name, engine_full FROM system.tables WHERE database = 'touchpoint'"))
+    assert f"TTL event_time + toIntervalDay({TOUCHPOINTS_TTL_DAYS})" in engines["touchpoints"]
+    assert f"toIntervalDay({DEAD_LETTER_TTL_DAYS})" in engines["dead_letter_replays"]
+    assert {name for name, engine in engines.items() if "TTL" in engine} == {"touchpoints", "dead_letter_replays"}
+    no_ttl = MigrationTarget("touchpoint", ServerDialect((25, 8)), ttl_days=(("touchpoints", 0),))
+    assert not any("TTL" in s for m in load_migrations() for s in render_statements(m.statements, no_ttl))
+
+
+def cluster_target() -> MigrationTarget:
+    statements = [_MIGRATIONS_TABLE, *(s for m in load_migrations() for s in m.statements)]
+    keys = tuple((t.name, sharding_key(t)) for s in statements if (t := TableDefinition.parse(s)) is not None)
+    return MigrationTarget("touchpoint", LEGACY, "tp", sharding_keys=keys)
+
+
+def test_a_cluster_gets_replicated_tables_on_the_shards_and_distributed_tables_under_the_usual_names():
+    [touchpoints] = [m for m in load_migrations() if m.version == 1]
+    local, distributed, view = render_statements(touchpoints.statements, cluster_target())
+    assert local.startswith("CREATE TABLE IF NOT EXISTS touchpoint.touchpoints_local ON CLUSTER tp\n(")
+    assert ("ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/touchpoint/touchpoints_local', "
+            "'{replica}', counted)") in local
+    assert local.endswith("ORDER BY (tenant, channel, event_time, event_id)")
+    assert distributed == ("CREATE TABLE IF NOT EXISTS touchpoint.touchpoints ON CLUSTER tp AS "
+                           "touchpoint.touchpoints_local\nENGINE = Distributed(tp, touchpoint, touchpoints_local, "
+                           "cityHash64(event_id))")
+    assert view.startswith("CREATE VIEW IF NOT EXISTS touchpoint.touchpoints_unique ON CLUSTER tp AS")
+    assert view.endswith("FROM touchpoint.touchpoints FINAL")
+    [alter] = [s for m in load_migrations() if m.version == 14 for s in m.statements]
+    assert render_statements([alter], cluster_target()) == [
+        "ALTER TABLE touchpoint.pipeline_checkpoints_local ON CLUSTER tp ADD COLUMN state String DEFAULT '' "
+        "AFTER replay_closed_before_ms",
+        "DROP TABLE IF EXISTS touchpoint.pipeline_checkpoints ON CLUSTER tp",
+        "CREATE TABLE IF NOT EXISTS touchpoint.pipeline_checkpoints ON CLUSTER tp AS "
+        "touchpoint.pipeline_checkpoints_local\nENGINE = Distributed(tp, touchpoint, pipeline_checkpoints_local, "
+        "partition)"]
+    assert added_columns(render_statements([alter], cluster_target())[0]) == ("pipeline_checkpoints_local", ["state"])
+
+
+def test_cluster_views_read_joins_across_the_cluster_once():
+    statements = render_statements([s for m in load_migrations() for s in m.statements], cluster_target())
+    views = [s for s in statements if s.startswith("CREATE VIEW")]
+    assert len(views) >= 10 and all(" ON CLUSTER tp AS" in v for v in views)
+    assert all("GLOBAL ANY LEFT JOIN" in v for v in views if "JOIN" in v)
+    assert not [v for v in views if re.search(r"(?<!GLOBAL )ANY LEFT JOIN|FROM (?!touchpoint\.|\()", v)]
+
+
+def sorting_columns(table: TableDefinition) -> set[str]:
+    return set(re.findall(r"\w+", table.sorting_key))
+
+
+def test_every_sharding_key_is_made_of_its_tables_sorting_key_so_copies_fold_on_one_shard():
+    tables = [t for m in load_migrations() for s in m.statements if (t := TableDefinition.parse(s)) is not None]
+    assert len(tables) >= 20
+    for table in tables:
+        used = set(re.findall(r"\w+", sharding_key(table))) - {"cityHash64"}
+        assert used and used <= sorting_columns(table), (table.name, sharding_key(table))
+    by_name = {t.name: sharding_key(t) for t in tables}
+    for person_table in ("journeys", "person_profiles", "role_transitions"):
+        assert by_name[person_table] == "cityHash64(person_id)"  # a person's rows together
+
+
+def test_a_cluster_materialized_view_reads_and_writes_the_distributed_tables():
+    [view] = render_statements(["CREATE MATERIALIZED VIEW IF NOT EXISTS lookups_writer TO lookups AS\n"
+                                "SELECT person_id, event_id FROM touchpoints\nARRAY JOIN resolved_from AS identifier"],
+                               cluster_target())
+    assert view == ("CREATE MATERIALIZED VIEW IF NOT EXISTS touchpoint.lookups_writer ON CLUSTER tp TO "
+                    "touchpoint.lookups AS\nSELECT person_id, event_id FROM touchpoint.touchpoints\n"
+                    "ARRAY JOIN resolved_from AS identifier")
+
+
+def test_a_cluster_drops_a_view_on_every_server_and_a_table_with_its_shards():
+    assert render_statements(["DROP TABLE IF EXISTS indicator_values"], cluster_target()) == [
+        "DROP TABLE IF EXISTS touchpoint.indicator_values ON CLUSTER tp"]
+    assert render_statements(["DROP TABLE IF EXISTS alerts"], cluster_target()) == [
+        "DROP TABLE IF EXISTS touchpoint.alerts ON CLUSTER tp",
+        "DROP TABLE IF EXISTS touchpoint.alerts_local ON CLUSTER tp"]
+
+
+def test_a_statement_without_a_cluster_form_is_refused_rather_than_run_on_one_server():
+    with pytest.raises(ValueError, match="no cluster form"):
+        render_statements(["CREATE MATERIALIZED VIEW IF NOT EXISTS m ENGINE = SummingMergeTree ORDER BY a AS "
+                           "SELECT a FROM touchpoints"], cluster_target())
+    with pytest.raises(ValueError, match="no migration creates"):
+        render_statements(["ALTER TABLE nowhere ADD COLUMN a UInt8"], cluster_target())
