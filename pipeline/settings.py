@@ -329,6 +329,8 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9108, ge=0, le=65_535, description="Prometheus /metrics port of a worker; 0 disables it.")
     metrics_host: str = Field("127.0.0.1", description="Address /metrics listens on (0.0.0.0 in a container).")
     log_level: str = "info"
+    profile_path: str = Field("", description="A worker writes a cProfile of itself (every thread, CPU time) to "
+                              "this file when it stops; empty: off. `touchpoint bench --profile` sets it.")
     stop_timeout_s: float = Field(25.0, gt=0, description="A worker told to stop (SIGTERM) exits within this "
                                   "long, even when the broker or ClickHouse does not answer.")
 

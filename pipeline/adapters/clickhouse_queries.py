@@ -1,6 +1,6 @@
-"""The console's and the live view's reads (and the console's few writes) of ClickHouse: every SQL statement they
-run lives here, beside the sink. Indicator reads filter `indicator_cells FINAL` directly rather than the views, because
-ClickHouse 18.16 does not push a WHERE down into a view (docs/clickhouse.md)."""
+"""The console's, the live view's and the bench's reads (and the console's few writes) of ClickHouse: every SQL
+statement they run lives here, beside the sink. Indicator reads filter `indicator_cells FINAL` directly rather than
+the views, because ClickHouse 18.16 does not push a WHERE down into a view (docs/clickhouse.md)."""
 
 from __future__ import annotations
 
@@ -231,3 +231,15 @@ class ConsoleQueries:
     def live_journeys(self, seconds: int) -> list[tuple[Any, ...]]:
         """Per demo tenant: journeys, mean switches, share with a contact, resolved, UX, CX, effort, latest path."""
         return list(self.execute(LIVE_JOURNEYS, {"seconds": seconds}))
+
+
+# --- the bench ----------------------------------------------------------------------------------------------
+
+def touchpoint_rows(client: Client) -> int:
+    """Rows in the touchpoints table (replays not merged away yet included): how far a bench run has got."""
+    return int(client.execute("SELECT count() FROM touchpoints")[0][0])
+
+
+def drop_database(client: Client, database: str) -> None:
+    """Remove a bench run's own database."""
+    client.execute(f"DROP DATABASE IF EXISTS {database}")

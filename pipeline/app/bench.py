@@ -5,6 +5,11 @@
 * end to end: a real `touchpoint worker` is running and idle; the clock starts when publishing starts and stops
   when the last touchpoint row is in ClickHouse.
 
+Besides rates, the cost of the same run: the worker's CPU seconds (user + system of the worker process, every
+thread: the event loop, the ClickHouse writer thread, the Kafka clients' work; not the broker's, ClickHouse's nor
+this process's) from the start of the clock to the last row, per event, against fastavro's decode time per event
+of the same events; and start-up, from launching the worker to its first row in ClickHouse.
+
 With `preload_identities` the identity log is filled first with that many identifiers (half persons' user ids,
 half their devices, linked), so the worker resolves every event against a graph of that size; the worker's
 resident memory is read at the end, and the graph's own memory per identifier is measured in this process.
@@ -20,10 +25,14 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipeline.settings import Settings, to_env
+
+RSS_SAMPLE_EVERY_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +49,64 @@ class BenchResult:
     worker_rss_mib: float = 0.0
     graph_bytes_per_identifier: float = 0.0
     drain: bool = False
+    startup_s: float = 0.0  # launching the worker -> its first row in ClickHouse
+    worker_cpu_s: float = 0.0  # user + system CPU of the worker process while the clock ran
+    worker_runqueue_wait_s: float = 0.0  # ...and how long its threads waited for a core meanwhile
+    worker_cpu_us_per_event: float = 0.0
+    decode_us_per_event: float = 0.0  # CPU time of fastavro decoding alone
+    e2e_over_decode: float = 0.0  # goal: >= 1.0
+    cpu_over_decode: float = 0.0  # worker CPU per event / decode time per event; goal: <= 1.0
+    e2e_over_publish: float = 0.0  # without --drain the publisher sets the pace: goal >= 0.95
+    worker_rss_mib_over_time: list[tuple[float, float]] = field(default_factory=list)  # (s since clock start, MiB)
+    profile_path: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    worker_cpu_us_per_event: float
+    decode_us_per_event: float
+    e2e_over_decode: float
+    cpu_over_decode: float
+    e2e_over_publish: float
+
+
+def cost_of(events: int, e2e_events_per_s: float, decode_events_per_s: float, publish_events_per_s: float,
+            worker_cpu_s: float, decode_cpu_s: float) -> Cost:
+    """The cost figures of one run of `events` events: the worker's CPU microseconds per event against decoding's
+    (both CPU time, so other load on the machine does not tilt them), and the rates' ratios (wall clock)."""
+    decode_us = decode_cpu_s * 1e6 / events
+    worker_us = worker_cpu_s * 1e6 / events
+    return Cost(worker_cpu_us_per_event=worker_us, decode_us_per_event=decode_us,
+                e2e_over_decode=e2e_events_per_s / decode_events_per_s, cpu_over_decode=worker_us / decode_us,
+                e2e_over_publish=e2e_events_per_s / publish_events_per_s)
+
+
+def cpu_seconds(stat_line: str, ticks_per_s: int) -> float:
+    """User + system CPU seconds of a process from its /proc/<pid>/stat line (fields 14 and 15, in clock ticks;
+    the command name in parentheses may hold spaces, so fields are counted after its closing parenthesis)."""
+    fields = stat_line[stat_line.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / ticks_per_s
+
+
+def _worker_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        return cpu_seconds(stat.read(), os.sysconf("SC_CLK_TCK"))
+
+
+def _worker_runqueue_wait_s(pid: int) -> float:
+    """Seconds the worker's threads were ready to run but waited for a core (the scheduler's /proc schedstat,
+    summed over the threads alive now): the share of the wall clock that other processes on the cores took."""
+    waited_ns = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as schedstat:
+                waited_ns += int(schedstat.read().split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue  # a thread that ended meanwhile, or a kernel without schedstat
+    return waited_ns / 1e9
 
 
 def _generated(events: int, seed: int) -> list[dict[str, Any]]:
@@ -56,15 +120,17 @@ def _generated(events: int, seed: int) -> list[dict[str, Any]]:
         gc.enable()
 
 
-def _decode_rate(values: list[bytes], schema_for: Any) -> float:
+def _decode_rate(values: list[bytes], schema_for: Any) -> tuple[float, float]:
+    """Events decoded per second (wall clock) and the CPU seconds it took (this process, one thread): the CPU
+    figure stands against the worker's CPU even when other processes share the cores."""
     from pipeline.core.decode import decode_batch
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     decoded = decode_batch(values, schema_for)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
     if decoded.rejections:
         raise RuntimeError(f"bench events failed to decode: {decoded.rejections[0]}")
-    return len(values) / elapsed
+    return len(values) / elapsed, cpu_s
 
 
 async def _raw_consume_rate(bootstrap: str, topic: str, partitions: int, expected: int) -> float:
@@ -129,21 +195,32 @@ def _worker_rss_mib(pid: int) -> float:
     return 0.0
 
 
-def _wait_rows(client: Any, expected: int, timeout_s: float) -> float:
+def _wait_rows(client: Any, expected: int, timeout_s: float, *,
+               every_2_s: Callable[[], None] | None = None) -> float:
+    """When `expected` touchpoint rows are in ClickHouse (perf_counter); `every_2_s` is called meanwhile."""
+    from pipeline.adapters.clickhouse_queries import touchpoint_rows
+
     deadline = time.monotonic() + timeout_s
+    sampled = 0.0
     while time.monotonic() < deadline:
-        if client.execute("SELECT count() FROM touchpoints")[0][0] >= expected:
+        if touchpoint_rows(client) >= expected:
             return time.perf_counter()
+        if every_2_s is not None and time.monotonic() - sampled >= RSS_SAMPLE_EVERY_S:
+            sampled = time.monotonic()
+            every_2_s()
         time.sleep(0.05)
-    have = client.execute("SELECT count() FROM touchpoints")[0][0]
+    have = touchpoint_rows(client)
     raise RuntimeError(f"only {have} of {expected} touchpoint rows reached ClickHouse in {timeout_s:.0f} s")
 
 
 def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: float = 600, identity: bool = True,
-              preload_identities: int = 0, drain: bool = False) -> BenchResult:
+              preload_identities: int = 0, drain: bool = False, profile: Path | None = None) -> BenchResult:
     """drain: the worker is paused (SIGSTOP) while every event is published, then resumed, and the clock runs
-    from resuming to the last row: the worker's own rate, without the publisher on the same cores."""
+    from resuming to the last row: the worker's own rate, without the publisher on the same cores.
+    profile: the worker writes a cProfile of its whole run (CPU time, every thread) there, and its top functions
+    beside it (PATH.txt); profiling slows the worker, so that run's rates and CPU are not its usual ones."""
     from pipeline.adapters.clickhouse import connect
+    from pipeline.adapters.clickhouse_queries import drop_database
     from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher, partition_key
     from pipeline.app.bootstrap import initialise
     from pipeline.contract.registry import open_registry, parse_for_decoding
@@ -169,36 +246,50 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
     keys = [partition_key(e) for e in generated]
     values = [encoder.encode(e) for e in generated]
     decoding = parse_for_decoding(registry.schema(encoder.schema_id))  # type: ignore[arg-type]
-    decode_rate = _decode_rate(values, lambda _schema_id: decoding)
+    decode_rate, decode_cpu_s = _decode_rate(values, lambda _schema_id: decoding)
 
     bench.metrics_port = 0
     bench.window.idle_close_s = 2
     if drain:
         bench.kafka.session_timeout_s = 60  # a paused member must not be evicted (Faust caps it at 90 s)
+    if profile is not None:
+        bench.profile_path = str(profile.resolve())
     env = {**os.environ, **to_env(bench)}
     log_path = settings.stack.state_dir / f"bench-worker-{run}.log"
     settings.stack.state_dir.mkdir(parents=True, exist_ok=True)
     client = connect(bench.clickhouse)
+    publisher = TouchpointPublisher(bench.kafka.bootstrap_servers, bench.kafka.topic, encoder)
+    publisher.publish(warmup)  # waiting before the worker starts: its first row ends the start-up time
+    publisher.flush()
     with log_path.open("w") as log:
+        launched = time.perf_counter()
         worker = subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "worker"], stdout=log,
                                   stderr=subprocess.STDOUT, env=env)
+    rss_over_time: list[tuple[float, float]] = []
     try:
-        publisher = TouchpointPublisher(bench.kafka.bootstrap_servers, bench.kafka.topic, encoder)
-        publisher.publish(warmup)  # the clock starts once the worker has joined and written a row
-        publisher.flush()
-        _wait_rows(client, 1, 120)
+        startup_s = _wait_rows(client, 1, 120) - launched  # the clock starts once the worker has written a row
         if drain:
             os.kill(worker.pid, signal.SIGSTOP)
         publish_started = started = time.perf_counter()
+        cpu_before, waited_before = _worker_cpu_s(worker.pid), _worker_runqueue_wait_s(worker.pid)
         for key, value in zip(keys, values, strict=True):
             publisher.publish_raw(value, key)
         publisher.flush()
         published = time.perf_counter()
         if drain:
             started = time.perf_counter()
+            # Stopped since the first row: nothing spent meanwhile.
+            cpu_before, waited_before = _worker_cpu_s(worker.pid), _worker_runqueue_wait_s(worker.pid)
             os.kill(worker.pid, signal.SIGCONT)
-        finished = _wait_rows(client, events + 1, timeout_s)
+
+        def sample_rss() -> None:
+            rss_over_time.append((round(time.perf_counter() - started, 1), round(_worker_rss_mib(worker.pid), 1)))
+
+        finished = _wait_rows(client, events + 1, timeout_s, every_2_s=sample_rss)
+        worker_cpu_s = _worker_cpu_s(worker.pid) - cpu_before
+        waited_s = _worker_runqueue_wait_s(worker.pid) - waited_before
         worker_rss = _worker_rss_mib(worker.pid)
+        rss_over_time.append((round(finished - started, 1), round(worker_rss, 1)))
         publisher.close()
         raw_rate = asyncio.run(_raw_consume_rate(bench.kafka.bootstrap_servers, bench.kafka.topic,
                                                  bench.kafka.partitions, events + 1))
@@ -210,10 +301,31 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
             worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker.kill()
-        client.execute(f"DROP DATABASE IF EXISTS {bench.clickhouse.database}")
+        drop_database(client, bench.clickhouse.database)
+    if profile is not None:
+        _write_top_functions(profile)
     per_identifier = graph_bytes_per_identifier(preload) if preload else 0.0
-    return BenchResult(events=events, partitions=bench.kafka.partitions,
-                       e2e_events_per_s=events / (finished - started), raw_consume_events_per_s=raw_rate,
-                       decode_events_per_s=decode_rate, publish_events_per_s=events / (published - publish_started),
-                       e2e_seconds=finished - started, identity=identity, preloaded_identifiers=len(preload) * 2 // 3,
-                       worker_rss_mib=worker_rss, graph_bytes_per_identifier=per_identifier, drain=drain)
+    e2e_rate, publish_rate = events / (finished - started), events / (published - publish_started)
+    cost = cost_of(events, e2e_rate, decode_rate, publish_rate, worker_cpu_s, decode_cpu_s)
+    return BenchResult(events=events, partitions=bench.kafka.partitions, e2e_events_per_s=e2e_rate,
+                       raw_consume_events_per_s=raw_rate, decode_events_per_s=decode_rate,
+                       publish_events_per_s=publish_rate, e2e_seconds=finished - started, identity=identity,
+                       preloaded_identifiers=len(preload) * 2 // 3, worker_rss_mib=worker_rss,
+                       graph_bytes_per_identifier=per_identifier, drain=drain, startup_s=startup_s,
+                       worker_cpu_s=worker_cpu_s, worker_runqueue_wait_s=waited_s,
+                       worker_rss_mib_over_time=rss_over_time,
+                       profile_path=str(profile or ""), **asdict(cost))
+
+
+def _write_top_functions(profile: Path, top: int = 40) -> None:
+    """The profile's costliest functions, by own time and by cumulative time, as text beside it."""
+    import io
+    import pstats
+
+    if not profile.exists():
+        raise RuntimeError(f"the worker wrote no profile to {profile} (see its log in the state directory)")
+    text = io.StringIO()
+    stats = pstats.Stats(str(profile), stream=text)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    profile.with_name(profile.name + ".txt").write_text(text.getvalue())

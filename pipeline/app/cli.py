@@ -452,6 +452,8 @@ def bench(
     drain: bool = typer.Option(False, help="Publish the events while the worker is paused, then time the worker "
                                            "draining them (its own rate, publisher off the cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    profile: Path | None = typer.Option(None, help="Write a cProfile of the worker here (CPU time, every thread; "
+                                                   "top functions in PATH.txt). Slows the worker down."),
     alerts: bool = typer.Option(False, "--alerts", help="Measure the alerter instead: 10,000 series per window, "
                                                         "window close to webhook notification."),
     collector: bool = typer.Option(False, "--collector", help="Instead: HTTP load on a collector on loopback "
@@ -493,7 +495,8 @@ def bench(
         runs = [run_bench(settings, events, identity=False, drain=drain),
                 run_bench(settings, events, identity=True, preload_identities=preload_identities, drain=drain)]
     else:
-        runs = [run_bench(settings, events, identity=identity, preload_identities=preload_identities, drain=drain)]
+        runs = [run_bench(settings, events, identity=identity, preload_identities=preload_identities, drain=drain,
+                          profile=profile)]
     if as_json:
         print(json.dumps([r.as_dict() for r in runs] if compare else runs[0].as_dict()))
         return
@@ -511,6 +514,17 @@ def bench(
                          if result.identity else "identity off")
         console.print(f"{result.events:,} events, {result.partitions} partitions, one worker, {identity_note}, "
                       f"{result.e2e_seconds:.1f} s end to end, worker RSS {result.worker_rss_mib:,.0f} MiB")
+        console.print(f"cost: worker CPU {result.worker_cpu_s:.1f} s = {result.worker_cpu_us_per_event:.1f} µs/event "
+                      f"(user + system, every thread of the worker, clock start to last row; its threads waited "
+                      f"{result.worker_runqueue_wait_s:.1f} s for a core); fastavro decode "
+                      f"{result.decode_us_per_event:.1f} µs/event; CPU / decode {result.cpu_over_decode:.2f} "
+                      f"(goal <= 1.0), end to end / decode {result.e2e_over_decode:.2f} (goal >= 1.0)"
+                      + ("" if result.drain else f", end to end / publish {result.e2e_over_publish:.2f} "
+                                                 "(goal >= 0.95)"))
+        console.print(f"start-up: {result.startup_s:.1f} s from launching the worker to its first row; RSS over "
+                      "the run (s, MiB): " + ", ".join(f"{t:g}: {m:,.0f}" for t, m in result.worker_rss_mib_over_time))
+        if result.profile_path:
+            console.print(f"profile: {result.profile_path} (top functions: {result.profile_path}.txt)")
         if result.graph_bytes_per_identifier:
             console.print(f"identity graph: {result.graph_bytes_per_identifier:,.0f} bytes per identifier")
     if compare:
