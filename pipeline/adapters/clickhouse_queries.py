@@ -238,8 +238,3 @@ class ConsoleQueries:
 def touchpoint_rows(client: Client) -> int:
     """Rows in the touchpoints table (replays not merged away yet included): how far a bench run has got."""
     return int(client.execute("SELECT count() FROM touchpoints")[0][0])
-
-
-def drop_database(client: Client, database: str) -> None:
-    """Remove a bench run's own database."""
-    client.execute(f"DROP DATABASE IF EXISTS {database}")

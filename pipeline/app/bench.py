@@ -219,8 +219,7 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
     from resuming to the last row: the worker's own rate, without the publisher on the same cores.
     profile: the worker writes a cProfile of its whole run (CPU time, every thread) there, and its top functions
     beside it (PATH.txt); profiling slows the worker, so that run's rates and CPU are not its usual ones."""
-    from pipeline.adapters.clickhouse import connect
-    from pipeline.adapters.clickhouse_queries import drop_database
+    from pipeline.adapters.clickhouse import connect, drop_database
     from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher, partition_key
     from pipeline.app.bootstrap import initialise
     from pipeline.contract.registry import open_registry, parse_for_decoding
@@ -301,7 +300,7 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
             worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker.kill()
-        drop_database(client, bench.clickhouse.database)
+        drop_database(bench.clickhouse)
     if profile is not None:
         _write_top_functions(profile)
     per_identifier = graph_bytes_per_identifier(preload) if preload else 0.0
