@@ -257,3 +257,34 @@ def test_checkpoints_keep_their_state_and_older_ones_have_none_on_modern_clickho
                  "watermark_ms, closed_before_ms, written_at_ms) VALUES ('s', 't', 1, 5, 9, 1000, 960, 1)")
     assert rows(modern, "SELECT partition, hex(state) FROM pipeline_checkpoints WHERE consumer_group = 's' "
                         "ORDER BY partition") == [["0", "789C00FF"], ["1", ""]]
+
+
+def test_person_tables_are_backfilled_then_follow_every_insert_into_touchpoints_on_modern_clickhouse(modern):
+    modern.query("CREATE DATABASE IF NOT EXISTS persons_upgrade")
+    modern.query("USE persons_upgrade")
+    insert = ("INSERT INTO touchpoints (event_id, event_time_ms, tenant, channel, event_type, person_id, role, "
+              "resolved_from, schema_id, source_partition, source_offset, counted) VALUES ")
+    try:
+        migrations = load_migrations()
+        apply(modern, [m for m in migrations if m.version < 60])
+        modern.query(insert + "('e1', 1000, 'bank', 'WEB', 'page_view', 'p-anon', 'prospect', ['anonymous_id:a'], "
+                              "1, 0, 1, 1)")
+        for _ in range(2):  # a half-applied migration that runs again: its copies fold
+            apply(modern, [m for m in migrations if m.version >= 60])
+        modern.query(insert + "('e2', 2000, 'bank', 'MOBILE_APP', 'identify', 'p-user', 'user', "
+                              "['anonymous_id:a', 'user_id:u'], 1, 0, 2, 1), "
+                              "('e2', 2000, 'bank', 'MOBILE_APP', 'identify', 'p-user', 'user', "
+                              "['anonymous_id:a', 'user_id:u'], 1, 0, 2, 0)")  # a replay, not counted
+        modern.query("INSERT INTO person_aliases VALUES ('p-anon', 'p-user', 2000)")
+        assert rows(modern, "SELECT person_id, event_id, channel, role, counted FROM person_touchpoints FINAL "
+                            "ORDER BY event_id") == [["p-anon", "e1", "WEB", "prospect", "1"],
+                                                     ["p-user", "e2", "MOBILE_APP", "user", "1"]]
+        assert rows(modern, "SELECT identifier, person_id, last_seen_ms FROM identifier_persons FINAL "
+                            "ORDER BY identifier, person_id") == [["anonymous_id:a", "p-anon", "1000"],
+                                                                  ["anonymous_id:a", "p-user", "2000"],
+                                                                  ["user_id:u", "p-user", "2000"]]
+        assert rows(modern, "SELECT person_id, touchpoint_count, channel_count, latest_role FROM persons") == [
+            ["p-user", "2", "2", "user"]]
+    finally:
+        modern.query("USE touchpoint")
+        modern.query("DROP DATABASE persons_upgrade")
