@@ -66,6 +66,16 @@ SELECT identifier, person_id, event_time_ms
 FROM touchpoints
 ARRAY JOIN resolved_from AS identifier;
 
+-- Each person id written before a merge -> the person id it belongs to now (the newest alias row wins).
+CREATE VIEW IF NOT EXISTS person_alias_targets AS
+SELECT aid AS person_id, alias_target
+FROM
+(
+    SELECT alias_person_id AS aid, argMax(person_id, updated_at_ms) AS alias_target
+    FROM person_aliases
+    GROUP BY alias_person_id
+);
+
 -- One row per person as of now, as in 0006, from the narrow table (touchpoints FINAL read every column).
 DROP TABLE IF EXISTS persons;
 
@@ -83,15 +93,6 @@ FROM
     SELECT person_id, first_seen_ms, channel, role, purchase_count, event_time_ms,
            if(alias_target = '', person_id, alias_target) AS current_person_id
     FROM person_touchpoints FINAL
-    ANY LEFT JOIN
-    (
-        SELECT aid AS person_id, alias_target
-        FROM
-        (
-            SELECT alias_person_id AS aid, argMax(person_id, updated_at_ms) AS alias_target
-            FROM person_aliases
-            GROUP BY alias_person_id
-        )
-    ) AS aliases USING person_id
+    ANY LEFT JOIN person_alias_targets USING person_id
 )
 GROUP BY current_person_id;
