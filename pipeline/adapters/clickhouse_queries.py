@@ -161,9 +161,12 @@ class ConsoleQueries:
             {"at_ms": at, "action": action, "identifier_a": a, "identifier_b": b, "from_person_id": f,
              "into_person_id": into, "reason": reason}
             for at, action, a, b, f, into, reason in self.execute(
+                # The newest copy per key, as FINAL would keep, but chosen after the filter: FINAL merged the
+                # whole table first.
                 "SELECT at_ms, action, identifier_a, identifier_b, from_person_id, into_person_id, reason "
-                "FROM identity_audit FINAL WHERE from_person_id IN %(p)s OR into_person_id IN %(p)s "
-                "OR identifier_a IN %(i)s OR identifier_b IN %(i)s ORDER BY at_ms LIMIT 200",
+                "FROM identity_audit WHERE from_person_id IN %(p)s OR into_person_id IN %(p)s "
+                "OR identifier_a IN %(i)s OR identifier_b IN %(i)s ORDER BY at_ms, recorded_at_ms DESC "
+                "LIMIT 1 BY action, identifier_a, identifier_b, at_ms LIMIT 200",
                 {"p": persons, "i": tuple(all_ids)})]
         journey.transitions = [
             {"at_ms": at, "from_role": f, "to_role": t, "cause": cause}
