@@ -166,6 +166,7 @@ def test_a_persons_journey_is_read_from_the_tables_ordered_by_person(isolated, p
         found = queries.journey(["user_id:u-look"])
         assert [t["event_id"] for t in found.touchpoints] == ["l1", "l2", "l3"]  # the alias joins l1
         assert found.identifiers == ["anonymous_id:dev-look", "user_id:u-look"]
+        assert [(m["action"], m["into_person_id"]) for m in found.merges] == [("merge", person)]
         # With touchpoints emptied the journey is unchanged: it never reads that table.
         ch.execute("TRUNCATE TABLE touchpoints")
         again = queries.journey(["anonymous_id:dev-look"])
