@@ -158,6 +158,7 @@ def test_a_persons_journey_is_read_from_the_tables_ordered_by_person(isolated, p
     publisher.flush()
     # The view writes person_touchpoints in the same insert, just after touchpoints.
     wait_until(lambda: ch.execute("SELECT count() FROM person_touchpoints FINAL")[0][0] == 4, 60, "the login", worker)
+    wait_until(lambda: ch.execute("SELECT count() FROM identity_audit")[0][0] >= 1, 60, "the merge", worker)
     person = person_id_of("user_id:u-look")
     assert dict(ch.execute("SELECT event_id, person_id FROM person_touchpoints FINAL WHERE event_id LIKE 'l%'")) == {
         "l1": person_id_of("anonymous_id:dev-look"), "l2": person, "l3": person}
