@@ -166,7 +166,7 @@ class IdentitySettings(BaseModel):
     daily_limits: dict[str, int] = Field({"anonymous_id": 10},
                                          description="At most this many identifiers of a kind join a person a day.")
     habitual_purchases: int = Field(2, ge=2, description="Purchases within habitual_days that make a habit.")
-    habitual_days: float = 90
+    habitual_days: float = Field(90, description="The period those purchases must fall within.")
     lapse_days: float = Field(180, description="No purchase for this long: a former customer.")
     cancelled_days: float = Field(30, description="A cancelled subscription this long ago: a former customer.")
 

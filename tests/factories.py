@@ -148,3 +148,13 @@ def window_config(window_ms: int, lateness_ms: int, max_future_ms: int, idle_clo
 
     return dataclasses.replace(Settings().window.core(), window_ms=window_ms, lateness_ms=lateness_ms,
                                max_future_ms=max_future_ms, idle_close_ms=idle_close_ms, **lengths)
+
+
+def identity_config(**overrides: Any) -> Any:
+    """The settings' identity configuration with the limits and periods a test sets (the defaults live in settings
+    only)."""
+    import dataclasses
+
+    from pipeline.settings import Settings
+
+    return dataclasses.replace(Settings().identity.core(), **overrides)

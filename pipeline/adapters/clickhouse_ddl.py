@@ -25,7 +25,8 @@ LOW_CARDINALITY_COLUMNS = frozenset({
 })
 
 # The time a row expires from (tables with a TTL setting only): raw touchpoints and dead-letter-derived rows.
-TTL_COLUMNS = {"touchpoints": "event_time", "dead_letter_replays": "toDateTime(intDiv(replayed_at_ms, 1000))"}
+TTL_COLUMNS = {"touchpoints": "event_time", "person_touchpoints": "event_time",
+               "dead_letter_replays": "toDateTime(intDiv(replayed_at_ms, 1000))"}
 
 # Copies of a row (replays, duplicates) must meet on one shard for ReplacingMergeTree (and FINAL) to fold them,
 # so a table is sharded by columns of its sorting key: the person where the key has one. touchpoints are the
@@ -100,6 +101,7 @@ class MigrationTarget:
                      if (table := TableDefinition.parse(statement)) is not None)
         return cls(settings.database, ServerDialect.of(server_version), settings.cluster, settings.replica_path,
                    (("touchpoints", settings.touchpoints_ttl_days),
+                    ("person_touchpoints", settings.touchpoints_ttl_days),  # the same rows, kept as long
                     ("dead_letter_replays", settings.dead_letter_replays_ttl_days)), keys)
 
 

@@ -12,11 +12,15 @@ from typing import Any
 from clickhouse_driver import Client
 
 from pipeline.adapters.clickhouse import connect
+from pipeline.adapters.person_queries import (
+    current_persons,
+    identifiers_of_persons,
+    journey_touchpoints,
+    persons_of_identifiers,
+)
 from pipeline.core.identity import person_id_of
 from pipeline.settings import ClickHouseSettings
 
-JOURNEY_COLUMNS = ("event_id", "event_time_ms", "channel", "event_type", "role", "person_id", "flow", "outcome",
-                   "error_code", "survey_kind", "survey_score", "amount_minor", "currency", "counted")
 
 @dataclass(frozen=True, slots=True)
 class SeriesCell:
@@ -141,41 +145,28 @@ class ConsoleQueries:
 
     def journey(self, identifiers: Sequence[str], limit: int = 1000) -> Journey:
         """Every touchpoint of the person (or persons) the identifiers belong to now, in event time, with the merges
-        that joined them and their role transitions."""
+        that joined them and their role transitions. Reads the tables ordered by person and by identifier
+        (pipeline/adapters/person_queries.py), never a scan of touchpoints."""
         ids = list(identifiers)
-        seeds = {person_id_of(i) for i in ids}
-        rows = self.execute("SELECT DISTINCT person_id FROM touchpoints WHERE hasAny(resolved_from, %(ids)s)",
-                            {"ids": ids})
-        seeds |= {p for (p,) in rows}
-        # A person id written before a late merge points to the person it belongs to now; take that person and
-        # every id that points to it.
-        current = {alias: target for alias, target in self.execute(
-            "SELECT alias_person_id, argMax(person_id, updated_at_ms) FROM person_aliases "
-            "WHERE alias_person_id IN %(p)s GROUP BY alias_person_id", {"p": tuple(seeds)})}
-        heads = {current.get(p, p) for p in seeds}
-        members = {alias for (alias,) in self.execute(
-            "SELECT alias_person_id FROM person_aliases GROUP BY alias_person_id "
-            "HAVING argMax(person_id, updated_at_ms) IN %(h)s", {"h": tuple(heads)})}
-        persons = tuple(sorted(seeds | heads | members))
-        found = self.execute(
-            "SELECT event_id, event_time_ms, toString(channel), event_type, toString(role), person_id, flow, "
-            "outcome, error_code, survey_kind, survey_score, amount_minor, currency, counted "
-            "FROM touchpoints FINAL WHERE person_id IN %(p)s ORDER BY event_time_ms, event_id LIMIT %(limit)s",
-            {"p": persons, "limit": int(limit)})
-        journey = Journey(ids, sorted({row[5] for row in found}))
-        journey.touchpoints = [dict(zip(JOURNEY_COLUMNS, row, strict=True)) for row in found]
+        seeds = {person_id_of(i) for i in ids} | {p for p, _ in persons_of_identifiers(self, ids)}
+        persons = tuple(sorted(current_persons(self, seeds)))
+        found = journey_touchpoints(self, persons, limit)
+        journey = Journey(ids, sorted({row["person_id"] for row in found}))
+        journey.touchpoints = found
         if not found:
             return journey
-        all_ids = sorted(set(ids) | {i for (i,) in self.execute(
-            "SELECT DISTINCT arrayJoin(resolved_from) FROM touchpoints WHERE person_id IN %(p)s", {"p": persons})})
+        all_ids = sorted(set(ids) | {i for _, i in identifiers_of_persons(self, persons) if i})
         journey.identifiers = all_ids
         journey.merges = [
             {"at_ms": at, "action": action, "identifier_a": a, "identifier_b": b, "from_person_id": f,
              "into_person_id": into, "reason": reason}
             for at, action, a, b, f, into, reason in self.execute(
+                # The newest copy per key, as FINAL would keep, but chosen after the filter: FINAL merged the
+                # whole table first.
                 "SELECT at_ms, action, identifier_a, identifier_b, from_person_id, into_person_id, reason "
-                "FROM identity_audit FINAL WHERE from_person_id IN %(p)s OR into_person_id IN %(p)s "
-                "OR identifier_a IN %(i)s OR identifier_b IN %(i)s ORDER BY at_ms LIMIT 200",
+                "FROM identity_audit WHERE from_person_id IN %(p)s OR into_person_id IN %(p)s "
+                "OR identifier_a IN %(i)s OR identifier_b IN %(i)s ORDER BY at_ms, recorded_at_ms DESC "
+                "LIMIT 1 BY action, identifier_a, identifier_b, at_ms LIMIT 200",
                 {"p": persons, "i": tuple(all_ids)})]
         journey.transitions = [
             {"at_ms": at, "from_role": f, "to_role": t, "cause": cause}

@@ -179,7 +179,7 @@ def graph_bytes_per_identifier(ops: list[Any]) -> float:
 
     gc.collect()
     before = _rss_bytes()
-    graph = IdentityGraph()
+    graph = IdentityGraph(Settings().identity.core())
     for i in range(0, len(ops), 10_000):
         graph.apply(ops[i:i + 10_000])
         graph.take_changes()

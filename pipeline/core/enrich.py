@@ -74,8 +74,8 @@ class Enricher:
     resolved_from and previous_contact_ms to each event. With no graph (identity off) the strongest identifier
     names the person and the role is what the identifiers alone imply."""
 
-    def __init__(self, config: IdentityConfig | None = None, *, enabled: bool = True) -> None:
-        self.config = config or IdentityConfig()
+    def __init__(self, config: IdentityConfig, *, enabled: bool = True) -> None:
+        self.config = config
         self.graph = IdentityGraph(self.config) if enabled else None
         self.output = IdentityOutput()
         self.clock_ms = 0  # the latest event time seen: role changes up to it are due

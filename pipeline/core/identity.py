@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from pipeline.core.validate import BLANK_IDENTIFIERS
-
 DAY_MS = 86_400_000
 
 # Identifier kinds, strongest first: the strongest identifier a person holds names them.
@@ -47,13 +45,16 @@ class Role(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class IdentityConfig:
-    unique_kinds: frozenset[str] = frozenset({"customer_id", "user_id"})
-    blocked_values: frozenset[str] = BLANK_IDENTIFIERS | {"nil", "n/a", "guest"}
-    daily_limits: Mapping[str, int] = field(default_factory=lambda: {"anonymous_id": 10})
-    habitual_purchases: int = 2
-    habitual_ms: int = 90 * DAY_MS
-    lapse_ms: int = 180 * DAY_MS
-    cancelled_ms: int = 30 * DAY_MS
+    """The graph's merge-safety limits and role periods; their defaults are settings (pipeline/settings.py
+    IdentitySettings.core())."""
+
+    unique_kinds: frozenset[str]  # kinds a person holds one value of: two values never merge
+    blocked_values: frozenset[str]  # lower-cased values that never identify anyone (blanks included)
+    daily_limits: Mapping[str, int]  # kind -> at most this many identifiers of it join a person a day
+    habitual_purchases: int  # purchases within habitual_ms that make a habitual customer
+    habitual_ms: int
+    lapse_ms: int  # no purchase for this long: a former customer
+    cancelled_ms: int  # a cancelled subscription this long ago: a former customer
 
 
 def kind_of(identifier: str) -> str:
@@ -266,8 +267,8 @@ class IdentityGraph:
     """Identifiers -> persons, with each identifier's facts. Plain dicts: a singleton identifier costs one entry
     in `first_seen` and nothing else."""
 
-    def __init__(self, config: IdentityConfig | None = None) -> None:
-        self.config = config or IdentityConfig()
+    def __init__(self, config: IdentityConfig) -> None:
+        self.config = config
         self.first_seen: dict[str, int] = {}
         self._facts: dict[str, PersonFacts] = {}  # identifier -> its own facts beyond first seen
         self._person: dict[str, str] = {}  # identifier -> person key; absent: the identifier is its own person

@@ -193,7 +193,7 @@ class Resume:
 
 
 class TouchpointProcessor:
-    def __init__(self, config: WindowConfig, schema_for: SchemaLookup, identity: IdentityConfig | None = None,
+    def __init__(self, config: WindowConfig, schema_for: SchemaLookup, identity: IdentityConfig,
                  *, identity_enabled: bool = True, snapshot_interval_ms: int | None = None,
                  journeys: JourneyConfig | None = None) -> None:
         """snapshot_interval_ms: checkpoints carry a snapshot of the open windows, one per partition at most this

@@ -10,6 +10,7 @@ import time
 import pytest
 from kafka.partitioner import murmur2
 
+from pipeline.adapters.clickhouse_queries import ConsoleQueries
 from pipeline.core.identity import person_id_of
 from pipeline.settings import to_env
 from tests.factories import touchpoint
@@ -120,6 +121,9 @@ def test_forget_erases_a_person_everywhere_and_is_idempotent(isolated, publisher
     wait_until(lambda: ch.execute("SELECT count() FROM person_profiles FINAL WHERE person_id != %(k)s",
                                   {"k": keep})[0][0] >= 1, 90, "journeys closed", worker)
     time.sleep(1)
+    # The tables forget finds the person through hold them (kept current from touchpoints on every flush).
+    assert ch.execute("SELECT count() FROM person_touchpoints FINAL WHERE person_id != %(k)s", {"k": keep}) == [(3,)]
+    assert ch.execute("SELECT person_id FROM identifier_persons WHERE identifier = 'user_id:u-forget'")
     env = {**os.environ, **to_env(isolated)}
     for _ in range(2):  # the second run finds nothing left and still succeeds
         done = subprocess.run([sys.executable, "-m", "pipeline.app.cli", "forget", "u-forget"], capture_output=True,
@@ -127,15 +131,50 @@ def test_forget_erases_a_person_everywhere_and_is_idempotent(isolated, publisher
         assert done.returncode == 0, done.stderr
     time.sleep(1)
     secrets = ("dev-forget", "u-forget", "c-forget")
-    for table in ("touchpoints", "person_aliases", "role_transitions", "identity_audit"):
+    for table in ("touchpoints", "person_touchpoints", "identifier_persons", "person_aliases", "role_transitions",
+                  "identity_audit"):
         dump = " ".join(str(row) for row in ch.execute(f"SELECT * FROM {table}"))
         assert not any(secret in dump for secret in secrets), table
     assert ch.execute("SELECT event_id FROM touchpoints FINAL") == [("k1",)]
-    for table in ("journeys", "person_profiles"):
+    for table in ("journeys", "person_profiles", "person_touchpoints", "identifier_persons"):
         assert {p for (p,) in ch.execute(f"SELECT DISTINCT person_id FROM {table}")} <= {keep}, table
     audit = ch.execute("SELECT reason FROM identity_audit WHERE action = 'erasure' ORDER BY recorded_at_ms")
     assert [reason.split(",")[0] for (reason,) in audit] == ["3 identifiers", "0 identifiers"]
     assert worker.process.poll() is None
+
+
+def test_a_persons_journey_is_read_from_the_tables_ordered_by_person(isolated, publisher, start_worker, ch):
+    worker = start_worker()
+    now = int(time.time() * 1000) - 60_000
+    # The first visit is written under the device's person id, before the login joins it to the user.
+    publisher.publish_many([touchpoint("l1", now, anonymous_id="dev-look"), touchpoint("o1", now, anonymous_id="o")])
+    publisher.flush()
+    wait_until(lambda: ch.execute("SELECT count() FROM touchpoints FINAL")[0][0] == 2, 60, "the visits", worker)
+    publisher.publish_many([
+        touchpoint("l2", now + 1_000, event_type="identify", anonymous_id="dev-look", user_id="u-look"),
+        touchpoint("l3", now + 2_000, channel="MOBILE_APP", event_type="screen_view", anonymous_id=None,
+                   user_id="u-look"),
+    ])
+    publisher.flush()
+    # The view writes person_touchpoints in the same insert, just after touchpoints.
+    wait_until(lambda: ch.execute("SELECT count() FROM person_touchpoints FINAL")[0][0] == 4, 60, "the login", worker)
+    wait_until(lambda: ch.execute("SELECT count() FROM identity_audit")[0][0] >= 1, 60, "the merge", worker)
+    person = person_id_of("user_id:u-look")
+    assert dict(ch.execute("SELECT event_id, person_id FROM person_touchpoints FINAL WHERE event_id LIKE 'l%'")) == {
+        "l1": person_id_of("anonymous_id:dev-look"), "l2": person, "l3": person}
+    queries = ConsoleQueries(isolated.clickhouse)
+    try:
+        found = queries.journey(["user_id:u-look"])
+        assert [t["event_id"] for t in found.touchpoints] == ["l1", "l2", "l3"]  # the alias joins l1
+        assert found.identifiers == ["anonymous_id:dev-look", "user_id:u-look"]
+        assert [(m["action"], m["into_person_id"]) for m in found.merges] == [("merge", person)]
+        # With touchpoints emptied the journey is unchanged: it never reads that table.
+        ch.execute("TRUNCATE TABLE touchpoints")
+        again = queries.journey(["anonymous_id:dev-look"])
+        assert [t["event_id"] for t in again.touchpoints] == ["l1", "l2", "l3"]
+        assert [t["channel"] for t in again.touchpoints] == ["WEB", "WEB", "MOBILE_APP"]
+    finally:
+        queries.close()
 
 
 @pytest.mark.parametrize("store", ["memory://", "rocksdb://"])

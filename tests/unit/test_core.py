@@ -14,7 +14,18 @@ from pipeline.core.evaluate import totals_of
 from pipeline.core.indicators import BY_ID, observation
 from pipeline.core.processor import TOUCHPOINT_COLUMNS, TouchpointProcessor
 from pipeline.core.validate import CONTRACT_VIOLATION, FUTURE_EVENT_TIME, violation
-from tests.factories import BASE_MS, csat, encode, schema_for, stream_event, streams, task, touchpoint, window_config
+from tests.factories import (
+    BASE_MS,
+    csat,
+    encode,
+    identity_config,
+    schema_for,
+    stream_event,
+    streams,
+    task,
+    touchpoint,
+    window_config,
+)
 
 MINUTE = 60_000
 
@@ -33,7 +44,7 @@ def test_violation_names_the_broken_rule():
 def test_without_the_identity_graph_the_strongest_identifier_names_the_person_and_implies_the_role():
     events = [touchpoint(anonymous_id="a"), touchpoint(user_id="u", customer_id="0"),
               touchpoint(user_id="u", customer_id="c")]
-    Enricher(enabled=False).enrich(events)
+    Enricher(identity_config(), enabled=False).enrich(events)
     assert [e["role"] for e in events] == ["prospect", "user", "customer"]
     assert events[1]["resolved_from"] == ["user_id:u", "anonymous_id:a-1"]
     assert len({e["person_id"] for e in events}) == 3
@@ -226,7 +237,7 @@ RULES = parse_rules([_threshold("cx_csat_low", "csat", "below", 0.6, 3, "critica
 
 
 def _processor(idle_ms: int = 1_000):
-    return TouchpointProcessor(window_config(MINUTE, 0, 300_000, idle_ms), schema_for)
+    return TouchpointProcessor(window_config(MINUTE, 0, 300_000, idle_ms), schema_for, identity_config())
 
 
 def test_processor_tells_bad_ux_good_cx_from_good_ux_bad_cx():

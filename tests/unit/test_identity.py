@@ -13,7 +13,6 @@ from pipeline.core.identity import (
     Fact,
     FactKind,
     Forget,
-    IdentityConfig,
     IdentityGraph,
     Link,
     Role,
@@ -22,7 +21,7 @@ from pipeline.core.identity import (
     make_link,
     person_id_of,
 )
-from tests.factories import touchpoint
+from tests.factories import identity_config, touchpoint
 
 T0 = 1_760_000_000_000
 
@@ -39,7 +38,7 @@ _facts = st.lists(
     st.builds(Fact, _identifiers, st.sampled_from(list(FactKind)), st.integers(T0, T0 + 400 * DAY_MS)),
     max_size=15,
 )
-_tight = IdentityConfig(daily_limits={"anonymous_id": 2})
+_tight = identity_config(daily_limits={"anonymous_id": 2})
 
 
 def _state(graph: IdentityGraph) -> tuple:
@@ -91,7 +90,7 @@ def test_no_person_ever_holds_two_values_of_a_unique_kind_and_every_link_left_ap
 
 
 def test_two_customer_ids_are_never_merged_and_the_refusal_is_audited() -> None:
-    graph = IdentityGraph()
+    graph = IdentityGraph(identity_config())
     graph.apply([make_link("customer_id:c1", "anonymous_id:shared", T0, "co-occurrence", "e1"),
                  make_link("customer_id:c2", "anonymous_id:shared", T0 + 1, "co-occurrence", "e2")])
     assert graph.person_key("anonymous_id:shared") == "customer_id:c1"  # the earlier link wins
@@ -102,7 +101,7 @@ def test_two_customer_ids_are_never_merged_and_the_refusal_is_audited() -> None:
 
 
 def test_the_canonical_order_decides_even_when_the_later_link_arrives_first() -> None:
-    graph = IdentityGraph()
+    graph = IdentityGraph(identity_config())
     graph.apply([make_link("customer_id:c2", "anonymous_id:shared", T0 + 1, "co-occurrence", "e2"),
                  make_link("customer_id:c1", "anonymous_id:shared", T0, "co-occurrence", "e1")])
     assert graph.person_key("anonymous_id:shared") == "customer_id:c1"
@@ -110,7 +109,7 @@ def test_the_canonical_order_decides_even_when_the_later_link_arrives_first() ->
 
 
 def test_a_kiosk_device_cannot_fuse_a_person_with_more_anonymous_ids_than_the_daily_limit() -> None:
-    graph = IdentityGraph(IdentityConfig(daily_limits={"anonymous_id": 3}))
+    graph = IdentityGraph(identity_config(daily_limits={"anonymous_id": 3}))
     graph.apply([make_link("user_id:u", f"anonymous_id:d{i}", T0 + i, "co-occurrence", f"e{i}") for i in range(5)])
     assert len(graph.members("user_id:u")) == 1 + 3
     assert [a.action for a in graph.take_changes().audit].count("refuse_limit") == 2
@@ -120,7 +119,7 @@ def test_a_kiosk_device_cannot_fuse_a_person_with_more_anonymous_ids_than_the_da
 
 
 def test_blocked_values_never_identify_anyone() -> None:
-    config = IdentityConfig()
+    config = identity_config()
     ids = identifiers_of({"anonymous_id": "a1", "user_id": "NULL", "customer_id": "0", "email_sha256": " "},
                          config.blocked_values)
     assert ids == ["anonymous_id:a1"]
@@ -133,7 +132,7 @@ def test_operations_survive_the_log_encoding() -> None:
 
 
 def test_forget_erases_every_identifier_of_the_person_and_blocks_their_replays() -> None:
-    graph = IdentityGraph()
+    graph = IdentityGraph(identity_config())
     graph.apply([make_link("user_id:u", "anonymous_id:a", T0, "identify", "e1"),
                  Fact("user_id:u", FactKind.PURCHASE, T0 + 10, "e2"),
                  make_link("customer_id:c9", "anonymous_id:b", T0, "co-occurrence", "e3")])
@@ -152,7 +151,7 @@ def _journey_event(at: int, event_type: str, channel: str, **ids: str | None) ->
 
 
 def test_the_journey_visitor_signs_up_buys_buys_again_and_lapses() -> None:
-    config = IdentityConfig(habitual_ms=30 * DAY_MS, lapse_ms=90 * DAY_MS)
+    config = identity_config(habitual_ms=30 * DAY_MS, lapse_ms=90 * DAY_MS)
     enricher = Enricher(config)
     journey = [
         _journey_event(T0, "page_view", "WEB", anonymous_id="cookie-1"),
@@ -185,7 +184,7 @@ def test_the_journey_visitor_signs_up_buys_buys_again_and_lapses() -> None:
 
 
 def test_repeat_contacts_see_the_previous_contact_on_any_channel() -> None:
-    enricher = Enricher()
+    enricher = Enricher(identity_config())
     events = [
         _journey_event(T0, "contact", "CONTACT_CENTRE", customer_id="c-7"),
         _journey_event(T0 + 3 * DAY_MS, "ticket_opened", "HELPDESK", customer_id="c-7", anonymous_id="x"),
@@ -196,7 +195,7 @@ def test_repeat_contacts_see_the_previous_contact_on_any_channel() -> None:
 
 
 def test_another_workers_operations_resolve_the_same_person() -> None:
-    worker_a, worker_b = Enricher(), Enricher()
+    worker_a, worker_b = Enricher(identity_config()), Enricher(identity_config())
     login = _journey_event(T0, "identify", "WEB", anonymous_id="dev-1", user_id="u-5")
     worker_a.enrich([login])
     worker_b.apply(worker_a.take_output().operations)
@@ -207,7 +206,7 @@ def test_another_workers_operations_resolve_the_same_person() -> None:
 
 
 def test_an_erased_persons_replayed_events_keep_no_identifier() -> None:
-    enricher = Enricher()
+    enricher = Enricher(identity_config())
     login = _journey_event(T0, "identify", "WEB", anonymous_id="dev-9", user_id="u-9")
     enricher.enrich([login])
     enricher.apply([Forget("user_id:u-9", T0 + 1_000)])

@@ -14,7 +14,7 @@ from pipeline.adapters.clickhouse import load_migrations
 from pipeline.core.journeys import JOURNEY_COLUMNS, PROFILE_COLUMNS, JourneyConfig, JourneyRow, ProfileRow
 from pipeline.core.processor import TouchpointProcessor
 from pipeline.generate.scenarios import TRUE_RATES, generate
-from tests.factories import BASE_MS, encode, schema_for, window_config
+from tests.factories import BASE_MS, encode, identity_config, schema_for, window_config
 from tests.unit.test_migrations import apply, rows
 
 MINUTE = 60_000
@@ -28,7 +28,7 @@ class Record:
 
 def run_core(events: list[dict[str, Any]]) -> tuple[list[JourneyRow], list[ProfileRow], list[tuple[str, str]]]:
     """Journeys, profiles and identity aliases the core derives from the events, as a worker would."""
-    processor = TouchpointProcessor(window_config(MINUTE, 5_000, 10 * DAY, 1_000), schema_for,
+    processor = TouchpointProcessor(window_config(MINUTE, 5_000, 10 * DAY, 1_000), schema_for, identity_config(),
                                     journeys=JourneyConfig(gap_ms=30 * MINUTE, case_gap_ms=DAY))
     processor.assign(0, None, now_ms=BASE_MS)
     journeys: list[JourneyRow] = []

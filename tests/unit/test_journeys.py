@@ -22,7 +22,18 @@ from pipeline.core.journeys import (
     nps_status,
 )
 from pipeline.core.processor import TouchpointProcessor
-from tests.factories import BASE_MS, contact, csat, encode, schema_for, survey, task, touchpoint, window_config
+from tests.factories import (
+    BASE_MS,
+    contact,
+    csat,
+    encode,
+    identity_config,
+    schema_for,
+    survey,
+    task,
+    touchpoint,
+    window_config,
+)
 
 MINUTE = 60_000
 HOUR = 60 * MINUTE
@@ -192,7 +203,7 @@ class Record:
 
 
 def processor() -> TouchpointProcessor:
-    return TouchpointProcessor(window_config(MINUTE, 10_000, 10 * 24 * HOUR, 1_000), schema_for,
+    return TouchpointProcessor(window_config(MINUTE, 10_000, 10 * 24 * HOUR, 1_000), schema_for, identity_config(),
                                journeys=JourneyConfig(gap_ms=30 * MINUTE, case_gap_ms=HOUR))
 
 
@@ -272,7 +283,7 @@ def test_journeys_are_the_same_whatever_the_batches_duplicates_and_snapshots():
 
 
 def test_processor_without_journeys_emits_none_and_forget_reaches_the_profiles():
-    plain = TouchpointProcessor(window_config(MINUTE, 0, 10 * 24 * HOUR, 1_000), schema_for)
+    plain = TouchpointProcessor(window_config(MINUTE, 0, 10 * 24 * HOUR, 1_000), schema_for, identity_config())
     plain.assign(0, None, now_ms=BASE_MS)
     plain.process(0, [Record(0, 0, encode(task("SUCCESS"), 2))], now_ms=BASE_MS)
     assert plain.journeys == {} and plain.take_output().journeys == []
@@ -296,7 +307,7 @@ def run_with_restarts(events: list[dict[str, Any]], batches: list[int], restart_
     """Journey rows and final profiles when the worker stops after some batches and a new one continues from the
     checkpoint with state it wrote (the snapshot of windows, journeys and profiles), as bounded-restart does."""
     def new() -> TouchpointProcessor:
-        return TouchpointProcessor(window_config(MINUTE, 10_000, 10 * 24 * HOUR, 1_000), schema_for,
+        return TouchpointProcessor(window_config(MINUTE, 10_000, 10 * 24 * HOUR, 1_000), schema_for, identity_config(),
                                    snapshot_interval_ms=60_000,
                                    journeys=JourneyConfig(gap_ms=30 * MINUTE, case_gap_ms=HOUR))
 

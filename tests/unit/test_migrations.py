@@ -6,6 +6,7 @@ runs; and what a cluster gets instead (run on two 18.16 servers by tests/integra
 import math
 import random
 import re
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -59,7 +60,8 @@ DEAD_LETTER_TTL_DAYS = 30
 def chdb_target(session, database: str = "touchpoint") -> MigrationTarget:
     """What apply_migrations renders for this server: its version decides the dialect."""
     version = session.query("SELECT version()", "CSV").bytes().decode().strip().strip('"')
-    ttl_days = (("touchpoints", TOUCHPOINTS_TTL_DAYS), ("dead_letter_replays", DEAD_LETTER_TTL_DAYS))
+    ttl_days = (("touchpoints", TOUCHPOINTS_TTL_DAYS), ("person_touchpoints", TOUCHPOINTS_TTL_DAYS),
+                ("dead_letter_replays", DEAD_LETTER_TTL_DAYS))
     return MigrationTarget(database, ServerDialect.of(version), ttl_days=ttl_days)
 
 
@@ -320,7 +322,9 @@ def test_modern_server_expires_raw_touchpoints_and_dead_letter_replays_only(mode
     engines = dict(rows(modern, "SELECT name, engine_full FROM system.tables WHERE database = 'touchpoint'"))
     assert f"TTL event_time + toIntervalDay({TOUCHPOINTS_TTL_DAYS})" in engines["touchpoints"]
     assert f"toIntervalDay({DEAD_LETTER_TTL_DAYS})" in engines["dead_letter_replays"]
-    assert {name for name, engine in engines.items() if "TTL" in engine} == {"touchpoints", "dead_letter_replays"}
+    assert f"TTL event_time + toIntervalDay({TOUCHPOINTS_TTL_DAYS})" in engines["person_touchpoints"]
+    assert {name for name, engine in engines.items() if "TTL" in engine} == {"touchpoints", "person_touchpoints",
+                                                                              "dead_letter_replays"}
     no_ttl = MigrationTarget("touchpoint", ServerDialect((25, 8)), ttl_days=(("touchpoints", 0),))
     assert not any("TTL" in s for m in load_migrations() for s in render_statements(m.statements, no_ttl))
 
@@ -400,3 +404,36 @@ def test_a_statement_without_a_cluster_form_is_refused_rather_than_run_on_one_se
                            "SELECT a FROM touchpoints"], cluster_target())
     with pytest.raises(ValueError, match="no migration creates"):
         render_statements(["ALTER TABLE nowhere ADD COLUMN a UInt8"], cluster_target())
+
+
+def test_person_tables_are_backfilled_then_follow_every_insert_into_touchpoints_on_modern_clickhouse(modern):
+    modern.query("CREATE DATABASE IF NOT EXISTS persons_upgrade")
+    modern.query("USE persons_upgrade")
+    insert = ("INSERT INTO touchpoints (event_id, event_time_ms, tenant, channel, event_type, person_id, role, "
+              "resolved_from, schema_id, source_partition, source_offset, counted) VALUES ")
+    now_ms = int(time.time() * 1000)  # raw touchpoints live 90 days here (TTL): recent event times
+    first, second = now_ms - 2000, now_ms - 1000
+    try:
+        migrations = load_migrations()
+        apply(modern, [m for m in migrations if m.version < 60])
+        modern.query(insert + f"('e1', {first}, 'bank', 'WEB', 'page_view', 'p-anon', 'prospect', "
+                              "['anonymous_id:a'], 1, 0, 1, 1)")
+        for _ in range(2):  # a half-applied migration that runs again: its copies fold
+            apply(modern, [m for m in migrations if m.version >= 60])
+        modern.query(insert + f"('e2', {second}, 'bank', 'MOBILE_APP', 'identify', 'p-user', 'user', "
+                              "['anonymous_id:a', 'user_id:u'], 1, 0, 2, 1), "
+                              f"('e2', {second}, 'bank', 'MOBILE_APP', 'identify', 'p-user', 'user', "
+                              "['anonymous_id:a', 'user_id:u'], 1, 0, 2, 0)")  # a replay, not counted
+        modern.query(f"INSERT INTO person_aliases VALUES ('p-anon', 'p-user', {second})")
+        assert rows(modern, "SELECT person_id, event_id, channel, role, counted FROM person_touchpoints FINAL "
+                            "ORDER BY event_id") == [["p-anon", "e1", "WEB", "prospect", "1"],
+                                                     ["p-user", "e2", "MOBILE_APP", "user", "1"]]
+        assert rows(modern, "SELECT identifier, person_id, last_seen_ms FROM identifier_persons FINAL "
+                            "ORDER BY identifier, person_id") == [["anonymous_id:a", "p-anon", str(first)],
+                                                                  ["anonymous_id:a", "p-user", str(second)],
+                                                                  ["user_id:u", "p-user", str(second)]]
+        assert rows(modern, "SELECT person_id, touchpoint_count, channel_count, latest_role FROM persons") == [
+            ["p-user", "2", "2", "user"]]
+    finally:
+        modern.query("USE touchpoint")
+        modern.query("DROP DATABASE persons_upgrade")

@@ -13,7 +13,17 @@ from hypothesis import strategies as st
 from pipeline.core.aggregate import DUPLICATE, LATE, ON_TIME, Checkpoint, PartitionWindows, SnapshotMismatch
 from pipeline.core.indicators import REGISTRY, catalogue
 from pipeline.core.processor import TouchpointProcessor
-from tests.factories import BASE_MS, encode, schema_for, stream_event, streams, task, touchpoint, window_config
+from tests.factories import (
+    BASE_MS,
+    encode,
+    identity_config,
+    schema_for,
+    stream_event,
+    streams,
+    task,
+    touchpoint,
+    window_config,
+)
 
 MINUTE = 60_000
 HOPPING, GAP, BLOCK = 5 * MINUTE, 3 * MINUTE, 30 * MINUTE  # short, so small streams close many of each
@@ -174,6 +184,7 @@ SNAPSHOT_EVERY = 5_000
 
 def _processor() -> TouchpointProcessor:
     return TouchpointProcessor(window_config(MINUTE, 0, 300_000, 1_000, session_gap_ms=30 * MINUTE), schema_for,
+                               identity_config(),
                                identity_enabled=False, snapshot_interval_ms=SNAPSHOT_EVERY)
 
 
@@ -244,7 +255,8 @@ def test_a_checkpoint_whose_snapshot_cannot_be_continued_falls_back_to_replaying
     first.assign(0, None, BASE_MS)
     first.process(0, _records(100, events), BASE_MS)
     checkpoint = first.take_output(BASE_MS).checkpoints[0]
-    other = TouchpointProcessor(window_config(MINUTE, 5_000, 300_000, 1_000), schema_for, identity_enabled=False,
+    other = TouchpointProcessor(window_config(MINUTE, 5_000, 300_000, 1_000), schema_for, identity_config(),
+                                identity_enabled=False,
                                 snapshot_interval_ms=SNAPSHOT_EVERY)
     resume = other.assign(0, checkpoint, BASE_MS, pane_event_ids=[])
     assert (resume.offset, resume.how) == (100, "replay") and "window settings" in resume.note

@@ -14,7 +14,7 @@ from pipeline.core.identity import Operation
 from pipeline.core.processor import DeadLetter, Output, TouchpointProcessor
 from pipeline.runtime.deadletters import HEADROOM_BYTES, dead_letter_message
 from pipeline.runtime.runner import DeliveryPolicy, Runner, StoreUnavailable
-from tests.factories import BASE_MS, encode, schema_for, task, window_config
+from tests.factories import BASE_MS, encode, identity_config, schema_for, task, window_config
 
 MINUTE = 60_000
 
@@ -220,7 +220,7 @@ class Harness:
         self.clock = FakeClock()
         self.observer = FakeObserver()
         config = window_config(MINUTE, 5_000, 300_000, 30_000)
-        processor = TouchpointProcessor(config, schema_for, identity_enabled=identity is not None,
+        processor = TouchpointProcessor(config, schema_for, identity_config(), identity_enabled=identity is not None,
                                         snapshot_interval_ms=snapshot_interval_ms)
         self.runner = Runner(processor, store=self.store, dead_letters=self.dead_letters, identity_log=identity,
                              offsets=self.offsets, clock=self.clock, observer=self.observer,
