@@ -75,24 +75,3 @@ FROM
     FROM person_aliases
     GROUP BY alias_person_id
 );
-
--- One row per person as of now, as in 0006, from the narrow table (touchpoints FINAL read every column).
-DROP TABLE IF EXISTS persons;
-
-CREATE VIEW IF NOT EXISTS persons AS
-SELECT
-    current_person_id AS person_id,
-    min(first_seen_ms) AS first_seen_at_ms,
-    count() AS touchpoint_count,
-    uniqExact(channel) AS channel_count,
-    argMax(role, event_time_ms) AS latest_role,
-    max(purchase_count) AS purchases,
-    max(event_time_ms) AS last_seen_at_ms
-FROM
-(
-    SELECT person_id, first_seen_ms, channel, role, purchase_count, event_time_ms,
-           if(alias_target = '', person_id, alias_target) AS current_person_id
-    FROM person_touchpoints FINAL
-    ANY LEFT JOIN person_alias_targets USING person_id
-)
-GROUP BY current_person_id;
