@@ -148,3 +148,12 @@ def window_config(window_ms: int, lateness_ms: int, max_future_ms: int, idle_clo
 
     return dataclasses.replace(Settings().window.core(), window_ms=window_ms, lateness_ms=lateness_ms,
                                max_future_ms=max_future_ms, idle_close_ms=idle_close_ms, **lengths)
+
+
+def window_lengths(**lengths: int) -> dict[str, int]:
+    """PartitionWindows' length arguments from the settings' window configuration, with the ones a test sets."""
+    import dataclasses
+
+    from pipeline.settings import Settings
+
+    return dataclasses.replace(Settings().window.core(), **lengths).lengths()  # type: ignore[no-any-return]
