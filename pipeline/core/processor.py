@@ -326,11 +326,8 @@ class TouchpointProcessor:
                 late[channel] += 1
             rows.append(touchpoint_row(event, schema_id, partition, offset, counted=fate != LATE))
         journeys = self.journeys.get(partition)
-        if journeys is not None:
-            add = journeys.add
-            for event, fate in zip(events, fates, strict=True):
-                if fate != LATE:  # folded when counted: duplicates and late copies never reach a journey
-                    add(event, fate == ON_TIME)
+        if journeys is not None:  # folded when counted: duplicates and late copies never reach a journey
+            journeys.add_all(events, fates)
         self._activity[partition] = (now_ms, windows.watermark_ms)
         if len(self.partitions) > 1:
             self._find_cross_partition_duplicates(partition, events, fates)
