@@ -102,13 +102,18 @@ class _Writer:
             self.emit(indent, f"{target} = b[p:p + n]{'.decode()' if kind == 'string' else ''}; p += n")
         elif kind == "enum":
             symbols = self.constant(tuple(schema["symbols"]))
-            self.long(indent, "i")
-            self.emit(indent, "if i < 0: raise NotExact('enum index')")
-            self.emit(indent, f"{target} = {symbols}[i]")
+            if len(schema["symbols"]) > 64:
+                raise Unsupported("an enum of more than 64 symbols")
+            # An index is one byte, 2 x index (zigzag): a longer or negative one goes to fastavro.
+            self.emit(indent, "x = b[p]; p += 1")
+            self.emit(indent, "if x & 0x81: raise NotExact('enum index')")
+            self.emit(indent, f"{target} = {symbols}[x >> 1]")
         elif kind == "union":
-            self.long(indent, "i")
+            if len(schema) > 64:
+                raise Unsupported("a union of more than 64 branches")
+            self.emit(indent, "x = b[p]; p += 1")  # the branch index, one byte as for enums
             for index, branch in enumerate(schema):
-                self.emit(indent, f"{'if' if index == 0 else 'elif'} i == {index}:")
+                self.emit(indent, f"{'if' if index == 0 else 'elif'} x == {2 * index}:")
                 self.read(branch, indent + 1, target)
             self.emit(indent, "else: raise NotExact('union index')")
         elif kind == "record":
