@@ -97,8 +97,10 @@ class _Writer:
         elif kind == "float":
             self.emit(indent, f"{target} = _float(b, p)[0]; p += 4")
         elif kind in ("string", "bytes"):
-            self.long(indent, "n")
-            self.emit(indent, "if n < 0 or p + n > len(b): raise NotExact('length')")
+            self.emit(indent, "x = b[p]; p += 1")
+            self.emit(indent, "if x & 0x80: x, p = _varint(b, p, x)")
+            self.emit(indent, "n = x >> 1")  # the length; an odd x (zigzag) would be negative
+            self.emit(indent, "if x & 1 or p + n > end: raise NotExact('length')")
             self.emit(indent, f"{target} = b[p:p + n]{'.decode()' if kind == 'string' else ''}; p += n")
         elif kind == "enum":
             symbols = self.constant(tuple(schema["symbols"]))
@@ -160,8 +162,8 @@ def compile_decoder(schema: Any) -> Decoder | None:
         writer.read(schema, 1, "record")
     except Unsupported:
         return None
-    source = "\n".join(["def decode(b, p):", *writer.lines,
-                        "    if p != len(b): raise NotExact('trailing bytes')",
+    source = "\n".join(["def decode(b, p):", "    end = len(b)", *writer.lines,
+                        "    if p != end: raise NotExact('trailing bytes')",
                         "    return record"])
     scope: dict[str, Any] = {"_varint": _varint, "_double": _DOUBLE, "_float": _FLOAT, "NotExact": NotExact,
                              **writer.constants}
