@@ -531,7 +531,8 @@ class PartitionJourneys:
             if fate == ON_TIME:
                 tenant = event["tenant"]
                 journey_id = event.get("journey_id")
-                journey = None if journey_id is None else cases.get((tenant, journey_id))
+                case = None if journey_id is None else (tenant, journey_id)
+                journey = None if case is None else cases.get(case)
                 if journey is None:
                     key = (tenant, event["person_id"])
                     found = open_journeys.get(key)
@@ -539,9 +540,9 @@ class PartitionJourneys:
                         journey = found  # the usual case: the person's one open journey goes on
                     else:
                         journey = self._journey_of(key, found, event_time, event["event_id"])
+                    if case is not None:  # (a journey found by its case already carries it)
+                        cases[case] = journey
                 journey.add(event, event_time)
-                if journey_id is not None:
-                    cases[(tenant, journey_id)] = journey
             if event_time - lateness > watermark:
                 self.advance(event_time - lateness)
                 watermark = self.watermark
