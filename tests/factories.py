@@ -158,3 +158,12 @@ def identity_config(**overrides: Any) -> Any:
     from pipeline.settings import Settings
 
     return dataclasses.replace(Settings().identity.core(), **overrides)
+
+
+def window_lengths(**lengths: int) -> dict[str, int]:
+    """PartitionWindows' length arguments from the settings' window configuration, with the ones a test sets."""
+    import dataclasses
+
+    from pipeline.settings import Settings
+
+    return dataclasses.replace(Settings().window.core(), **lengths).lengths()  # type: ignore[no-any-return]

@@ -178,8 +178,7 @@ class PartitionWindows:
 
     def __init__(self, partition: int, window_ms: int, lateness_ms: int,
                  indicators: Iterable[Indicator] = REGISTRY, checkpoint: Checkpoint | None = None, *,
-                 hopping_ms: int = 15 * 60_000, session_gap_ms: int = 30 * 60_000,
-                 session_max_ms: int = 4 * 3_600_000, recent_panes: Iterable[WindowCell] = (),
+                 hopping_ms: int, session_gap_ms: int, session_max_ms: int, recent_panes: Iterable[WindowCell] = (),
                  pane_event_ids: Iterable[tuple[int, str]] = ()) -> None:
         """checkpoint: one without state, replayed from its commit_offset. pane_event_ids: (event time, event id) of
         the partition's counted touchpoints read before that offset, from its open_from_ms on: the dedup sets of the
@@ -599,8 +598,8 @@ class PartitionWindows:
 
     @classmethod
     def restore(cls, partition: int, window_ms: int, lateness_ms: int, indicators: Iterable[Indicator],
-                checkpoint: Checkpoint, *, hopping_ms: int = 15 * 60_000, session_gap_ms: int = 30 * 60_000,
-                session_max_ms: int = 4 * 3_600_000, recent_panes: Iterable[WindowCell] = (),
+                checkpoint: Checkpoint, *, hopping_ms: int, session_gap_ms: int, session_max_ms: int,
+                recent_panes: Iterable[WindowCell] = (),
                 pane_event_ids: Iterable[tuple[int, str]] = ()) -> PartitionWindows:
         """The windows of a checkpoint with state, to continue at its read_offset. recent_panes: the stored "1m"
         cells of the panes before its closed horizon that hopping windows still cover; pane_event_ids: (event

@@ -17,10 +17,12 @@ The effort index (0-100) is defined once here, in the indicator registry's style
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, NamedTuple
 
+from pipeline.core.aggregate import DUPLICATE, LATE, ON_TIME
 from pipeline.core.indicators import CONTACT_TYPES, PRODUCT_INTERACTIONS, RAGE_CLICKS
 
 HOUR_MS = 3_600_000
@@ -173,19 +175,27 @@ _new_profile_row: Any = tuple.__new__
 
 
 class _Journey:
-    """One open journey, folded touchpoint by touchpoint."""
+    """One open journey, folded touchpoint by touchpoint. Its containers exist only once needed (most journeys keep
+    one channel, one role and no case): fewer objects to allocate, and fewer for the garbage collector to walk."""
 
-    __slots__ = ("cancellations", "cases", "channels", "contact_hours", "contact_places", "contacts", "failures",
-                 "first_purchase", "key", "last", "last_touch", "nps", "person", "product_bad", "product_ok",
-                 "purchases", "rage", "resolved", "roles", "searches", "service_failures", "since", "start",
-                 "state", "surveys", "switches", "tenant", "touchpoints", "wait")
+    __slots__ = ("anchor", "cancellations", "cases", "channel", "channels", "contact_hours", "contact_places",
+                 "contacts", "failures", "first_purchase", "key", "last", "nps", "owner", "person", "product_bad",
+                 "product_ok", "purchases", "rage", "resolved", "role", "role_at", "roles", "searches",
+                 "service_failures", "since", "start", "state", "surveys", "switches", "tenant", "touch_at",
+                 "touch_channel", "touch_ok", "touch_type", "touchpoints", "wait")
 
-    def __init__(self, tenant: str, person: str, key: str, event_time: int) -> None:
-        self.tenant, self.person, self.key = tenant, person, key
+    def __init__(self, owner: tuple[str, str], key: str, event_time: int) -> None:
+        self.owner = owner  # (tenant, person): the key of its person's open journeys and profile
+        self.tenant, self.person = owner
+        self.key = key
         self.start = self.last = event_time
-        self.cases: list[str] | None = None  # containers stay None until needed: fewer objects for the GC
-        self.channels: list[str] = []
-        self.roles: list[tuple[str, int]] = []  # (role, since) each time it changes
+        self.cases: list[str] | None = None
+        self.channel: str | None = None  # the last channel of `channels`
+        self.channels: list[str] | None = None  # in order, a channel repeated only after another; None: [channel]
+        self.anchor: str | None = None  # the last channel of `channels` that is not the survey channel
+        self.role: str | None = None  # the role as of its last touchpoint...
+        self.role_at = event_time  # ...since then, while it has had one role
+        self.roles: list[tuple[str, int]] | None = None  # (role, since) each time it changes; None: one role
         self.touchpoints = self.switches = self.contacts = self.wait = self.failures = 0
         self.service_failures = self.rage = self.purchases = self.cancellations = 0
         self.product_ok = self.product_bad = 0
@@ -195,7 +205,9 @@ class _Journey:
         self.nps: tuple[int, int, int] | None = None  # (time, score, scale max) of the latest NPS
         self.contact_places: dict[str, int] | None = None  # channel -> contacts started and surveys answered
         self.contact_hours: dict[int, int] | None = None
-        self.last_touch: tuple[int, str, str, int | None] = (event_time, "", "", None)
+        # the last touch: time, channel, event type, whether it went well
+        self.touch_at, self.touch_channel, self.touch_type = event_time, "", ""
+        self.touch_ok: int | None = None
         self.searches: list[str] | None = None
         self.since: int | None = None  # customer since, as of its last touchpoint
         self.first_purchase: int | None = None
@@ -204,36 +216,46 @@ class _Journey:
         self.touchpoints += 1
         if event_time > self.last:
             self.last = event_time
-        if event_time < self.start:
+        elif event_time < self.start:
             self.start = event_time
         channel, event_type = event["channel"], event["event_type"]
         role = event.get("role") or ""
-        if not self.roles or self.roles[-1][0] != role:
-            self.roles.append((role, event_time))
+        if role != self.role:
+            if self.role is None:
+                self.role_at = event_time
+            elif self.roles is None:
+                self.roles = [(self.role, self.role_at), (role, event_time)]
+            else:
+                self.roles.append((role, event_time))
+            self.role = role
         since = event.get("customer_since_ms")
         if since is not None:
             self.since = since
-        channels = self.channels
-        if not channels or channels[-1] != channel:
+        if channel != self.channel:
             if channel != SURVEY_CHANNEL:
-                previous = next((c for c in reversed(channels) if c != SURVEY_CHANNEL), None)
-                if previous is not None and previous != channel:
+                if self.anchor is not None and self.anchor != channel:
                     self.switches += 1
-            channels.append(channel)
+                self.anchor = channel
+            if self.channel is not None:
+                if self.channels is None:
+                    self.channels = [self.channel, channel]
+                else:
+                    self.channels.append(channel)
+            self.channel = channel
         outcome = event.get("outcome")
-        ok: int | None = None if outcome is None else int(outcome == "SUCCESS")
+        ok: int | None = None if outcome is None else 1 if outcome == "SUCCESS" else 0
         rage = event.get("rage_clicks")
         if rage is not None and rage >= RAGE_CLICKS:
             self.rage += 1
         if event_type in PRODUCT_INTERACTIONS:
-            result: bool | None = None
             if event_type == "task":
-                if outcome == "SUCCESS" or outcome == "FAILURE":
-                    result = outcome == "SUCCESS"
+                if outcome == "SUCCESS":
+                    self._product(True)
+                elif outcome == "FAILURE":
+                    self._product(False)
             elif event_type == "app_error" or event_type == "app_crash":
-                result, ok = False, 0
-            if result is not None:
-                self._product(result)
+                ok = 0
+                self._product(False)
             attributes = event.get("attributes")
             if attributes:
                 results = attributes.get("results")
@@ -251,8 +273,7 @@ class _Journey:
                         self.wait += wait
                 resolved = contact.get("resolved")
                 if resolved is not None:
-                    self.resolved = int(resolved)
-                    ok = int(resolved)
+                    self.resolved = ok = int(resolved)
             if event_type in SERVICE_RESULTS and (outcome == "FAILURE" or outcome == "ABANDONED"):
                 self.failures += 1
                 self.service_failures += 1
@@ -276,14 +297,25 @@ class _Journey:
                     self.first_purchase = event_time
             elif event_type in CANCEL_TYPES:
                 self.cancellations += 1
-        if event_time >= self.last_touch[0]:
-            self.last_touch = (event_time, channel, event_type, ok)
+        if event_time >= self.touch_at:
+            self.touch_at, self.touch_channel, self.touch_type, self.touch_ok = event_time, channel, event_type, ok
         journey_id = event.get("journey_id")
         if journey_id is not None:
             if self.cases is None:
                 self.cases = [journey_id]
             elif journey_id not in self.cases:
                 self.cases.append(journey_id)
+
+    def role_changes(self) -> list[tuple[str, int]]:
+        """(role, since) each time it changed, the first since the journey's first touchpoint."""
+        if self.roles is not None:
+            return self.roles
+        return [] if self.role is None else [(self.role, self.role_at)]
+
+    def channel_list(self) -> list[str]:
+        if self.channels is not None:
+            return self.channels
+        return [] if self.channel is None else [self.channel]
 
     def _product(self, worked: bool) -> None:
         if worked:
@@ -327,10 +359,13 @@ class _Journey:
         else:
             kinds, scores, cx = [], [], None
         nps = "" if self.nps is None else nps_status(self.nps[1], self.nps[2])
-        roles = self.roles
+        role = self.role or ""
         return _new_journey_row(JourneyRow, (
-            self.tenant, self.person, self.key, self.start, self.last, roles[0][0], roles[-1][0],
-            self.channels, self.cases or [], self.touchpoints, self.switches, contacts, repeat, self.wait,
+            self.tenant, self.person, self.key, self.start, self.last,
+            role if self.roles is None else self.roles[0][0], role,
+            self.channels if self.channels is not None else [] if self.channel is None else [self.channel],
+            self.cases or [],
+            self.touchpoints, self.switches, contacts, repeat, self.wait,
             failures, self.product_bad, self.service_failures, int(self.state == 3), rage, self.resolved,
             kinds, scores, ux, cx, nps, self.purchases, self.first_purchase or 0, self.cancellations, effort,
             partition))
@@ -342,6 +377,9 @@ class _Journey:
     def cx_score(self) -> float | None:
         scaled = [100.0 * (score - low) / (high - low) for _, score, low, high in self.surveys or () if high > low]
         return None if not scaled else round(sum(scaled) / len(scaled), 1)
+
+
+_NO_SCORES: tuple[float, ...] = (0.0, 0, 0.0, 0, 0.0, 0, 0.0, 0)  # a profile's scores before any UX or CX score
 
 
 class _Profile:
@@ -358,16 +396,21 @@ class _Profile:
         self.last: tuple[int, str, str, int | None, float, float | None, float | None] = (0, "", "", None, 0.0, None,
                                                                                          None)
         # before the first purchase: ux sum, ux n, cx sum, cx n; then the same after it
-        self.scores: tuple[float, ...] = (0.0, 0, 0.0, 0, 0.0, 0, 0.0, 0)
+        self.scores: tuple[float, ...] = _NO_SCORES
         self.nps: tuple[int, int, int] | None = None
         self.searches: list[str] | None = None
 
     def fold(self, journey: _Journey, row: JourneyRow) -> None:
         self.journeys += 1
-        self.updated = max(self.updated, journey.last)
-        for role, at in journey.roles:
-            if not self.roles or self.roles[-1][0] != role:
-                self.roles = (*self.roles, (role, at))
+        if journey.last > self.updated:
+            self.updated = journey.last
+        if journey.roles is None:  # the usual journey, with one role
+            if journey.role is not None and (not self.roles or self.roles[-1][0] != journey.role):
+                self.roles = (*self.roles, (journey.role, journey.role_at))
+        else:
+            for role, at in journey.roles:
+                if not self.roles or self.roles[-1][0] != role:
+                    self.roles = (*self.roles, (role, at))
         if journey.contact_places and journey.contact_hours:
             places = self.places if self.places is not None else {}
             hours = self.hours if self.hours is not None else {}
@@ -376,8 +419,9 @@ class _Profile:
             for hour, n in journey.contact_hours.items():
                 hours[hour] = hours.get(hour, 0) + n
             self.places, self.hours = places, hours
-        if journey.last_touch[0] >= self.last[0]:
-            self.last = (*journey.last_touch, row.effort, row.ux_score, row.cx_score)
+        if journey.touch_at >= self.last[0]:
+            self.last = (journey.touch_at, journey.touch_channel, journey.touch_type, journey.touch_ok, row.effort,
+                         row.ux_score, row.cx_score)
         since = journey.since
         ux, cx = row.ux_score, row.cx_score
         if ux is not None or cx is not None:
@@ -404,20 +448,29 @@ class _Profile:
         else:
             channel, channel_n, hour, hour_n, contact_n = "", 0, None, 0, 0
         at, last_channel, last_type, last_ok, effort, ux, cx = self.last
-        pre_ux, pre_ux_n, pre_cx, pre_cx_n, post_ux, post_ux_n, post_cx, post_cx_n = self.scores
+        scores: tuple[Any, ...] = self.scores
+        if scores is _NO_SCORES:  # no journey with a UX or CX score yet
+            scores = (None, 0, None, 0, None, 0, None, 0)
+        else:
+            pre_ux, pre_ux_n, pre_cx, pre_cx_n, post_ux, post_ux_n, post_cx, post_cx_n = scores
+            scores = (round(pre_ux / pre_ux_n, 1) if pre_ux_n else None, int(pre_ux_n),
+                      round(pre_cx / pre_cx_n, 1) if pre_cx_n else None, int(pre_cx_n),
+                      round(post_ux / post_ux_n, 1) if post_ux_n else None, int(post_ux_n),
+                      round(post_cx / post_cx_n, 1) if post_cx_n else None, int(post_cx_n))
         roles, nps = self.roles, self.nps
+        if len(roles) == 1:
+            role, since = roles[0]
+            role_path, role_since = [role], [since]
+        else:
+            role = roles[-1][0] if roles else ""
+            role_path, role_since = [r for r, _ in roles], [t for _, t in roles]
         if nps is None:
             nps_score, status, nps_at = None, "", None
         else:
             nps_score, status, nps_at = nps[1], nps_status(nps[1], nps[2]), nps[0]
         return _new_profile_row(ProfileRow, (
-            tenant, person, self.updated, self.journeys, roles[-1][0] if roles else "",
-            [r for r, _ in roles], [t for _, t in roles], channel, channel_n, hour, hour_n, contact_n,
-            at, last_channel, last_type, last_ok, effort, ux, cx,
-            round(pre_ux / pre_ux_n, 1) if pre_ux_n else None, int(pre_ux_n),
-            round(pre_cx / pre_cx_n, 1) if pre_cx_n else None, int(pre_cx_n),
-            round(post_ux / post_ux_n, 1) if post_ux_n else None, int(post_ux_n),
-            round(post_cx / post_cx_n, 1) if post_cx_n else None, int(post_cx_n),
+            tenant, person, self.updated, self.journeys, role, role_path, role_since, channel, channel_n, hour,
+            hour_n, contact_n, at, last_channel, last_type, last_ok, effort, ux, cx, *scores,
             nps_score, status, nps_at, list(self.searches) if self.searches else [], partition))
 
 
@@ -449,7 +502,8 @@ class PartitionJourneys:
         self.window_ms, self.lateness_ms = window_ms, lateness_ms
         self.gap_ms = config.gap_ms
         self.watermark = watermark_ms
-        self.open: dict[tuple[str, str], list[_Journey]] = {}  # (tenant, person) -> open journeys, oldest first
+        # (tenant, person) -> the person's open journey, or their open journeys (oldest first) when more than one
+        self.open: dict[tuple[str, str], _Journey | list[_Journey]] = {}
         self.cases: dict[tuple[str, str], _Journey] = {}  # (tenant, journey_id) -> the open journey carrying it
         self.profiles: dict[tuple[str, str], _Profile] = {}
         self._closed_before = watermark_ms - watermark_ms % window_ms
@@ -462,24 +516,36 @@ class PartitionJourneys:
     def add(self, event: dict[str, Any], counted: bool = True) -> None:
         """One touchpoint that is not late (in offset order): folded into its person's journey when counted (a
         duplicate is not), and its time moves the watermark."""
-        event_time = event["event_time"]
-        if counted:
-            tenant = event["tenant"]
-            journey_id = event.get("journey_id")
-            journey = None if journey_id is None else self.cases.get((tenant, journey_id))
-            if journey is None:
-                found = self.open.get((tenant, event["person_id"]))
-                if found is not None and len(found) == 1:  # the usual case: the person's one open journey
-                    journey = found[0]
-                    if event_time - journey.last >= self.gap_ms or journey.start - event_time >= self.gap_ms:
-                        journey = None
+        self.add_all((event,), (ON_TIME if counted else DUPLICATE,))
+
+    def add_all(self, events: Sequence[dict[str, Any]], fates: Sequence[int]) -> None:
+        """Touchpoints in offset order with their fates in the windows (aggregate's ON_TIME, LATE, DUPLICATE): a
+        counted one is folded into its person's journey, a duplicate only moves the watermark, a late one is
+        skipped (the windows did not count it, nor move their watermark)."""
+        open_journeys, cases, gap, lateness = self.open, self.cases, self.gap_ms, self.lateness_ms
+        watermark = self.watermark
+        for event, fate in zip(events, fates, strict=True):
+            if fate == LATE:
+                continue
+            event_time = event["event_time"]
+            if fate == ON_TIME:
+                tenant = event["tenant"]
+                journey_id = event.get("journey_id")
+                case = None if journey_id is None else (tenant, journey_id)
+                journey = None if case is None else cases.get(case)
                 if journey is None:
-                    journey = self._journey_of(tenant, event["person_id"], event_time, event["event_id"])
-            journey.add(event, event_time)
-            if journey_id is not None:
-                self.cases[(tenant, journey_id)] = journey
-        if event_time - self.lateness_ms > self.watermark:
-            self.advance(event_time - self.lateness_ms)
+                    key = (tenant, event["person_id"])
+                    found = open_journeys.get(key)
+                    if type(found) is _Journey and event_time - found.last < gap and found.start - event_time < gap:
+                        journey = found  # the usual case: the person's one open journey goes on
+                    else:
+                        journey = self._journey_of(key, found, event_time, event["event_id"])
+                    if case is not None:  # (a journey found by its case already carries it)
+                        cases[case] = journey
+                journey.add(event, event_time)
+            if event_time - lateness > watermark:
+                self.advance(event_time - lateness)
+                watermark = self.watermark
 
     def advance(self, watermark_ms: int) -> None:
         """Event time moves on (a touchpoint, or an idle partition): close what the new horizon passes."""
@@ -497,20 +563,21 @@ class PartitionJourneys:
         self.changed = set()
         return rows, profiles
 
-    def _journey_of(self, tenant: str, person: str, event_time: int, event_id: str) -> _Journey:
+    def _journey_of(self, key: tuple[str, str], found: _Journey | list[_Journey] | None, event_time: int,
+                    event_id: str) -> _Journey:
         """The person's latest open journey within a gap of the touchpoint, or a new one it starts."""
-        key = (tenant, person)
-        found = self.open.get(key)
-        gap = self.config.gap_ms
-        if found:
-            for candidate in reversed(found):
+        gap = self.gap_ms
+        if found is not None:
+            for candidate in reversed([found] if isinstance(found, _Journey) else found):
                 if event_time - candidate.last < gap and candidate.start - event_time < gap:
                     return candidate
-        journey = _Journey(tenant, person, event_id, event_time)
-        if found:
-            found.append(journey)
+        journey = _Journey(key, event_id, event_time)
+        if found is None:
+            self.open[key] = journey
+        elif isinstance(found, _Journey):
+            self.open[key] = [found, journey]
         else:
-            self.open[key] = [journey]
+            found.append(journey)
         return journey
 
     def close(self, horizon_ms: int) -> None:
@@ -520,28 +587,41 @@ class PartitionJourneys:
             return
         self._closed_before = horizon_ms
         gap, case_gap = self.config.gap_ms, max(self.config.case_gap_ms, self.config.gap_ms)
+        open_journeys = self.open
         closing: list[_Journey] = []
-        for key, journeys in list(self.open.items()):
-            still = [j for j in journeys if j.last + (case_gap if j.cases else gap) > horizon_ms]
-            if len(still) == len(journeys):
+        ended: list[tuple[str, str]] = []  # persons without an open journey any more
+        for key, found in open_journeys.items():
+            if isinstance(found, _Journey):
+                if found.last + (case_gap if found.cases else gap) <= horizon_ms:
+                    closing.append(found)
+                    ended.append(key)
                 continue
-            closing += [j for j in journeys if j.last + (case_gap if j.cases else gap) <= horizon_ms]
+            still = [j for j in found if j.last + (case_gap if j.cases else gap) > horizon_ms]
+            if len(still) == len(found):
+                continue
+            closing += [j for j in found if j.last + (case_gap if j.cases else gap) <= horizon_ms]
             if still:
-                self.open[key] = still
+                open_journeys[key] = still[0] if len(still) == 1 else still
             else:
-                del self.open[key]
-        closing.sort(key=lambda j: (j.last, j.key))  # profiles fold journeys in the order they ended
+                ended.append(key)
+        for key in ended:
+            del open_journeys[key]
+        # Profiles fold journeys in the order they ended: by (last, key), as two stable sorts (no tuple per journey).
+        closing.sort(key=_key_of)
+        closing.sort(key=_last_of)
         terms, total_weight, rows, changed = self._terms, self._total_weight, self.rows, self.changed
+        cases, profiles, partition = self.cases, self.profiles, self.partition
         for journey in closing:
-            for case in journey.cases or ():
-                if self.cases.get((journey.tenant, case)) is journey:
-                    del self.cases[(journey.tenant, case)]
-            row = journey.row(self.partition, terms, total_weight)
+            if journey.cases is not None:
+                for case in journey.cases:
+                    if cases.get((journey.tenant, case)) is journey:
+                        del cases[(journey.tenant, case)]
+            row = journey.row(partition, terms, total_weight)
             rows.append(row)
-            person = (journey.tenant, journey.person)
-            profile = self.profiles.get(person)
+            person = journey.owner
+            profile = profiles.get(person)
             if profile is None:
-                profile = self.profiles[person] = _Profile()
+                profile = profiles[person] = _Profile()
             profile.fold(journey, row)
             changed.add(person)
 
@@ -549,7 +629,8 @@ class PartitionJourneys:
         """Erasure: drop the persons' open journeys and profiles."""
         gone = set(person_ids)
         for key in [k for k in self.open if k[1] in gone]:
-            for journey in self.open.pop(key):
+            found = self.open.pop(key)
+            for journey in [found] if isinstance(found, _Journey) else found:
                 for case in journey.cases or ():
                     self.cases.pop((journey.tenant, case), None)
         for key in [k for k in self.profiles if k[1] in gone]:
@@ -557,7 +638,8 @@ class PartitionJourneys:
 
     def state(self) -> dict[str, Any]:
         """Open journeys and profiles as plain lists and dicts (for a checkpoint snapshot)."""
-        journeys = [[_journey_state(j) for j in found] for found in self.open.values()]
+        journeys = [[_journey_state(j) for j in ([found] if isinstance(found, _Journey) else found)]
+                    for found in self.open.values()]
         profiles = [[tenant, person, _profile_state(p)] for (tenant, person), p in self.profiles.items()]
         return {"clock": [self.watermark, self._closed_before], "journeys": journeys, "profiles": profiles}
 
@@ -567,24 +649,36 @@ class PartitionJourneys:
         self.cases.clear()
         for found in state["journeys"]:
             journeys = [_journey_from(s) for s in found]
-            self.open[(journeys[0].tenant, journeys[0].person)] = journeys
+            self.open[journeys[0].owner] = journeys[0] if len(journeys) == 1 else journeys
             for journey in journeys:
                 for case in journey.cases or ():
                     self.cases[(journey.tenant, case)] = journey
         self.profiles = {(tenant, person): _profile_from(s) for tenant, person, s in state["profiles"]}
 
     def __len__(self) -> int:
-        return sum(len(found) for found in self.open.values())
+        return sum(1 if isinstance(found, _Journey) else len(found) for found in self.open.values())
 
 
-_JOURNEY_FIELDS = tuple(s for s in _Journey.__slots__ if s not in ("tenant", "person", "key", "start"))
+# A journey in a snapshot: these fields in this order (the layout of the first snapshots with journeys).
+_JOURNEY_FIELDS = ("cancellations", "cases", "channels", "contact_hours", "contact_places", "contacts", "failures",
+                   "first_purchase", "last", "last_touch", "nps", "product_bad", "product_ok", "purchases", "rage",
+                   "resolved", "roles", "searches", "service_failures", "since", "state", "surveys", "switches",
+                   "touchpoints", "wait")
 _PROFILE_FIELDS = _Profile.__slots__
+_key_of, _last_of = attrgetter("key"), attrgetter("last")
 
 
 def _journey_state(journey: _Journey) -> list[Any]:
     values = []
     for name in _JOURNEY_FIELDS:
-        value = getattr(journey, name)
+        if name == "channels":
+            value: Any = journey.channel_list()
+        elif name == "roles":
+            value = journey.role_changes()
+        elif name == "last_touch":
+            value = (journey.touch_at, journey.touch_channel, journey.touch_type, journey.touch_ok)
+        else:
+            value = getattr(journey, name)
         if isinstance(value, dict):
             value = [[k, v] for k, v in value.items()]  # JSON keys are strings; hours are ints
         values.append(value)
@@ -593,17 +687,28 @@ def _journey_state(journey: _Journey) -> list[Any]:
 
 def _journey_from(state: list[Any]) -> _Journey:
     tenant, person, key, start, values = state
-    journey = _Journey(tenant, person, key, start)
+    journey = _Journey((tenant, person), key, start)
     for name, value in zip(_JOURNEY_FIELDS, values, strict=True):
-        if name in ("contact_places", "contact_hours") and value is not None:
-            value = {k: v for k, v in value}
+        if name == "channels":
+            channels = list(value)
+            journey.channel = channels[-1] if channels else None
+            journey.channels = channels if len(channels) > 1 else None
+            journey.anchor = next((c for c in reversed(channels) if c != SURVEY_CHANNEL), None)
         elif name == "roles":
-            value = [(r, t) for r, t in value]
-        elif name == "surveys" and value is not None:
-            value = [tuple(s) for s in value]
-        elif name in ("nps", "last_touch") and value is not None:
-            value = tuple(value)
-        setattr(journey, name, value)
+            roles = [(r, t) for r, t in value]
+            if roles:
+                journey.role, journey.role_at = roles[-1][0], roles[0][1]
+            journey.roles = roles if len(roles) > 1 else None
+        elif name == "last_touch":
+            journey.touch_at, journey.touch_channel, journey.touch_type, journey.touch_ok = value
+        else:
+            if name in ("contact_places", "contact_hours") and value is not None:
+                value = {k: v for k, v in value}
+            elif name == "surveys" and value is not None:
+                value = [tuple(s) for s in value]
+            elif name == "nps" and value is not None:
+                value = tuple(value)
+            setattr(journey, name, value)
     return journey
 
 

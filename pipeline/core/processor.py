@@ -182,6 +182,11 @@ class WindowConfig:
     def indicators(self) -> tuple[Indicator, ...]:
         return catalogue(self.apdex_t_ms, self.apdex_default_t_ms)
 
+    def lengths(self) -> dict[str, int]:
+        """The window lengths PartitionWindows takes as keyword arguments (it has no defaults of its own)."""
+        return {"hopping_ms": self.hopping_ms, "session_gap_ms": self.session_gap_ms,
+                "session_max_ms": self.session_max_ms}
+
 
 @dataclass(frozen=True, slots=True)
 class Resume:
@@ -228,8 +233,7 @@ class TouchpointProcessor:
         the checkpoint's commit_offset, from its open_from_ms on (the dedup sets of the panes open there); required
         with a checkpoint with state."""
         config = self.config
-        lengths = {"hopping_ms": config.hopping_ms, "session_gap_ms": config.session_gap_ms,
-                   "session_max_ms": config.session_max_ms}
+        lengths = config.lengths()
         resume = Resume(None, "new") if checkpoint is None else Resume(checkpoint.commit_offset, "replay")
         windows = None
         if checkpoint is not None and checkpoint.state is not None:
@@ -322,11 +326,8 @@ class TouchpointProcessor:
                 late[channel] += 1
             rows.append(touchpoint_row(event, schema_id, partition, offset, counted=fate != LATE))
         journeys = self.journeys.get(partition)
-        if journeys is not None:
-            add = journeys.add
-            for event, fate in zip(events, fates, strict=True):
-                if fate != LATE:  # folded when counted: duplicates and late copies never reach a journey
-                    add(event, fate == ON_TIME)
+        if journeys is not None:  # folded when counted: duplicates and late copies never reach a journey
+            journeys.add_all(events, fates)
         self._activity[partition] = (now_ms, windows.watermark_ms)
         if len(self.partitions) > 1:
             self._find_cross_partition_duplicates(partition, events, fates)

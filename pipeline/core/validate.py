@@ -39,14 +39,9 @@ def violation(event: dict[str, Any], now_ms: int, max_future_ms: int,
     if event_time > now_ms + max_future_ms:
         return FUTURE_EVENT_TIME, (f"event_time is {(event_time - now_ms) / 1000:.0f} s in the future "
                                    f"(limit {max_future_ms / 1000:.0f} s)")
-    ids = event["identifiers"]
-    if not any(has_identifier(value, blocked) for value in ids.values()):
-        return CONTRACT_VIOLATION, f"no identifier: {', '.join(ids)} are all blank or blocked"
-    for kind, value in ids.items():
-        if kind.endswith(HASH_SUFFIX) and has_identifier(value, blocked) and not _SHA256_HEX.fullmatch(value):
-            return CONTRACT_VIOLATION, (f"identifiers.{kind} is not a SHA-256 digest (64 lower-case hex "
-                                        f"characters; got {len(value)} characters): send the hash, never the "
-                                        "raw value")
+    problem = _identifier_problem(event["identifiers"], blocked)
+    if problem is not None:
+        return CONTRACT_VIOLATION, problem
     for field in _NON_NEGATIVE:
         value = event.get(field)
         if value is not None and value < 0:
@@ -65,3 +60,16 @@ def violation(event: dict[str, Any], now_ms: int, max_future_ms: int,
             if value is not None and value < 0:
                 return CONTRACT_VIOLATION, f"contact.{field} is negative ({value})"
     return None
+
+
+def _identifier_problem(ids: dict[str, str | None], blocked: frozenset[str]) -> str | None:
+    """No usable identifier, or a hashed one that is not a digest; one pass, has_identifier inlined (every event
+    goes through here)."""
+    usable = False
+    for kind, value in ids.items():
+        if value is not None and value.strip().lower() not in blocked:
+            usable = True
+            if kind.endswith(HASH_SUFFIX) and not _SHA256_HEX.fullmatch(value):
+                return (f"identifiers.{kind} is not a SHA-256 digest (64 lower-case hex characters; got "
+                        f"{len(value)} characters): send the hash, never the raw value")
+    return None if usable else f"no identifier: {', '.join(ids)} are all blank or blocked"

@@ -25,6 +25,7 @@ from pipeline.adapters.clickhouse import (
 )
 from pipeline.core import aggregate
 from pipeline.settings import PROJECT_ROOT, Settings
+from tests.factories import window_lengths
 from tests.sketch_spec import ALPHA, spec_key, spec_quantile
 
 pytestmark = pytest.mark.integration
@@ -386,7 +387,7 @@ def test_streamed_cells_equal_the_sql_batch_reference_over_the_raw_touchpoints(s
     fates: Counter[int] = Counter()
     for partition in (0, 1):
         events = random_stream(rng, partition, 6_000)
-        windows = PartitionWindows(partition, 60_000, 10_000)
+        windows = PartitionWindows(partition, 60_000, 10_000, **window_lengths())
         for begin in range(0, len(events), 250):  # batches, as a worker fetches them
             batch = events[begin:begin + 250]
             offsets = list(range(begin, begin + len(batch)))
@@ -443,7 +444,7 @@ def test_a_restart_from_the_stored_checkpoint_and_panes_stores_what_an_uninterru
             windows.add(events[start:stop], offsets[start:stop])
         return Output(window_cells=windows.drain_closed(), checkpoints={0: windows.checkpoint()})
 
-    whole = PartitionWindows(0, 60_000, 10_000)  # the uninterrupted run
+    whole = PartitionWindows(0, 60_000, 10_000, **window_lengths())  # the uninterrupted run
     expected_cells = run(whole, 0, len(events)).window_cells
     whole.advance_idle(BASE_MS + 6 * HOUR_MS)
     expected_cells += whole.drain_closed()
@@ -452,14 +453,15 @@ def test_a_restart_from_the_stored_checkpoint_and_panes_stores_what_an_uninterru
                 for c in expected_cells}
     assert {k[0] for k in expected} == {"1m", "15m", "session"}
 
-    first = PartitionWindows(0, 60_000, 10_000)
+    first = PartitionWindows(0, 60_000, 10_000, **window_lengths())
     sink.write(run(first, 0, 2_900))  # then SIGKILL: nothing after this write survives
 
     checkpoint = sink.load_checkpoint(0)
     assert checkpoint is not None and checkpoint.commit_offset < 2_900
     panes = sink.recent_panes(0, checkpoint.closed_before_ms, 14)
     assert panes and all(c.window_kind == "1m" for c in panes)
-    second = PartitionWindows(0, 60_000, 10_000, checkpoint=checkpoint, recent_panes=panes)
+    second = PartitionWindows(0, 60_000, 10_000, checkpoint=checkpoint, recent_panes=panes,
+                              **window_lengths())
     output = run(second, checkpoint.commit_offset, len(events))
     second.advance_idle(BASE_MS + 6 * HOUR_MS)
     output.window_cells += second.drain_closed()

@@ -15,6 +15,7 @@ from pipeline.adapters.clickhouse import HOUR_MS, ClickHouseSink, apply_migratio
 from pipeline.core.aggregate import DUPLICATE, ON_TIME, Checkpoint, PartitionWindows
 from pipeline.core.processor import Output, touchpoint_row
 from pipeline.settings import Settings
+from tests.factories import window_lengths
 from tests.integration.test_indicator_sql import BASE_MS, random_stream, stored_cells
 
 pytestmark = pytest.mark.integration
@@ -50,14 +51,14 @@ def test_a_restart_from_a_checkpoint_with_state_replays_only_what_followed_it(st
             output.checkpoints = {0: windows.checkpoint(with_state=True)}
         return output, fates
 
-    whole = PartitionWindows(0, 60_000, 10_000)  # the uninterrupted run
+    whole = PartitionWindows(0, 60_000, 10_000, **window_lengths())  # the uninterrupted run
     expected_cells, whole_fates = run(whole, 0, len(events), with_state=False)
     whole.advance_idle(BASE_MS + 6 * HOUR_MS)
     expected = {(c.window_kind, c.window_start_ms // 1000, c.window_end_ms // 1000, c.tenant, c.channel, c.role,
                  c.flow, c.device_class, c.indicator, c.partition): (c.count, c.total, c.sketch)
                 for c in expected_cells.window_cells + whole.drain_closed()}
 
-    first = PartitionWindows(0, 60_000, 10_000)
+    first = PartitionWindows(0, 60_000, 10_000, **window_lengths())
     written, _ = run(first, 0, cut, with_state=True)
     sink.write(written)
     assert first.checkpoint().commit_offset < cut - 1_000  # the old format would replay the open sessions whole
@@ -73,7 +74,7 @@ def test_a_restart_from_a_checkpoint_with_state_replays_only_what_followed_it(st
     assert counted_before and set(ids) == counted_before
     panes = sink.recent_panes(0, checkpoint.closed_before_ms, 14)
     second = PartitionWindows.restore(0, 60_000, 10_000, first.event_indicators + first.session_indicators,
-                                      checkpoint, recent_panes=panes, pane_event_ids=ids)
+                                      checkpoint, recent_panes=panes, pane_event_ids=ids, **window_lengths())
     assert second.snapshot() == checkpoint.state
     replayed, fates = run(second, checkpoint.commit_offset, len(events), with_state=True)
     assert fates == whole_fates[cut:]  # the redelivered event is a duplicate again

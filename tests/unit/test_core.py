@@ -25,6 +25,7 @@ from tests.factories import (
     task,
     touchpoint,
     window_config,
+    window_lengths,
 )
 
 MINUTE = 60_000
@@ -66,7 +67,7 @@ def _cells(windows_cells):
 
 
 def test_window_closes_when_watermark_passes_and_late_events_are_not_counted():
-    windows = PartitionWindows(0, MINUTE, lateness_ms=5_000)
+    windows = PartitionWindows(0, MINUTE, lateness_ms=5_000, **window_lengths())
     events = [task("SUCCESS", event_id="1", event_time=BASE_MS + 1_000),
               task("FAILURE", event_id="2", event_time=BASE_MS + 30_000),
               task("SUCCESS", event_id="1", event_time=BASE_MS + 1_000),  # duplicate
@@ -149,7 +150,7 @@ def test_crash_and_replay_from_checkpoint_emits_what_an_uninterrupted_run_emits(
 
 
 def test_open_sessions_hold_the_commit_offset_back():
-    windows = PartitionWindows(0, MINUTE, 0, session_gap_ms=10 * MINUTE)
+    windows = PartitionWindows(0, MINUTE, 0, **window_lengths(session_gap_ms=10 * MINUTE))
     first = touchpoint("a", BASE_MS, person_id="p")
     later = [touchpoint(f"b{i}", BASE_MS + (i + 1) * MINUTE, person_id="q") for i in range(3)]
     windows.add([first, *later], [7, 8, 9, 10])
@@ -166,7 +167,7 @@ def test_open_sessions_hold_the_commit_offset_back():
 
 
 def test_an_event_that_bridges_two_sessions_joins_them():
-    windows = PartitionWindows(0, MINUTE, 120_000, session_gap_ms=2 * MINUTE)
+    windows = PartitionWindows(0, MINUTE, 120_000, **window_lengths(session_gap_ms=2 * MINUTE))
     events = [task("SUCCESS", event_id="1", event_time=BASE_MS, person_id="p"),
               task("SUCCESS", event_id="2", event_time=BASE_MS + 3 * MINUTE, person_id="p"),  # a gap: 2 sessions
               task("FAILURE", event_id="3", event_time=BASE_MS + 90_000, person_id="p")]  # out of order: bridges
@@ -178,7 +179,7 @@ def test_an_event_that_bridges_two_sessions_joins_them():
 
 
 def test_hopping_window_merges_the_panes_it_covers():
-    windows = PartitionWindows(0, MINUTE, 0, hopping_ms=3 * MINUTE)
+    windows = PartitionWindows(0, MINUTE, 0, **window_lengths(hopping_ms=3 * MINUTE))
     events = [task("FAILURE" if i == 1 else "SUCCESS", event_id=str(i), event_time=BASE_MS + i * MINUTE,
                    duration_ms=1_000 * (i + 1)) for i in range(4)]
     windows.add(events, [0, 1, 2, 3])
@@ -205,7 +206,7 @@ def breaching(rules, totals) -> set[tuple[str, str, str]]:
 
 def test_alert_rule_breaches_when_a_closed_window_breaks_it():
     rule = parse_rule(_threshold("ux_error_rate_high", "error_rate", "above", 0.2, 4))
-    windows = PartitionWindows(0, MINUTE, 0)
+    windows = PartitionWindows(0, MINUTE, 0, **window_lengths())
     events = [task("FAILURE" if i < 3 else "SUCCESS", event_id=str(i), event_time=BASE_MS + i) for i in range(10)]
     windows.add([*events, touchpoint(event_id="x", event_time=BASE_MS + MINUTE)], list(range(11)))
     totals = totals_of(windows.drain_closed())

@@ -23,7 +23,18 @@ from pipeline.core.indicators import (
 )
 from pipeline.core.sketch import ALPHA, exact_quantile, quantile
 from tests import reference
-from tests.factories import BASE_MS, contact, csat, page, stream_event, streams, survey, task, touchpoint
+from tests.factories import (
+    BASE_MS,
+    contact,
+    csat,
+    page,
+    stream_event,
+    streams,
+    survey,
+    task,
+    touchpoint,
+    window_lengths,
+)
 
 MINUTE = 60_000
 HOPPING, GAP, BLOCK, LATENESS = 5 * MINUTE, 3 * MINUTE, 30 * MINUTE, 10_000
@@ -129,7 +140,7 @@ def test_session_indicators():
 
 
 def test_windows_call_only_the_observers_an_event_type_feeds():
-    windows = PartitionWindows(0, MINUTE, 0)
+    windows = PartitionWindows(0, MINUTE, 0, **window_lengths())
     called = {event_type: {windows.event_indicators[slot].id for part in entries for slot, _ in part}
               for event_type, entries in windows.dispatch.items()}
     assert called["task"] == {"task_success_rate", "time_on_task", "error_rate", "apdex", "rage_click_rate",
