@@ -137,3 +137,19 @@ def test_what_the_compiled_decoder_is_unsure_of_is_left_to_fastavro():
     timestamp = {"type": "record", "name": "T", "fields": [{"name": "t", "type": {"type": "long",
                                                                                 "logicalType": "timestamp-millis"}}]}
     assert compile_decoder(fastavro.parse_schema(timestamp)) is None  # fastavro would make it a datetime
+
+
+@pytest.mark.parametrize("body, why", [
+    (b"\x02\x00", "boolean byte"),  # fastavro reads any non-zero byte as true; the plan leaves that to it
+    (b"\x01\x80\x80\x80\x80\x10", "int range"),
+])
+def test_the_compiled_decoder_leaves_bytes_fastavro_reads_leniently_to_fastavro(body: bytes, why: str) -> None:
+    schema = fastavro.parse_schema({"type": "record", "name": "Probe",
+                                    "fields": [{"name": "flag", "type": "boolean"}, {"name": "n", "type": "int"}]})
+    decoder = compile_decoder(schema)
+    assert decoder is not None
+    for flag in (b"\x00", b"\x01"):
+        exact = flag + b"\x02"
+        assert decoder(exact, 0) == fastavro.schemaless_reader(io.BytesIO(exact), schema)
+    with pytest.raises(NotExact, match=why):
+        decoder(body, 0)
