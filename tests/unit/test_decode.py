@@ -13,7 +13,7 @@ from pipeline.contract.registry import contract_schemas, parse_for_decoding
 from pipeline.contract.wire import frame
 from pipeline.core import decode
 from pipeline.core.avro_plan import NotExact, compile_decoder
-from pipeline.core.decode import decode_batch
+from pipeline.core.decode import decode_batch, decode_batch_with_fastavro
 from tests.factories import encode, schema_for, touchpoint
 
 SCHEMAS = {i + 1: parse_for_decoding(s) for i, s in enumerate(contract_schemas())}
@@ -50,9 +50,7 @@ def _values(schema: Any, named: dict[str, Any]) -> st.SearchStrategy[Any]:
 
 
 def _reference(values: list[bytes | None], monkeypatch: pytest.MonkeyPatch) -> decode.DecodedBatch:
-    with monkeypatch.context() as patch:
-        patch.setattr(decode, "_decoder_of", lambda schema: None)  # every record through fastavro alone
-        return decode_batch(values, SCHEMAS.get)
+    return decode_batch_with_fastavro(values, SCHEMAS.get)
 
 
 def _same(ours: decode.DecodedBatch, reference: decode.DecodedBatch) -> None:
