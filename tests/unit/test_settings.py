@@ -31,7 +31,6 @@ def test_to_env_round_trips_through_the_environment(monkeypatch):
     assert Settings() == original
 
 
-
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("max_values", {"emial_sha256": 2}, "unknown identifier kinds ['emial_sha256']"),
     ("daily_limits", {"device_id": 3}, "unknown identifier kinds ['device_id']"),
