@@ -544,13 +544,22 @@ class IdentityGraph:
                 held_b = {m for m in members_b if m.startswith(prefix)}
                 if held_b and held_a != held_b:
                     return "refuse_conflict", f"both persons hold a different {kind}"
-        for kind, most in config.max_values.items():
-            prefix = kind + ":"
-            held = sum(m.startswith(prefix) for m in members_a)
-            if held:  # two persons' members are distinct identifiers, so their counts add up
-                held += sum(m.startswith(prefix) for m in members_b)
-                if held > most:
-                    return "refuse_max_values", f"the merged person would hold {held} {kind} (at most {most})"
+        caps = config.max_values
+        if caps:
+            # Each person already keeps within the caps, so only a kind the smaller one holds can overflow.
+            fewer, more = (members_a, members_b) if len(members_a) <= len(members_b) else (members_b, members_a)
+            held: dict[str, int] = {}
+            for member in fewer:
+                kind = member[:member.index(":")]
+                if kind in caps:
+                    held[kind] = held.get(kind, 0) + 1
+            for kind, count in held.items():
+                prefix = kind + ":"
+                for member in more:  # the two persons' identifiers are distinct, so the counts add up
+                    if member.startswith(prefix):
+                        count += 1
+                if count > caps[kind]:
+                    return "refuse_max_values", f"the merged person would hold {count} {kind} (at most {caps[kind]})"
         day = link.at_ms // DAY_MS
         for kind, limit in config.daily_limits.items():
             count = 0
