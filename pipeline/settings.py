@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -16,7 +16,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from pipeline.core.identity import DAY_MS, IdentityConfig
+from pipeline.core.identity import DAY_MS, KINDS, IdentityConfig
 from pipeline.core.journeys import DEFAULT_EFFORT_WEIGHTS, EFFORT_COMPONENTS, JourneyConfig
 from pipeline.core.validate import BLANK_IDENTIFIERS
 
@@ -165,16 +165,40 @@ class IdentitySettings(BaseModel):
                                             description="Values (besides blanks) that never identify anyone.")
     daily_limits: dict[str, int] = Field({"anonymous_id": 10},
                                          description="At most this many identifiers of a kind join a person a day.")
+    max_values: dict[str, int] = Field(
+        {"email_sha256": 1, "phone_sha256": 1, "helpdesk_requester_id": 1},
+        description="At most this many distinct values of a kind per person: a merge that would exceed it is "
+                    "refused and recorded in identity_audit (refuse_max_values). Raise it to let, say, two email "
+                    "hashes join one person.")
     habitual_purchases: int = Field(2, ge=2, description="Purchases within habitual_days that make a habit.")
     habitual_days: float = Field(90, description="The period those purchases must fall within.")
     lapse_days: float = Field(180, description="No purchase for this long: a former customer.")
     cancelled_days: float = Field(30, description="A cancelled subscription this long ago: a former customer.")
 
+    @field_validator("unique_kinds", "daily_limits", "max_values")
+    @classmethod
+    def _known_kinds(cls, kinds: list[str] | dict[str, int]) -> list[str] | dict[str, int]:
+        unknown = sorted(set(kinds) - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown identifier kinds {unknown}; known: {list(KINDS)}")
+        return kinds
+
+    @field_validator("max_values")
+    @classmethod
+    def _caps_of_one_or_more(cls, caps: dict[str, int], info: ValidationInfo) -> dict[str, int]:
+        if any(n < 1 for n in caps.values()):
+            raise ValueError("each kind's cap must be 1 or more (leave a kind out to not cap it)")
+        unique = sorted(set(caps) & set(info.data.get("unique_kinds", ())))
+        if unique:  # a unique kind already holds one value, refused as a conflict
+            raise ValueError(f"{unique} are unique_kinds already (one value per person); cap other kinds only")
+        return caps
+
     def core(self) -> IdentityConfig:
         return IdentityConfig(
             unique_kinds=frozenset(self.unique_kinds),
             blocked_values=BLANK_IDENTIFIERS | {v.strip().lower() for v in self.extra_blocked_values},
-            daily_limits=dict(self.daily_limits), habitual_purchases=self.habitual_purchases,
+            daily_limits=dict(self.daily_limits), max_values=dict(self.max_values),
+            habitual_purchases=self.habitual_purchases,
             habitual_ms=int(self.habitual_days * DAY_MS), lapse_ms=int(self.lapse_days * DAY_MS),
             cancelled_ms=int(self.cancelled_days * DAY_MS),
         )

@@ -41,7 +41,8 @@ WATERMARK_LAG = Gauge("touchpoint_watermark_lag_seconds", "Wall clock minus the 
                       ["partition"])
 IDENTIFIERS = Gauge("touchpoint_identity_identifiers", "Identifiers in this worker's copy of the identity graph.")
 IDENTITY_DECISIONS = Counter("touchpoint_identity_decisions",
-                             "Identity graph decisions: merge, refuse_conflict, refuse_limit, forget.", ["action"])
+                             "Identity graph decisions: merge, refuse_conflict, refuse_max_values, refuse_limit, "
+                             "forget.", ["action"])
 ROLE_TRANSITIONS = Counter("touchpoint_role_transitions", "Role changes written, by new role.", ["to_role"])
 STORE_RETRIES = Counter("touchpoint_store_retries",
                         "Store writes retried after a failure (the backoff doubles up to batch.retry_max_s).")

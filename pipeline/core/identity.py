@@ -5,9 +5,10 @@ of the order they arrive in: links are replayed in a canonical order (event time
 arrives out of that order, and facts are grow-only sets or minimums. That is what lets every worker hold a full
 replica fed by one shared log, with no coordination, and still agree on every person.
 
-Merge safety: two persons holding different values of a unique kind (two customer ids) are never merged; blocked
-values never link; per-kind daily limits stop kiosks and shared devices fusing strangers. Each merge and refusal
-becomes an audit record.
+Merge safety, per kind and configurable: two persons holding different values of a unique kind (two customer ids)
+are never merged; a person holds at most N values of a capped kind (one email hash by default, so two different
+email hashes never fuse two persons unless configured); blocked values never link; per-kind daily limits stop
+kiosks and shared devices fusing strangers. Each merge and refusal becomes an audit record.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class IdentityConfig:
     unique_kinds: frozenset[str]  # kinds a person holds one value of: two values never merge
     blocked_values: frozenset[str]  # lower-cased values that never identify anyone (blanks included)
     daily_limits: Mapping[str, int]  # kind -> at most this many identifiers of it join a person a day
+    max_values: Mapping[str, int]  # kind -> at most this many distinct values of it per person
     habitual_purchases: int  # purchases within habitual_ms that make a habitual customer
     habitual_ms: int
     lapse_ms: int  # no purchase for this long: a former customer
@@ -144,7 +146,7 @@ def decode_operation(item: list[Any]) -> Operation:
 @dataclass(frozen=True, slots=True)
 class AuditRecord:
     at_ms: int
-    action: str  # merge | refuse_conflict | refuse_limit | forget
+    action: str  # merge | refuse_conflict | refuse_max_values | refuse_limit | forget
     identifier_a: str
     identifier_b: str
     from_person_id: str
@@ -542,6 +544,22 @@ class IdentityGraph:
                 held_b = {m for m in members_b if m.startswith(prefix)}
                 if held_b and held_a != held_b:
                     return "refuse_conflict", f"both persons hold a different {kind}"
+        caps = config.max_values
+        if caps:
+            # Each person already keeps within the caps, so only a kind the smaller one holds can overflow.
+            fewer, more = (members_a, members_b) if len(members_a) <= len(members_b) else (members_b, members_a)
+            held: dict[str, int] = {}
+            for member in fewer:
+                kind = member[:member.index(":")]
+                if kind in caps:
+                    held[kind] = held.get(kind, 0) + 1
+            for kind, count in held.items():
+                prefix = kind + ":"
+                for member in more:  # the two persons' identifiers are distinct, so the counts add up
+                    if member.startswith(prefix):
+                        count += 1
+                if count > caps[kind]:
+                    return "refuse_max_values", f"the merged person would hold {count} {kind} (at most {caps[kind]})"
         day = link.at_ms // DAY_MS
         for kind, limit in config.daily_limits.items():
             count = 0

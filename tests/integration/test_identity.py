@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import pytest
 from kafka.partitioner import murmur2
 
 from pipeline.adapters.clickhouse_queries import ConsoleQueries
+from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher
+from pipeline.contract.registry import open_registry
 from pipeline.core.identity import person_id_of
 from pipeline.settings import to_env
 from tests.factories import touchpoint
@@ -195,3 +198,37 @@ def test_identity_survives_a_restart(isolated, publisher, start_worker, ch, stor
     rows = dict(ch.execute("SELECT event_id, person_id FROM touchpoints FINAL"))
     assert rows == {"r1": person_id_of("user_id:u-r"), "r2": person_id_of("user_id:u-r")}
     assert "Identity graph ready: 2 identifiers" in second.log_path.read_text()
+
+
+@pytest.mark.parametrize("email_cap", [1, 2])
+def test_one_event_fuses_two_persons_with_different_email_hashes_only_if_the_cap_allows(isolated, start_worker, ch,
+                                                                                        email_cap):
+    isolated.identity.max_values = {"email_sha256": email_cap}
+    worker = start_worker(isolated)
+    v3 = TouchpointEncoder(open_registry(isolated.registry.url), isolated.registry.subject, 3)
+    publisher = TouchpointPublisher(isolated.kafka.bootstrap_servers, isolated.kafka.topic, v3)
+    now = int(time.time() * 1000) - 60_000
+    e1, e2 = (hashlib.sha256(address.encode()).hexdigest() for address in ("one@example.com", "two@example.com"))
+    try:
+        publisher.publish_many([touchpoint("m1", now, identifiers={"user_id": "u-m", "email_sha256": e1}),
+                                touchpoint("m2", now + 1, identifiers={"anonymous_id": "a-m", "email_sha256": e2})])
+        publisher.flush()
+        wait_until(lambda: ch.execute("SELECT count() FROM identity_audit")[0][0] >= 2, 60, "two merges", worker)
+        publisher.publish_many([touchpoint("m3", now + 2, identifiers={"user_id": "u-m", "anonymous_id": "a-m"})])
+        publisher.flush()
+        wait_until(lambda: ch.execute("SELECT count() FROM identity_audit")[0][0] >= 3, 60, "the shared device",
+                   worker)
+    finally:
+        publisher.close()
+    audit = ch.execute("SELECT action, identifier_a, identifier_b, reason, event_id FROM identity_audit FINAL "
+                       "WHERE event_id = 'm3'")
+    # The audit row is written after the flush's touchpoints and aliases, so the persons are complete here.
+    persons = dict(ch.execute("SELECT current_person_id, count() FROM touchpoints_by_person GROUP BY "
+                              "current_person_id"))
+    if email_cap == 1:
+        assert audit == [("refuse_max_values", "anonymous_id:a-m", "user_id:u-m",
+                          "the merged person would hold 2 email_sha256 (at most 1)", "m3")]
+        assert persons == {person_id_of("user_id:u-m"): 2, person_id_of(f"email_sha256:{e2}"): 1}
+    else:
+        assert [row[0] for row in audit] == ["merge"]
+        assert persons == {person_id_of("user_id:u-m"): 3}

@@ -44,6 +44,12 @@ def test_an_invalid_setting_is_named_with_its_variable(variable, value, named):
     assert_one_line(result, f"invalid setting {named}", variable, value)
 
 
+def test_an_unknown_identifier_kind_in_the_identity_policy_is_named():
+    result = touchpoint_cli("stack", "status", TOUCHPOINT_IDENTITY__MAX_VALUES='{"emial_sha256": 2}')
+    assert_one_line(result, "invalid setting identity.max_values", "TOUCHPOINT_IDENTITY__MAX_VALUES",
+                    "unknown identifier kinds ['emial_sha256']")
+
+
 def test_the_allowed_values_of_a_setting_are_listed():
     result = touchpoint_cli("stack", "status", TOUCHPOINT_STACK__BROKER="redpanda")
     assert_one_line(result, "'auto', 'kafka' or 'tansu'")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,6 +14,7 @@ from pipeline.core.identity import (
     Fact,
     FactKind,
     Forget,
+    IdentityConfig,
     IdentityGraph,
     Link,
     Role,
@@ -27,7 +29,8 @@ T0 = 1_760_000_000_000
 
 _identifiers = st.sampled_from(
     [f"anonymous_id:a{i}" for i in range(6)] + [f"user_id:u{i}" for i in range(3)]
-    + [f"customer_id:c{i}" for i in range(3)] + ["email_sha256:e0", "email_sha256:e1"]
+    + [f"customer_id:c{i}" for i in range(3)] + [f"email_sha256:e{i}" for i in range(3)]
+    + ["phone_sha256:p0", "phone_sha256:p1", "helpdesk_requester_id:h0", "helpdesk_requester_id:h1"]
 )
 _links = st.lists(
     st.tuples(_identifiers, _identifiers, st.integers(0, 3 * DAY_MS)).filter(lambda t: t[0] != t[1])
@@ -38,7 +41,9 @@ _facts = st.lists(
     st.builds(Fact, _identifiers, st.sampled_from(list(FactKind)), st.integers(T0, T0 + 400 * DAY_MS)),
     max_size=15,
 )
-_tight = identity_config(daily_limits={"anonymous_id": 2})
+_tight = identity_config(daily_limits={"anonymous_id": 2})  # the default caps: one email, phone, helpdesk id
+_loose = identity_config(daily_limits={"anonymous_id": 2}, max_values={"email_sha256": 2, "anonymous_id": 3})
+_configs = st.sampled_from([_tight, _loose])
 
 
 def _state(graph: IdentityGraph) -> tuple:
@@ -51,38 +56,56 @@ def _state(graph: IdentityGraph) -> tuple:
 
 
 @settings(max_examples=300, deadline=None)
-@given(_links, _facts, st.randoms(use_true_random=False))
+@given(_links, _facts, st.randoms(use_true_random=False), _configs)
 def test_the_same_links_and_facts_in_any_order_give_the_same_persons(links: list[Link], facts: list[Fact],
-                                                                    rnd: random.Random) -> None:
+                                                                    rnd: random.Random,
+                                                                    config: IdentityConfig) -> None:
     ops = [*links, *facts]
-    in_order = IdentityGraph(_tight)
+    in_order = IdentityGraph(config)
     in_order.apply(sorted(links) + facts)
     shuffled = ops[:]
     rnd.shuffle(shuffled)
-    other = IdentityGraph(_tight)
+    other = IdentityGraph(config)
     other.apply(shuffled)
     assert _state(other) == _state(in_order)
+    assert _refused(other) == _refused(in_order)  # the same links refused, for the same reason
 
 
 @settings(max_examples=200, deadline=None)
-@given(_links, _facts)
-def test_applying_operations_twice_changes_nothing(links: list[Link], facts: list[Fact]) -> None:
-    once = IdentityGraph(_tight)
+@given(_links, _facts, _configs)
+def test_applying_operations_twice_changes_nothing(links: list[Link], facts: list[Fact],
+                                                   config: IdentityConfig) -> None:
+    once = IdentityGraph(config)
     once.apply([*links, *facts])
-    twice = IdentityGraph(_tight)
+    twice = IdentityGraph(config)
     twice.apply([*links, *facts, *links, *facts])
     assert _state(twice) == _state(once)
 
 
+def _held(identifiers: frozenset[str], kind: str) -> int:
+    return sum(i.startswith(kind + ":") for i in identifiers)
+
+
+def _refused(graph: IdentityGraph) -> dict[tuple[str, str], tuple[str, str]]:
+    """Each link the graph leaves apart -> the action of its refusal, as of the graph's final state: a link that
+    arrived out of order may be refused, then merged by the replay, and the replay's verdict stands."""
+    verdicts = {(a.identifier_a, a.identifier_b): (a.action, a.reason) for a in graph.take_changes().audit
+                if a.action == "merge" or a.action.startswith("refuse")}
+    return {pair: verdict for pair, verdict in verdicts.items()
+            if verdict[0] != "merge" and graph.person_key(pair[0]) != graph.person_key(pair[1])}
+
+
 @settings(max_examples=300, deadline=None)
-@given(_links)
-def test_no_person_ever_holds_two_values_of_a_unique_kind_and_every_link_left_apart_was_refused(
-        links: list[Link]) -> None:
-    graph = IdentityGraph(_tight)
+@given(_links, _configs)
+def test_no_person_ever_holds_more_values_of_a_kind_than_the_policy_allows_and_every_link_left_apart_was_refused(
+        links: list[Link], config: IdentityConfig) -> None:
+    graph = IdentityGraph(config)
     graph.apply(links)
     for identifiers in graph.persons().values():
-        for kind in ("customer_id", "user_id"):
-            assert len([i for i in identifiers if i.startswith(kind + ":")]) <= 1
+        for kind in config.unique_kinds:
+            assert _held(identifiers, kind) <= 1
+        for kind, most in config.max_values.items():
+            assert _held(identifiers, kind) <= most
     refused = {(a.identifier_a, a.identifier_b) for a in graph.take_changes().audit if a.action.startswith("refuse")}
     for link in links:
         if graph.person_key(link.a) != graph.person_key(link.b):
@@ -218,3 +241,68 @@ def test_an_erased_persons_replayed_events_keep_no_identifier() -> None:
     later = _journey_event(T0 + 2_000, "identify", "WEB", anonymous_id="dev-9", user_id="u-9")
     enricher.enrich([later])  # the same person coming back later is a new person, not resurrected state
     assert later["resolved_from"] == ["user_id:u-9", "anonymous_id:dev-9"] and later["first_seen_ms"] == T0 + 2_000
+
+
+def test_two_persons_each_holding_an_email_hash_are_not_merged_by_one_event_and_the_refusal_says_why() -> None:
+    enricher = Enricher(identity_config())
+    signed_in = touchpoint(event_id="x1", event_time=T0, identifiers={"user_id": "u1", "email_sha256": "e1"})
+    newsletter = touchpoint(event_id="x2", event_time=T0 + 1, identifiers={"anonymous_id": "a2", "email_sha256": "e2"})
+    shared_device = touchpoint(event_id="x3", event_time=T0 + 2, identifiers={"user_id": "u1", "anonymous_id": "a2"})
+    enricher.enrich([signed_in, newsletter, shared_device])
+    assert signed_in["person_id"] == shared_device["person_id"] != newsletter["person_id"]
+    refusals = [a for a in enricher.take_output().audit if a.action != "merge"]
+    assert [(a.action, a.event_id, a.identifier_a, a.identifier_b) for a in refusals] == [
+        ("refuse_max_values", "x3", "anonymous_id:a2", "user_id:u1")]
+    assert refusals[0].reason == "the merged person would hold 2 email_sha256 (at most 1)"
+    assert {refusals[0].from_person_id, refusals[0].into_person_id} == {signed_in["person_id"],
+                                                                         newsletter["person_id"]}
+
+
+def test_a_higher_configured_cap_lets_two_email_hashes_join_one_person_up_to_the_cap() -> None:
+    graph = IdentityGraph(identity_config(max_values={"email_sha256": 2}))
+    graph.apply([make_link("user_id:u1", f"email_sha256:e{i}", T0 + i, "co-occurrence", f"ev{i}") for i in range(4)])
+    assert sorted(i for i in graph.members("user_id:u1") if i.startswith("email_sha256:")) == [
+        "email_sha256:e0", "email_sha256:e1"]
+    refusals = [(a.action, a.event_id) for a in graph.take_changes().audit if a.action != "merge"]
+    assert refusals == [("refuse_max_values", "ev2"), ("refuse_max_values", "ev3")]
+
+
+def test_uncapping_a_kind_lets_any_number_of_its_values_join() -> None:
+    graph = IdentityGraph(identity_config(max_values={}))
+    graph.apply([make_link("user_id:u1", f"phone_sha256:p{i}", T0 + i, "co-occurrence", f"ev{i}") for i in range(3)])
+    assert len(graph.members("user_id:u1")) == 4
+    assert {a.action for a in graph.take_changes().audit} == {"merge"}
+
+
+def test_unique_kinds_still_conflict_whatever_the_caps() -> None:
+    for caps in ({}, {"email_sha256": 5}):
+        graph = IdentityGraph(identity_config(max_values=caps))
+        graph.apply([make_link("customer_id:c1", "email_sha256:shared", T0, "co-occurrence", "e1"),
+                     make_link("customer_id:c2", "email_sha256:shared", T0 + 1, "co-occurrence", "e2")])
+        assert graph.person_key("customer_id:c2") == "customer_id:c2"
+        assert [a.action for a in graph.take_changes().audit] == ["merge", "refuse_conflict"]
+
+
+def test_a_blocked_email_hash_never_links_whatever_the_caps() -> None:
+    for caps in ({"email_sha256": 1}, {"email_sha256": 5}):
+        enricher = Enricher(identity_config(max_values=caps))
+        events = [touchpoint(event_id=f"x{i}", event_time=T0 + i, identifiers={"user_id": f"u{i}", "email_sha256": v})
+                  for i, v in enumerate(["NULL", "guest", " "])]
+        enricher.enrich(events)
+        assert len({e["person_id"] for e in events}) == 3
+        assert enricher.take_output().audit == []  # nothing was linked, so nothing was merged or refused
+        assert enricher.graph is not None and not any(i.startswith("email_sha256:") for i in enricher.graph.first_seen)
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_the_cap_decides_by_event_time_whatever_order_the_links_arrive_in(cap: int) -> None:
+    links = [make_link("user_id:u1", f"email_sha256:e{i}", T0 + i, "co-occurrence", f"ev{i}") for i in range(3)]
+    states = []
+    for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):
+        graph = IdentityGraph(identity_config(max_values={"email_sha256": cap}))
+        graph.apply(links[i] for i in order)
+        states.append(_state(graph))
+        # the earliest links win the person's email slots, whichever arrived first
+        kept = sorted(["user_id:u1"] + [f"email_sha256:e{i}" for i in range(cap)])
+        assert sorted(graph.members("user_id:u1")) == kept
+    assert states[0] == states[1] == states[2]

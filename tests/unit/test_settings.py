@@ -1,4 +1,9 @@
-from pipeline.settings import Settings, to_env
+import re
+
+import pydantic
+import pytest
+
+from pipeline.settings import IdentitySettings, Settings, to_env
 
 
 def test_toml_file_then_environment_override_defaults(tmp_path, monkeypatch):
@@ -24,3 +29,21 @@ def test_to_env_round_trips_through_the_environment(monkeypatch):
     for key, value in to_env(original).items():
         monkeypatch.setenv(key, value)
     assert Settings() == original
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("max_values", {"emial_sha256": 2}, "unknown identifier kinds ['emial_sha256']"),
+    ("daily_limits", {"device_id": 3}, "unknown identifier kinds ['device_id']"),
+    ("unique_kinds", ["customer"], "unknown identifier kinds ['customer']"),
+    ("max_values", {"email_sha256": 0}, "cap must be 1 or more"),
+    ("max_values", {"user_id": 2}, "['user_id'] are unique_kinds already"),
+])
+def test_the_identity_policy_names_only_known_kinds_and_sensible_caps(field, value, message):
+    with pytest.raises(pydantic.ValidationError, match=re.escape(message)) as refused:
+        IdentitySettings(**{field: value})
+    assert refused.value.errors()[0]["loc"] == (field,)
+
+
+def test_the_identity_caps_reach_the_core_as_set():
+    assert IdentitySettings().core().max_values == {"email_sha256": 1, "phone_sha256": 1, "helpdesk_requester_id": 1}
+    assert IdentitySettings(max_values={"email_sha256": 3}).core().max_values == {"email_sha256": 3}
