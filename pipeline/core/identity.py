@@ -550,7 +550,7 @@ class IdentityGraph:
             fewer, more = (members_a, members_b) if len(members_a) <= len(members_b) else (members_b, members_a)
             held: dict[str, int] = {}
             for member in fewer:
-                kind = member[:member.index(":")]
+                kind = kind_of(member)
                 if kind in caps:
                     held[kind] = held.get(kind, 0) + 1
             for kind, count in held.items():

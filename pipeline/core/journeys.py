@@ -363,7 +363,7 @@ class _Journey:
         return _new_journey_row(JourneyRow, (
             self.tenant, self.person, self.key, self.start, self.last,
             role if self.roles is None else self.roles[0][0], role,
-            self.channels if self.channels is not None else [] if self.channel is None else [self.channel],
+            self.channel_list(),
             self.cases or [],
             self.touchpoints, self.switches, contacts, repeat, self.wait,
             failures, self.product_bad, self.service_failures, int(self.state == 3), rage, self.resolved,
@@ -568,7 +568,7 @@ class PartitionJourneys:
         """The person's latest open journey within a gap of the touchpoint, or a new one it starts."""
         gap = self.gap_ms
         if found is not None:
-            for candidate in reversed([found] if isinstance(found, _Journey) else found):
+            for candidate in reversed(_journeys_in(found)):
                 if event_time - candidate.last < gap and candidate.start - event_time < gap:
                     return candidate
         journey = _Journey(key, event_id, event_time)
@@ -630,7 +630,7 @@ class PartitionJourneys:
         gone = set(person_ids)
         for key in [k for k in self.open if k[1] in gone]:
             found = self.open.pop(key)
-            for journey in [found] if isinstance(found, _Journey) else found:
+            for journey in _journeys_in(found):
                 for case in journey.cases or ():
                     self.cases.pop((journey.tenant, case), None)
         for key in [k for k in self.profiles if k[1] in gone]:
@@ -638,7 +638,7 @@ class PartitionJourneys:
 
     def state(self) -> dict[str, Any]:
         """Open journeys and profiles as plain lists and dicts (for a checkpoint snapshot)."""
-        journeys = [[_journey_state(j) for j in ([found] if isinstance(found, _Journey) else found)]
+        journeys = [[_journey_state(j) for j in _journeys_in(found)]
                     for found in self.open.values()]
         profiles = [[tenant, person, _profile_state(p)] for (tenant, person), p in self.profiles.items()]
         return {"clock": [self.watermark, self._closed_before], "journeys": journeys, "profiles": profiles}
@@ -657,6 +657,11 @@ class PartitionJourneys:
 
     def __len__(self) -> int:
         return sum(1 if isinstance(found, _Journey) else len(found) for found in self.open.values())
+
+
+def _journeys_in(found: _Journey | list[_Journey]) -> list[_Journey]:
+    """A person's open journeys, oldest first, from what PartitionJourneys.open holds for them."""
+    return [found] if isinstance(found, _Journey) else found
 
 
 # A journey in a snapshot: these fields in this order (the layout of the first snapshots with journeys).
