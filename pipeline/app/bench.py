@@ -69,18 +69,20 @@ class BenchResult:
 class Cost:
     worker_cpu_us_per_event: float
     decode_us_per_event: float
+    pipeline_decode_us_per_event: float
     e2e_over_decode: float
     cpu_over_decode: float
     e2e_over_publish: float
 
 
 def cost_of(events: int, e2e_events_per_s: float, decode_events_per_s: float, publish_events_per_s: float,
-            worker_cpu_s: float, decode_cpu_s: float) -> Cost:
+            worker_cpu_s: float, decode_cpu_s: float, pipeline_decode_cpu_s: float) -> Cost:
     """The cost figures of one run of `events` events: the worker's CPU microseconds per event against decoding's
     (both CPU time, so other load on the machine does not tilt them), and the rates' ratios (wall clock)."""
     decode_us = decode_cpu_s * 1e6 / events
     worker_us = worker_cpu_s * 1e6 / events
     return Cost(worker_cpu_us_per_event=worker_us, decode_us_per_event=decode_us,
+                pipeline_decode_us_per_event=pipeline_decode_cpu_s * 1e6 / events,
                 e2e_over_decode=e2e_events_per_s / decode_events_per_s, cpu_over_decode=worker_us / decode_us,
                 e2e_over_publish=e2e_events_per_s / publish_events_per_s)
 
@@ -121,7 +123,7 @@ def _generated(events: int, seed: int) -> list[dict[str, Any]]:
         gc.enable()
 
 
-def _decode_rate(values: list[bytes], schema_for: Any, decoder: Any) -> tuple[float, float]:
+def _decode_rate(values: list[bytes], schema_for: Any, decoder: Callable[..., Any]) -> tuple[float, float]:
     """Events decoded per second (wall clock) and the CPU seconds it took (this process, one thread): the CPU
     figure stands against the worker's CPU even when other processes share the cores."""
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -307,7 +309,7 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
         _write_top_functions(profile)
     per_identifier = graph_bytes_per_identifier(preload) if preload else 0.0
     e2e_rate, publish_rate = events / (finished - started), events / (published - publish_started)
-    cost = cost_of(events, e2e_rate, decode_rate, publish_rate, worker_cpu_s, decode_cpu_s)
+    cost = cost_of(events, e2e_rate, decode_rate, publish_rate, worker_cpu_s, decode_cpu_s, pipeline_decode_cpu_s)
     return BenchResult(events=events, partitions=bench.kafka.partitions, e2e_events_per_s=e2e_rate,
                        raw_consume_events_per_s=raw_rate, decode_events_per_s=decode_rate,
                        publish_events_per_s=publish_rate, e2e_seconds=finished - started, identity=identity,
@@ -315,7 +317,6 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
                        graph_bytes_per_identifier=per_identifier, drain=drain, startup_s=startup_s,
                        worker_cpu_s=worker_cpu_s, worker_runqueue_wait_s=waited_s,
                        worker_rss_mib_over_time=rss_over_time,
-                       pipeline_decode_us_per_event=pipeline_decode_cpu_s * 1e6 / events,
                        profile_path=str(profile or ""), **asdict(cost))
 
 

@@ -8,11 +8,13 @@ from pipeline.app.bench import cost_of, cpu_seconds
 
 
 def test_cost_figures_of_a_run():
-    # 100,000 events drained in 4 s (25,000/s) on 3 CPU seconds; decode alone at 50,000/s on 2 CPU seconds.
+    # 100,000 events drained in 4 s (25,000/s) on 3 CPU seconds; decode alone at 50,000/s on 2 CPU seconds, the
+    # worker's own decode step on 0.8.
     cost = cost_of(100_000, e2e_events_per_s=25_000.0, decode_events_per_s=50_000.0,
-                   publish_events_per_s=40_000.0, worker_cpu_s=3.0, decode_cpu_s=2.0)
+                   publish_events_per_s=40_000.0, worker_cpu_s=3.0, decode_cpu_s=2.0, pipeline_decode_cpu_s=0.8)
     assert cost.worker_cpu_us_per_event == pytest.approx(30.0)
     assert cost.decode_us_per_event == pytest.approx(20.0)
+    assert cost.pipeline_decode_us_per_event == pytest.approx(8.0)
     assert cost.cpu_over_decode == pytest.approx(1.5)
     assert cost.e2e_over_decode == pytest.approx(0.5)
     assert cost.e2e_over_publish == pytest.approx(0.625)
@@ -20,7 +22,7 @@ def test_cost_figures_of_a_run():
 
 def test_a_worker_as_cheap_as_decoding_meets_the_goals():
     cost = cost_of(1_000, e2e_events_per_s=10_000.0, decode_events_per_s=10_000.0, publish_events_per_s=10_000.0,
-                   worker_cpu_s=0.1, decode_cpu_s=0.1)
+                   worker_cpu_s=0.1, decode_cpu_s=0.1, pipeline_decode_cpu_s=0.05)
     assert cost.cpu_over_decode == pytest.approx(1.0)
     assert cost.e2e_over_decode == pytest.approx(1.0)
 
