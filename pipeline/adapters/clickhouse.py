@@ -106,8 +106,18 @@ def _migrations_table(client: Client, target: MigrationTarget) -> None:
             client.execute(statement)
 
 
+class ClusterNotConfigured(RuntimeError):
+    """clickhouse.cluster names a cluster the server's remote_servers do not define."""
+
+
 def migration_target(settings: ClickHouseSettings, server: Client) -> MigrationTarget:
     """Where the migrations run: the database, the dialect of the server's version, the cluster and TTLs."""
+    if settings.cluster:
+        known = sorted({name for (name,) in server.execute("SELECT DISTINCT cluster FROM system.clusters")})
+        if settings.cluster not in known:
+            raise ClusterNotConfigured(
+                f"ClickHouse at {settings.host}:{settings.port} has no cluster {settings.cluster!r} in its "
+                f"remote_servers (clickhouse.cluster, TOUCHPOINT_CLICKHOUSE__CLUSTER); it has {known}")
     statements = [_MIGRATIONS_TABLE, *(s for m in load_migrations() for s in m.statements)]
     return MigrationTarget.of(settings, server.execute("SELECT version()")[0][0], statements)
 

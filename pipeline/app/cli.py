@@ -551,7 +551,7 @@ def operator_message(exc: BaseException) -> str | None:
     from kafka.errors import KafkaConnectionError, KafkaTimeoutError
     from pydantic import ValidationError
 
-    from pipeline.adapters.clickhouse import DatabaseInUse
+    from pipeline.adapters.clickhouse import ClusterNotConfigured, DatabaseInUse
     from pipeline.app.erasure import ErasureRefused
     from pipeline.contract.registry import RegistryError
     from pipeline.stack.local import StackError
@@ -570,7 +570,7 @@ def operator_message(exc: BaseException) -> str | None:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             return (f"invalid setting {name} ({env} or touchpoint.toml): {first['msg']}; "
                     f"got {first.get('input')!r}{more}")
-        if isinstance(error, (ErasureRefused, StackError, DatabaseInUse)):
+        if isinstance(error, (ErasureRefused, StackError, DatabaseInUse, ClusterNotConfigured)):
             return str(error)
         if isinstance(error, KafkaConnectionError) or (
                 isinstance(error, KafkaTimeoutError) and "bootstrap" in str(error)):

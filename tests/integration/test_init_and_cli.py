@@ -87,3 +87,15 @@ def test_the_publisher_waits_for_every_in_sync_replica_and_is_idempotent(isolate
     records = read_topic(isolated, isolated.kafka.topic, isolated.kafka.partitions, expected=3)
     assert len(records) == 3
 
+
+
+@pytest.mark.parametrize("args", [["init"], ["init", "--dry-run"]])
+def test_a_cluster_the_server_does_not_define_is_named_in_one_line(stack_settings, args):
+    env = {**os.environ, **to_env(stack_settings), "TOUCHPOINT_CLICKHOUSE__CLUSTER": "nowhere",
+           "TOUCHPOINT_CLICKHOUSE__DATABASE": "it_no_cluster", "COLUMNS": "300"}
+    result = subprocess.run([sys.executable, "-m", "pipeline.app.cli", *args], capture_output=True, text=True,
+                            env=env, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stdout + result.stderr
+    assert "no cluster 'nowhere'" in lines[0] and "TOUCHPOINT_CLICKHOUSE__CLUSTER" in lines[0], lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
