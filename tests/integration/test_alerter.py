@@ -315,6 +315,9 @@ def test_operators_ack_silence_resolve_and_close_cases_from_the_cli(
         assert cli(settings, "cases", "close", case_id[:8], "--by", "ana").returncode == 0
         wait_until(lambda: ch.execute("SELECT status, closed_by FROM cases FINAL") == [("closed", "ana")], 20,
                    "the case to close")
+        # The history row follows the case's row (write_cases inserts cases, then case_history): wait for it too.
+        wait_until(lambda: [r[0] for r in ch.execute("SELECT action FROM case_history ORDER BY at_ms")]
+                   == ["opened", "closed"], 20, "the case's history")
         assert [r[0] for r in ch.execute("SELECT action FROM case_history ORDER BY at_ms")] == ["opened", "closed"]
     finally:
         alerter.stop()
