@@ -155,10 +155,11 @@ class BatchSettings(BaseModel):
 
 class IdentitySettings(BaseModel):
     enabled: bool = Field(True, description="Resolve persons and roles through the identity graph.")
-    table: str = Field("identity", description="Faust global table of identity operations; its changelog topic "
-                                               "is <consumer group>-<table>-changelog.")
-    store: str = Field("memory://", description="Faust table store: memory:// or rocksdb:// (on disk, under "
-                                                "the state dir; for large graphs).")
+    table: str = Field("identity", description="Names the identity log, a compacted topic of identity operations: "
+                                               "<consumer group>-<table>-changelog.")
+    store: str = Field("memory://", pattern="^(memory|rocksdb)://",
+                       description="Where a worker keeps the identity graph: memory://, or rocksdb:// (on disk under "
+                                   "the state dir, with a bounded cache; a restart reads only the log's tail).")
     unique_kinds: list[str] = Field(["customer_id", "user_id"],
                                     description="Identifier kinds a person holds one value of: never merged.")
     extra_blocked_values: list[str] = Field(["nil", "n/a", "guest"],
@@ -170,6 +171,8 @@ class IdentitySettings(BaseModel):
         description="At most this many distinct values of a kind per person: a merge that would exceed it is "
                     "refused and recorded in identity_audit (refuse_max_values). Raise it to let, say, two email "
                     "hashes join one person.")
+    graph_cache_entries: int = Field(100_000, ge=1_000, description="Entries of each on-disk graph map cached in "
+                                                                    "memory (store = rocksdb://).")
     habitual_purchases: int = Field(2, ge=2, description="Purchases within habitual_days that make a habit.")
     habitual_days: float = Field(90, description="The period those purchases must fall within.")
     lapse_days: float = Field(180, description="No purchase for this long: a former customer.")

@@ -38,7 +38,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             "retention.ms": str(int(kafka.dead_letter_retention_days * 24 * HOUR_MS)),
             "max.message.bytes": str(kafka.max_message_bytes + DEAD_LETTER_HEADROOM_BYTES),
         }),
-        # The identity log is the identity table's changelog: state, never expired, compacted by key.
+        # The identity log (pipeline/adapters/identity_log.py): state keyed per operation, never expired, compacted.
         TopicSpec(identity_changelog_topic(settings), 1, {
             "cleanup.policy": "compact",
             "retention.ms": "-1",

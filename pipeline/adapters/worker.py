@@ -8,8 +8,8 @@ message, and then every record becomes a Message, an Event and a trip through a 
 hand-off, not fetching, caps an agent at a few thousand records a second. Here the consumer subclass takes each
 fetch (a {partition: [records]} map straight from aiokafka) and gives the touchpoint topic's records to the runner
 a partition-batch at a time. Faust still runs everything else: group membership and rebalances, offset commits,
-tables and changelogs, the worker's lifecycle and signals. Records of any other topic (the identity table's
-changelog) take Faust's usual path.
+the worker's lifecycle and signals. The identity log is read by pipeline.adapters.identity_log (into the graph's
+local store) and written through the app's producer.
 """
 
 from __future__ import annotations
@@ -20,25 +20,22 @@ import os
 import sys
 import threading
 import time
-import uuid
-import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import faust
-from faust.streams import _current_event  # private: see IdentityTable.write
 from faust.tables import TableManager
-from faust.tables.globaltable import GlobalTable
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP
 from mode import ServiceT
 
 from pipeline.adapters import metrics
 from pipeline.adapters.clickhouse import ClickHouseSink, claim_database
-from pipeline.adapters.identity_log import decode_chunk, encode_chunks
+from pipeline.adapters.identity_log import KafkaIdentityLog, changelog_topic
+from pipeline.adapters.identity_store import open_graph_state
 from pipeline.contract.registry import open_registry, parse_for_decoding
-from pipeline.core.identity import Operation
+from pipeline.core.identity import GraphState, MemoryState
 from pipeline.core.processor import DeadLetter, TouchpointProcessor
 from pipeline.runtime.deadletters import dead_letter_message
 from pipeline.runtime.ports import SystemClock
@@ -110,88 +107,28 @@ class FaustDeadLetters:
         await self.app.producer.flush()
 
 
-class _StandInMessage:
-    partition = 0
+class FaustIdentityLog(KafkaIdentityLog):
+    """The identity log (pipeline.adapters.identity_log) publishing through the app's producer, so its records
+    are flushed with everything else before offsets are committed."""
+
+    def __init__(self, app: faust.App, settings: Settings, state: GraphState) -> None:
+        topic = changelog_topic(settings)
+
+        async def send(key: bytes, value: bytes | None, headers: list[tuple[str, bytes]]) -> Any:
+            return await app.producer.send(topic, key, value, 0, None, headers)
+
+        async def flush() -> None:
+            await app.producer.flush()
+
+        super().__init__(settings, state, settings.identity.core(), send, flush)
 
 
-class _StandInEvent:
-    message = _StandInMessage()
-
-
-class IdentityTable(GlobalTable):
-    """Identity operations in a Faust global table: chunk key -> chunk (see pipeline.adapters.identity_log).
-    Hands what other workers write to `on_operations`."""
-
-    on_operations: Callable[[list[Operation]], None] | None = None
-    origin: str = uuid.uuid4().hex  # this process: chunks it wrote are in its graph already
-
-    def apply_changelog_batch(self, batch: Iterable[Any]) -> None:
-        events = list(batch)
-        super().apply_changelog_batch(events)
-        if self.on_operations is None:
-            return
-        operations: list[Operation] = []
-        for event in events:
-            # Private: Faust's own key/value decoding of changelog records, so keys match what the table holds.
-            key, value = self._to_key(event.key), self._to_value(event.value)
-            if value is not None and not str(key).startswith(self.origin):
-                operations.extend(decode_chunk(value))
-        if operations:
-            self.on_operations(operations)
-
-    def write(self, key: str, chunk: str) -> None:
-        """Write a chunk from outside an agent. Faust's rocksdb store takes the partition of a write from the
-        event being processed (the private context variable `_current_event`), even for a global table; the
-        table has one partition, so a stand-in event on partition 0 is the truth, and the memory store ignores it."""
-        stand_in = _StandInEvent()
-        token = _current_event.set(weakref.ref(stand_in))  # type: ignore[arg-type]
-        try:
-            self[key] = chunk
-        finally:
-            _current_event.reset(token)
-
-    def all_operations(self) -> list[Operation]:
-        operations: list[Operation] = []
-        for value in self.values():
-            operations.extend(decode_chunk(value))
-        return operations
-
-
-class FaustIdentityLog:
-    """The identity log as the runner sees it: the global table, its changelog flushed with the producer."""
-
-    def __init__(self, app: faust.App, table: IdentityTable) -> None:
-        self.app = app
-        self.table = table
-        self._incoming: list[Operation] = []
-        self._chunks = 0
-        table.on_operations = self._incoming.extend
-
-    def initial_operations(self) -> list[Operation]:
-        return self.table.all_operations()
-
-    def take_incoming(self) -> list[Operation]:
-        incoming = self._incoming[:]
-        self._incoming.clear()
-        return incoming
-
-    def publish(self, operations: Sequence[Operation]) -> None:
-        for chunk in encode_chunks(operations):
-            self._chunks += 1
-            self.table.write(f"{self.table.origin}:{self._chunks}", chunk)
-
-    async def flush(self) -> None:
-        await self.app.producer.flush()
-
-
-def new_identity_table(app: faust.App, settings: Settings) -> IdentityTable:
-    table = IdentityTable(
-        app, name=settings.identity.table, default=None, key_type=str, value_type=str, partitions=1,
-        beacon=app.tables.beacon, is_global=True, use_partitioner=True, standby_buffer_size=1,
-        recovery_buffer_size=1, help="Identity operations (links, facts, erasures), a chunk per key.",
-    )
-    app.tables.add(table)
-    return table
+def graph_state_for(settings: Settings) -> GraphState:
+    """The identity graph's state: in memory, or on disk under the state dir (identity.store = rocksdb://)."""
+    if settings.identity.store.startswith("rocksdb"):
+        directory = settings.stack.state_dir / "identity" / settings.kafka.consumer_group
+        return open_graph_state(directory, settings.identity.graph_cache_entries)
+    return MemoryState()
 
 
 # -- the consumer -------------------------------------------------------------------------------------------------
@@ -279,6 +216,7 @@ class TouchpointApp(faust.App):
 
     touchpoint_topic: str
     make_runner: Callable[[KafkaOffsets], Runner]
+    identity_log: KafkaIdentityLog | None = None
     runner: Runner | None = None
 
     def _new_transport(self) -> Any:
@@ -293,7 +231,7 @@ class TouchpointApp(faust.App):
         return self.runner
 
 
-def processor_for(settings: Settings) -> TouchpointProcessor:
+def processor_for(settings: Settings, state: GraphState | None = None) -> TouchpointProcessor:
     registry = open_registry(settings.registry.url)
     parsed: dict[int, Any] = {}
 
@@ -306,6 +244,7 @@ def processor_for(settings: Settings) -> TouchpointProcessor:
 
     config = settings.window.core()
     return TouchpointProcessor(config, schema_for, settings.identity.core(), identity_enabled=settings.identity.enabled,
+                               identity_state=state,
                                snapshot_interval_ms=int(settings.batch.snapshot_interval_s * 1000),
                                journeys=settings.journeys.core())
 
@@ -327,19 +266,20 @@ def create_app(settings: Settings) -> TouchpointApp:
         broker_heartbeat_interval=max(1.0, settings.kafka.session_timeout_s / 4),
         producer_max_request_size=settings.kafka.max_message_bytes,
         datadir=str(datadir),  # per group: Faust keeps table stores under datadir/v<version>/
-        store=settings.identity.store,
         TableManager=PromptTableManager,
     )
     app.touchpoint_topic = settings.kafka.topic
     app.topics.add(app.topic(settings.kafka.topic, value_serializer="raw", key_serializer="raw"))
-    identity_log = FaustIdentityLog(app, new_identity_table(app, settings)) if settings.identity.enabled else None
+    state = graph_state_for(settings) if settings.identity.enabled else None
+    identity_log = FaustIdentityLog(app, settings, state) if state is not None else None
+    app.identity_log = identity_log
     policy = DeliveryPolicy(settings.batch.max_events, settings.batch.max_wait_s,
                             retry_max_s=settings.batch.retry_max_s)
 
     def make_runner(offsets: KafkaOffsets) -> Runner:
         store = ClickHouseSink(settings.clickhouse, settings.kafka.consumer_group, settings.kafka.topic,
                                observe=metrics.observe_insert)
-        return Runner(processor_for(settings), store=store, dead_letters=FaustDeadLetters(app, settings),
+        return Runner(processor_for(settings, state), store=store, dead_letters=FaustDeadLetters(app, settings),
                       identity_log=identity_log, offsets=offsets, clock=SystemClock(),
                       observer=metrics.PrometheusObserver(settings.kafka.topic), policy=policy,
                       on_ready=_freeze_start_up_heap)
@@ -387,6 +327,16 @@ def run_worker(settings: Settings) -> None:
         def _on_sigint(self) -> None:
             _exit_after(settings.stop_timeout_s)
             super()._on_sigint()
+
+        async def on_execute(self) -> None:
+            # mode's hook after logging is set up and before the app starts: the identity log's catch-up runs
+            # before the worker joins the group, so a long first read does not hold up the consumer's heartbeats.
+            if app.identity_log is not None:
+                app.identity_log.catch_up()
+
+        def on_worker_shutdown(self) -> None:
+            if app.identity_log is not None:
+                app.identity_log.close()
 
     # Refused before anything starts: another pipeline's cells would be overwritten.
     claim_database(settings.clickhouse, settings.kafka.consumer_group, settings.kafka.topic)

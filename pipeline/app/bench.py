@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,6 +61,8 @@ class BenchResult:
     e2e_over_publish: float = 0.0  # without --drain the publisher sets the pace: goal >= 0.95
     worker_rss_mib_over_time: list[tuple[float, float]] = field(default_factory=list)  # (s since clock start, MiB)
     profile_path: str = ""
+    identity_store: str = "memory://"
+    restart_s: float = 0.0  # rocksdb:// only: restarted worker spawned -> first row (its local store + the tail)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -236,9 +239,9 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
     initialise(bench)
     preload = _preload_operations(preload_identities) if identity and preload_identities else []
     if preload:
-        from pipeline.adapters.identity_log import encode_chunks, write_chunks
+        from pipeline.adapters.identity_log import write_operations
 
-        write_chunks(bench, encode_chunks(preload), "preload")
+        write_operations(bench, preload, "preload")
 
     registry = open_registry(bench.registry.url)
     encoder = TouchpointEncoder(registry, bench.registry.subject, 1)
@@ -270,7 +273,8 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
                                   stderr=subprocess.STDOUT, env=env)
     rss_over_time: list[tuple[float, float]] = []
     try:
-        startup_s = _wait_rows(client, 1, 120) - launched  # the clock starts once the worker has written a row
+        # The clock starts once the worker has written a row; a first start reads the whole identity log.
+        startup_s = _wait_rows(client, 1, 1_800) - launched
         if drain:
             os.kill(worker.pid, signal.SIGSTOP)
         publish_started = started = time.perf_counter()
@@ -293,6 +297,18 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
         waited_s = _worker_runqueue_wait_s(worker.pid) - waited_before
         worker_rss = _worker_rss_mib(worker.pid)
         rss_over_time.append((round(finished - started, 1), round(worker_rss, 1)))
+        restart_s = 0.0
+        if identity and bench.identity.store.startswith("rocksdb"):
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=60)
+            with log_path.open("a") as log:
+                launched = time.perf_counter()
+                worker = subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "worker"], stdout=log,
+                                          stderr=subprocess.STDOUT, env=env)
+            late = dict(warmup, event_id="restart-probe", event_time=warmup["event_time"] + 1)
+            publisher.publish(late)
+            publisher.flush()
+            restart_s = _wait_rows(client, events + 2, 600) - launched
         publisher.close()
         raw_rate = asyncio.run(_raw_consume_rate(bench.kafka.bootstrap_servers, bench.kafka.topic,
                                                  bench.kafka.partitions, events + 1))
@@ -305,6 +321,7 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
         except subprocess.TimeoutExpired:
             worker.kill()
         drop_database(bench.clickhouse)
+        shutil.rmtree(bench.stack.state_dir / "identity" / bench.kafka.consumer_group, ignore_errors=True)
     if profile is not None:
         _write_top_functions(profile)
     per_identifier = graph_bytes_per_identifier(preload) if preload else 0.0
@@ -316,8 +333,8 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
                        preloaded_identifiers=len(preload) * 2 // 3, worker_rss_mib=worker_rss,
                        graph_bytes_per_identifier=per_identifier, drain=drain, startup_s=startup_s,
                        worker_cpu_s=worker_cpu_s, worker_runqueue_wait_s=waited_s,
-                       worker_rss_mib_over_time=rss_over_time,
-                       profile_path=str(profile or ""), **asdict(cost))
+                       worker_rss_mib_over_time=rss_over_time, identity_store=bench.identity.store,
+                       restart_s=restart_s, profile_path=str(profile or ""), **asdict(cost))
 
 
 def _write_top_functions(profile: Path, top: int = 40) -> None:
@@ -332,3 +349,97 @@ def _write_top_functions(profile: Path, top: int = 40) -> None:
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
     profile.with_name(profile.name + ".txt").write_text(text.getvalue())
+# -- the identity graph at scale, in-process ---------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class IdentityScaleResult:
+    identifiers: int
+    store: str  # memory | rocksdb
+    build_ops_per_s: float
+    rss_mib: float  # this process, after building and enriching
+    reopen_s: float  # rocksdb: opening the existing store and the graph on it (a restart's local part)
+    enrich_us_per_event: float  # uniform random look-ups of preloaded persons: the cache misses most of the time
+    disk_mib: float
+    mixed_enrich_us_per_event: float = 0.0  # the generator's mixed scenario: new visitors, sessions, sign-ins
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _scale_events(count: int, identifiers: int, seed: int, start_ms: int) -> list[dict[str, Any]]:
+    """Page views of preloaded devices (a third signed in with their user id), spread over the whole graph."""
+    import random
+
+    rng = random.Random(seed)
+    events = []
+    for n in range(count):
+        i = rng.randrange(max(identifiers // 2, 1))
+        ids: dict[str, Any] = {"anonymous_id": f"pre-d{i}", "user_id": f"pre-u{i}" if n % 3 == 0 else None,
+                               "customer_id": None}
+        events.append({"event_id": f"s{n}", "event_time": start_ms + n, "channel": "WEB",
+                       "event_type": "page_view", "identifiers": ids})
+    return events
+
+
+def run_identity_scale(identifiers: int, store: str, directory: str, *, events: int = 200_000,
+                       seed: int = 7) -> IdentityScaleResult:
+    """Build a graph of `identifiers` (as the bench's preload: half devices, half user ids, linked) in the given
+    store, then time enrichment of `events` events against it. With rocksdb and an existing store under
+    `directory`, the build is skipped and the reopen timed."""
+    from pathlib import Path
+
+    from pipeline.adapters.identity_store import open_graph_state
+    from pipeline.core.enrich import Enricher
+    from pipeline.core.identity import GraphState, IdentityGraph, MemoryState
+    from pipeline.settings import Settings
+
+    cache = Settings().identity.graph_cache_entries
+    started = time.perf_counter()
+    state: GraphState = MemoryState() if store == "memory" else open_graph_state(Path(directory), cache)
+    identity_config = Settings().identity.core()
+    graph = IdentityGraph(identity_config, state=state)
+    reopen_s = time.perf_counter() - started if len(graph) else 0.0
+    build_rate = 0.0
+    if not len(graph):
+        built = time.perf_counter()
+        chunk = 30_000
+        done = 0
+        gc.disable()
+        try:
+            for first in range(0, identifiers, chunk):
+                ops = _preload_range(first // 2, min(first + chunk, identifiers) // 2)
+                graph.apply(ops)
+                graph.take_changes()
+                done += len(ops)
+        finally:
+            gc.enable()
+        build_rate = done / (time.perf_counter() - built)
+    enricher = Enricher(identity_config, state=state)
+    sample = _scale_events(events, len(enricher.graph or ()), seed, int(time.time() * 1000))
+    gc.collect()
+    began = time.perf_counter()
+    for i in range(0, len(sample), 5_000):
+        enricher.enrich(sample[i:i + 5_000])
+        enricher.take_output()
+    per_event = (time.perf_counter() - began) / len(sample) * 1e6
+    mixed = _generated(events, seed + 1)
+    began = time.perf_counter()
+    for i in range(0, len(mixed), 5_000):
+        enricher.enrich(mixed[i:i + 5_000])
+        enricher.take_output()
+    mixed_per_event = (time.perf_counter() - began) / len(mixed) * 1e6
+    disk = sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file()) if store != "memory" else 0
+    return IdentityScaleResult(len(enricher.graph or ()), store, build_rate, _rss_bytes() / 2**20, reopen_s,
+                               per_event, disk / 2**20, mixed_per_event)
+
+
+def _preload_range(start: int, stop: int) -> list[Any]:
+    from pipeline.core.identity import Fact, FactKind, make_link
+
+    base_ms = int(time.time() * 1000) - 30 * 86_400_000
+    ops: list[Any] = []
+    for i in range(start, stop):
+        device, user, at = f"anonymous_id:pre-d{i}", f"user_id:pre-u{i}", base_ms + i
+        ops += (Fact(device, FactKind.SEEN, at), Fact(user, FactKind.SEEN, at),
+                make_link(user, device, at, "identify", ""))
+    return ops

@@ -460,6 +460,8 @@ def bench(
                                                                "(--events touchpoints, 100 per request)."),
     concurrency: int = typer.Option(8, help="--collector: keep-alive connections posting at once."),
     collector_workers: int = typer.Option(1, help="--collector: collector server processes."),
+    identity_scale: int = typer.Option(0, help="Instead: build an identity graph of this many identifiers in "
+                                               "memory and on disk (rocksdb) in-process, and time enrichment."),
 ) -> None:
     """Measure end-to-end, raw consume and decode-only rates of the same events in one run."""
     import json
@@ -469,6 +471,16 @@ def bench(
 
     settings = get_settings()
     local.up(settings)
+    if identity_scale:
+        import tempfile
+
+        from pipeline.app.bench import run_identity_scale
+
+        with tempfile.TemporaryDirectory(prefix="identity-scale-") as directory:
+            for store in ("memory", "rocksdb"):
+                print(json.dumps(run_identity_scale(identity_scale, store, directory, events=min(events, 100_000))
+                                 .as_dict()))
+        return
     if alerts:
         from pipeline.app.alert_bench import print_alert_bench
 

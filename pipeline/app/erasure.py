@@ -3,8 +3,10 @@
 1. Find every person id the identifier has belonged to (rows, and aliases after merges) and every identifier
    those persons were resolved from, through the tables ordered by identifier and by person (no scan of
    touchpoints; the SQL is in pipeline/adapters/person_queries.py).
-2. Write a Forget operation per identifier to the identity table (pipeline/adapters/identity_log.py): every
-   worker drops the person from its graph, and replays of their old events no longer identify them.
+2. Write a Forget operation per identifier to the identity log (pipeline/adapters/identity_log.py): every
+   worker drops the person from its graph, writes tombstones for the person's links and facts, and replays of
+   their old events no longer identify them. After the settle time the Forget's key is overwritten with the
+   identifier's SHA-256 only, so once the broker compacts the log no erased identifier is left in it.
 3. Delete their rows from touchpoints, person_touchpoints, identifier_persons, person_aliases, role_transitions,
    journeys, person_profiles and identity_audit, and wait until ClickHouse has applied the deletions (workers
    drop their open journeys and profiles on the Forget operations).
@@ -19,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from pipeline.adapters.clickhouse import connect
-from pipeline.adapters.identity_log import encode_chunks, write_chunks
+from pipeline.adapters.identity_log import write_operations
 from pipeline.adapters.person_queries import (
     delete_person_data,
     pending_deletions,
@@ -27,7 +29,7 @@ from pipeline.adapters.person_queries import (
     record_erasure,
     touchpoint_count,
 )
-from pipeline.core.identity import KINDS, Forget, identifier_hash
+from pipeline.core.identity import KINDS, Forget, Forgotten, identifier_hash
 from pipeline.settings import Settings
 
 
@@ -72,8 +74,10 @@ def forget(settings: Settings, identifier: str, *, settle_s: float = 2.0, timeou
     found = reach(client, candidates(identifier))
     rows_before = touchpoint_count(client, found.persons)
     now_ms = int(time.time() * 1000)
-    write_chunks(settings, encode_chunks(Forget(i, now_ms) for i in sorted(found.identifiers)), "forget")
+    erased = sorted(found.identifiers)
+    write_operations(settings, [Forget(i, now_ms) for i in erased], "forget")
     time.sleep(settle_s)  # let workers apply it and flush what they had buffered, so those rows go too
+    write_operations(settings, [], "forget", erased=[Forgotten(identifier_hash(i), now_ms) for i in erased])
     delete_person_data(client, settings.clickhouse, found.persons, found.identifiers)
     deadline = time.monotonic() + timeout_s
     while pending_deletions(client, settings.clickhouse):

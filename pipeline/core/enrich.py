@@ -24,6 +24,8 @@ from pipeline.core.identity import (
     Fact,
     FactKind,
     Forget,
+    Forgotten,
+    GraphState,
     IdentityConfig,
     IdentityGraph,
     Operation,
@@ -61,12 +63,13 @@ def _fact_kind(event_type: str, channel: str, identifiers: list[str]) -> FactKin
 @dataclass(slots=True)
 class IdentityOutput:
     operations: list[Operation] = field(default_factory=list)  # for the shared identity log
+    erased: list[Operation] = field(default_factory=list)  # operations an erasure removed: the log drops them
     audit: list[AuditRecord] = field(default_factory=list)
     aliases: list[tuple[str, str]] = field(default_factory=list)  # (former person id, person id now)
     transitions: list[RoleTransition] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.operations or self.audit or self.aliases or self.transitions)
+        return bool(self.operations or self.erased or self.audit or self.aliases or self.transitions)
 
 
 class Enricher:
@@ -74,9 +77,10 @@ class Enricher:
     resolved_from and previous_contact_ms to each event. With no graph (identity off) the strongest identifier
     names the person and the role is what the identifiers alone imply."""
 
-    def __init__(self, config: IdentityConfig, *, enabled: bool = True) -> None:
+    def __init__(self, config: IdentityConfig, *, enabled: bool = True,
+                 state: GraphState | None = None) -> None:
         self.config = config
-        self.graph = IdentityGraph(self.config) if enabled else None
+        self.graph = IdentityGraph(self.config, state) if enabled else None
         self.output = IdentityOutput()
         self.clock_ms = 0  # the latest event time seen: role changes up to it are due
         self._due: list[tuple[int, str]] = []  # (at, person key) of role changes still in the future
@@ -96,7 +100,7 @@ class Enricher:
             if at > clock:
                 clock = at
             ids = identifiers_of(event["identifiers"], blocked)
-            if graph.forgotten and any(graph.is_forgotten(i, at) for i in ids):
+            if graph.has_forgotten and any(graph.is_forgotten(i, at) for i in ids):
                 # An erased person's old event (a replay): it is kept for the counts, without who it was.
                 raw = event["identifiers"] = dict(event["identifiers"])
                 for identifier in ids:
@@ -151,9 +155,14 @@ class Enricher:
         graph = self.graph
         if graph is None:
             return
+        republish = self.output.operations
         for op in operations:
+            winner = graph.superseding(op)
+            if winner is not None:  # the log keeps one value per key: the winner must be written last
+                republish.append(winner)
+                continue
             graph.apply((op,))
-            if not isinstance(op, Forget) and op.at_ms > self.clock_ms:  # an erasure's time is wall time
+            if not isinstance(op, Forget | Forgotten) and op.at_ms > self.clock_ms:  # erasures: wall time
                 self.clock_ms = op.at_ms
             if replay and len(graph.changes.audit) > 10_000:
                 graph.take_changes()
@@ -169,6 +178,7 @@ class Enricher:
             return out
         changes = graph.take_changes()
         out.audit = changes.audit
+        out.erased = changes.erased
         seen_aliases = set()
         for identifier in changes.moved:
             alias = person_id_of(identifier), person_id_of(graph.person_key(identifier))

@@ -16,10 +16,10 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 DAY_MS = 86_400_000
 
@@ -119,7 +119,15 @@ class Forget:
     at_ms: int
 
 
-Operation = Link | Fact | Forget
+@dataclass(frozen=True, slots=True)
+class Forgotten:
+    """An erasure as the log keeps it once applied: the identifier's SHA-256 only, so replays stay blocked."""
+
+    identifier_hash: str
+    at_ms: int
+
+
+Operation = Link | Fact | Forget | Forgotten
 
 
 def encode_operation(op: Operation) -> list[Any]:
@@ -127,6 +135,8 @@ def encode_operation(op: Operation) -> list[Any]:
         return ["L", op.a, op.b, op.at_ms, op.source, op.event_id]
     if isinstance(op, Fact):
         return ["F", op.identifier, op.kind.value, op.at_ms, op.event_id]
+    if isinstance(op, Forgotten):
+        return ["H", op.identifier_hash, op.at_ms]
     return ["X", op.identifier, op.at_ms]
 
 
@@ -138,6 +148,8 @@ def decode_operation(item: list[Any]) -> Operation:
         return Fact(item[1], FactKind(item[2]), item[3], item[4])
     if tag == "X":
         return Forget(item[1], item[2])
+    if tag == "H":
+        return Forgotten(item[1], item[2])
     raise ValueError(f"unknown identity operation {tag!r}")
 
 
@@ -263,32 +275,80 @@ class _Changes:
     audit: list[AuditRecord] = field(default_factory=list)
     moved: set[str] = field(default_factory=set)  # identifiers whose person changed
     touched: set[str] = field(default_factory=set)  # person keys whose facts or members changed
+    erased: list[Operation] = field(default_factory=list)  # operations an erasure removed (the log drops them)
+
+
+class GraphState(Protocol):
+    """Where a graph keeps its state: one mutable mapping (string keys) per name. In memory for tests and small
+    graphs (`MemoryState`); on disk with a bounded cache in production (pipeline/adapters/identity_store.py). The
+    graph assigns every value it changes (never mutates one in place), so a store may copy values."""
+
+    def mapping(self, name: str) -> MutableMapping[str, Any]: ...
+
+
+class AbsenceHint(Protocol):
+    """Optional on a store's mapping: told that a key is certainly absent (an identifier seen for the first time
+    is in no other map), it can answer the next look-ups without reading the store."""
+
+    def note_absent(self, key: str) -> None: ...
+
+
+class MemoryState:
+    """Plain dicts, one per name: graphs made over the same MemoryState share its state."""
+
+    def __init__(self) -> None:
+        self._mappings: dict[str, dict[str, Any]] = {}
+
+    def mapping(self, name: str) -> MutableMapping[str, Any]:
+        return self._mappings.setdefault(name, {})
+
+
+def pair_key(a: str, b: str) -> str:
+    return a + "\x00" + b
+
+
+@runtime_checkable
+class AbsenceHintMapping(AbsenceHint, Protocol):
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+
+SUMMARY_CACHE = 100_000  # merged facts of recently resolved persons; cleared when full
 
 
 class IdentityGraph:
-    """Identifiers -> persons, with each identifier's facts. Plain dicts: a singleton identifier costs one entry
-    in `first_seen` and nothing else."""
+    """Identifiers -> persons, with each identifier's facts, in the mappings of a GraphState: a singleton
+    identifier costs one entry in `first_seen` and nothing else."""
 
-    def __init__(self, config: IdentityConfig) -> None:
+    def __init__(self, config: IdentityConfig, state: GraphState | None = None) -> None:
         self.config = config
-        self.first_seen: dict[str, int] = {}
-        self._facts: dict[str, PersonFacts] = {}  # identifier -> its own facts beyond first seen
-        self._person: dict[str, str] = {}  # identifier -> person key; absent: the identifier is its own person
-        self._members: dict[str, list[str]] = {}  # person key -> identifiers, for persons of two or more
-        # (person key, limited kind) -> (day, identifiers of that kind attached that day). Only the latest day
-        # matters: links are applied in canonical (time) order, so no later link falls on an earlier day.
-        self._attached: dict[tuple[str, str], tuple[int, int]] = {}
-        self._links: dict[tuple[str, str], Link] = {}  # pair -> its earliest link
-        self._cluster: dict[str, str] = {}  # union-find over every link, refused ones too
-        self._cluster_links: dict[str, list[Link]] = {}  # cluster root -> links in canonical order
+        state = state or MemoryState()
+        self.first_seen: MutableMapping[str, int] = state.mapping("first_seen")
+        self._facts: MutableMapping[str, PersonFacts] = state.mapping("facts")  # identifier -> its own facts
+        # identifier -> person key; absent: the identifier is its own person
+        self._person: MutableMapping[str, str] = state.mapping("person")
+        # person key -> identifiers, for persons of two or more
+        self._members: MutableMapping[str, list[str]] = state.mapping("members")
+        # pair_key(person key, limited kind) -> (day, identifiers of that kind attached that day). Only the latest
+        # day matters: links are applied in canonical (time) order, so no later link falls on an earlier day.
+        self._attached: MutableMapping[str, tuple[int, int]] = state.mapping("attached")
+        self._links: MutableMapping[str, Link] = state.mapping("links")  # pair_key -> its earliest link
+        self._cluster: MutableMapping[str, str] = state.mapping("cluster")  # union-find over every link
+        # cluster root -> links in canonical order
+        self._cluster_links: MutableMapping[str, list[Link]] = state.mapping("cluster_links")
+        self._meta: MutableMapping[str, Any] = state.mapping("meta")
         self._summaries: dict[str, PersonFacts] = {}  # person key -> merged facts (cache)
-        self.forgotten: dict[str, int] = {}  # sha256 of an erased identifier -> erased at
+        self.forgotten: MutableMapping[str, int] = state.mapping("forgotten")  # sha256 -> erased at
+        self.has_forgotten = next(iter(self.forgotten), None) is not None
+        self._count: int = self._meta.get("identifiers", 0)
+        # Maps that hold only identifiers already in first_seen: a new identifier is absent from each.
+        self._absent_hints = [m.note_absent for m in (self._person, self._facts, self._members, self._cluster)
+                              if isinstance(m, AbsenceHintMapping)]
         self.changes = _Changes()
 
     # queries -----------------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self.first_seen)
+        return self._count
 
     def person_key(self, identifier: str) -> str:
         return self._person.get(identifier, identifier)
@@ -352,6 +412,21 @@ class IdentityGraph:
             state.purchase_count, contacts[before - 1] if before else None,
         )
 
+    def superseding(self, op: Operation) -> Operation | None:
+        """The operation this graph holds under the same log key as `op` when it wins over it (an earlier
+        first-seen, first use or link): republished, so the compacted log keeps the winner whoever wrote last."""
+        if isinstance(op, Link):
+            known = self._links.get(pair_key(op.a, op.b))
+            return known if known is not None and known < op else None
+        if isinstance(op, Fact) and op.kind == FactKind.SEEN:
+            seen = self.first_seen.get(op.identifier)
+            return Fact(op.identifier, op.kind, seen) if seen is not None and seen < op.at_ms else None
+        if isinstance(op, Fact) and op.kind == FactKind.USE:
+            own = self._facts.get(op.identifier)
+            first = None if own is None else own.first_use_ms
+            return Fact(op.identifier, op.kind, first) if first is not None and first < op.at_ms else None
+        return None
+
     def is_forgotten(self, identifier: str, at_ms: int) -> bool:
         erased_at = self.forgotten.get(identifier_hash(identifier))
         return erased_at is not None and at_ms <= erased_at
@@ -364,6 +439,10 @@ class IdentityGraph:
                 self.add_link(op)
             elif isinstance(op, Fact):
                 self.add_fact(op)
+            elif isinstance(op, Forgotten):
+                if self.forgotten.get(op.identifier_hash, -1) < op.at_ms:
+                    self.forgotten[op.identifier_hash] = op.at_ms
+                    self.has_forgotten = True
             else:
                 self.forget(op.identifier, op.at_ms)
 
@@ -372,8 +451,12 @@ class IdentityGraph:
         seen = self.first_seen.get(identifier)
         if seen is not None and seen <= at_ms:
             return False
-        if self.forgotten and self.is_forgotten(identifier, at_ms):
+        if self.has_forgotten and self.is_forgotten(identifier, at_ms):
             return False
+        if seen is None:
+            self._count += 1
+            for hint in self._absent_hints:
+                hint(identifier)
         self.first_seen[identifier] = at_ms
         key = self.person_key(identifier)
         if key in self._summaries:
@@ -383,7 +466,7 @@ class IdentityGraph:
     def add_fact(self, fact: Fact) -> bool:
         """Add a fact; True if it is new."""
         identifier = fact.identifier
-        if self.forgotten and self.is_forgotten(identifier, fact.at_ms):
+        if self.has_forgotten and self.is_forgotten(identifier, fact.at_ms):
             return False
         if fact.kind == FactKind.SEEN:
             return self.observe(identifier, fact.at_ms)
@@ -402,6 +485,7 @@ class IdentityGraph:
             if at < len(times) and times[at] == fact.at_ms:
                 return False  # the same fact again (a replay): never counted twice
             times.insert(at, fact.at_ms)
+        self._facts[identifier] = own  # assigned, not only mutated: the state may be a store
         key = self.person_key(identifier)
         self._summaries.pop(key, None)
         self.changes.touched.add(key)
@@ -411,9 +495,10 @@ class IdentityGraph:
         """Add a link; True if it is new. Replays in canonical order when it arrives out of that order."""
         if link.a == link.b:
             return False
-        if self.forgotten and (self.is_forgotten(link.a, link.at_ms) or self.is_forgotten(link.b, link.at_ms)):
+        if self.has_forgotten and (self.is_forgotten(link.a, link.at_ms) or self.is_forgotten(link.b, link.at_ms)):
             return False
-        known = self._links.get(link.pair)
+        pair = pair_key(link.a, link.b)
+        known = self._links.get(pair)
         if known is not None and known <= link:
             return False
         for identifier in link.pair:
@@ -425,7 +510,7 @@ class IdentityGraph:
             links = sorted(links + self._cluster_links.pop(root_b, []))
         if known is not None:
             links.remove(known)
-        self._links[link.pair] = link
+        self._links[pair] = link
         in_order = known is None and (not links or links[-1] < link)
         bisect.insort(links, link)
         self._cluster_links[root_a] = links
@@ -437,27 +522,39 @@ class IdentityGraph:
 
     def forget(self, identifier: str, at_ms: int) -> list[str]:
         """Erase the person holding this identifier: every identifier, link and fact of theirs. Returns the
-        identifiers erased. Idempotent; later activity of the same identifiers starts a new person."""
+        identifiers erased. Idempotent; later activity of the same identifiers starts a new person. What was
+        erased is reported (changes.erased) so the log can drop it too."""
         key = self.person_key(identifier)
         erased = self.members(key) or [identifier]
         gone = set(erased)
-        for member in erased:
-            self.forgotten[identifier_hash(member)] = at_ms
-            self.first_seen.pop(member, None)
-            self._facts.pop(member, None)
-            self._person.pop(member, None)
-        self._drop_person(key)
-        for pair in [pair for pair in self._links if pair[0] in gone or pair[1] in gone]:
-            del self._links[pair]
+        removed = self.changes.erased
         root = self._cluster_root(identifier) if identifier in self._cluster else None
+        cluster_links = [] if root is None else self._cluster_links.pop(root, [])
+        for member in erased:
+            hashed = identifier_hash(member)
+            self.forgotten[hashed] = at_ms
+            removed.append(Forgotten(hashed, at_ms))
+            seen = self.first_seen.pop(member, None)
+            if seen is not None:
+                self._count -= 1
+                removed.append(Fact(member, FactKind.SEEN, seen))
+            own = self._facts.pop(member, None)
+            if own is not None:
+                removed.extend(_facts_as_operations(member, own))
+            self._person.pop(member, None)
+        self.has_forgotten = True
+        self._drop_person(key)
         if root is not None:
-            links = [link for link in self._cluster_links.pop(root, []) if link.a not in gone and link.b not in gone]
-            for member in [m for m, _ in self._cluster.items() if self._cluster_root(m) == root]:
-                del self._cluster[member]
-            for link in links:  # what is left of the cluster, rebuilt without them
-                self._links.pop(link.pair, None)
-            for link in links:
-                self.add_link(link)
+            cluster = {root} | {i for link in cluster_links for i in link.pair}
+            for link in cluster_links:  # the whole cluster is rebuilt below, without the erased identifiers
+                self._links.pop(pair_key(link.a, link.b), None)
+                if link.a in gone or link.b in gone:
+                    removed.append(link)
+            for member in cluster:
+                self._cluster.pop(member, None)
+            for link in cluster_links:
+                if link.a not in gone and link.b not in gone:
+                    self.add_link(link)
         self.changes.audit.append(AuditRecord(at_ms, "forget", identifier_hash(identifier), "", person_id_of(key),
                                               "", f"{len(erased)} identifiers erased", ""))
         return erased
@@ -512,12 +609,13 @@ class IdentityGraph:
                 if len(side) == 1:  # a lone identifier attaches to a person today
                     count += side[0].startswith(kind + ":")
                 else:
-                    latest = self._attached.pop((key, kind), None)
+                    latest = self._attached.pop(pair_key(key, kind), None)
                     if latest is not None and latest[0] == day:
                         count += latest[1]
             if count:
-                self._attached[(into, kind)] = (day, count)
-        self._members.pop(other, None)
+                self._attached[pair_key(into, kind)] = (day, count)
+        if other in self._members:
+            del self._members[other]
         self._members[into] = merged
         for member in merged:
             self._person[member] = into
@@ -533,7 +631,7 @@ class IdentityGraph:
         self._members.pop(key, None)
         self._summaries.pop(key, None)
         for kind in self.config.daily_limits:
-            self._attached.pop((key, kind), None)
+            self._attached.pop(pair_key(key, kind), None)
 
     def _refusal(self, link: Link, members_a: list[str], members_b: list[str]) -> tuple[str, str] | None:
         config = self.config
@@ -567,7 +665,7 @@ class IdentityGraph:
                 if len(members) == 1:
                     count += members[0].startswith(kind + ":")
                 else:
-                    latest = self._attached.get((self._person[members[0]], kind))
+                    latest = self._attached.get(pair_key(self._person[members[0]], kind))
                     count += latest[1] if latest is not None and latest[0] == day else 0
             if count > limit:
                 return "refuse_limit", f"more than {limit} {kind} linked to one person on one day"
@@ -575,4 +673,18 @@ class IdentityGraph:
 
     def take_changes(self) -> _Changes:
         changes, self.changes = self.changes, _Changes()
+        if self._meta.get("identifiers") != self._count:
+            self._meta["identifiers"] = self._count
+        if len(self._summaries) > SUMMARY_CACHE:
+            self._summaries.clear()
         return changes
+
+
+def _facts_as_operations(identifier: str, own: PersonFacts) -> list[Operation]:
+    ops: list[Operation] = []
+    if own.first_use_ms is not None:
+        ops.append(Fact(identifier, FactKind.USE, own.first_use_ms))
+    for kind, times in ((FactKind.PURCHASE, own.purchases), (FactKind.CANCEL, own.cancels),
+                        (FactKind.CONTACT, own.contacts)):
+        ops.extend(Fact(identifier, kind, at) for at in times)
+    return ops

@@ -23,7 +23,7 @@ from pipeline.core.aggregate import (
 )
 from pipeline.core.decode import Rejection, SchemaLookup, decode_batch
 from pipeline.core.enrich import Enricher, IdentityOutput
-from pipeline.core.identity import Forget, IdentityConfig, Operation, person_id_of
+from pipeline.core.identity import Forget, GraphState, IdentityConfig, Operation, person_id_of
 from pipeline.core.indicators import Indicator, catalogue
 from pipeline.core.journeys import JourneyConfig, JourneyRow, PartitionJourneys, ProfileRow
 from pipeline.core.validate import violation
@@ -200,7 +200,7 @@ class Resume:
 class TouchpointProcessor:
     def __init__(self, config: WindowConfig, schema_for: SchemaLookup, identity: IdentityConfig,
                  *, identity_enabled: bool = True, snapshot_interval_ms: int | None = None,
-                 journeys: JourneyConfig | None = None) -> None:
+                 journeys: JourneyConfig | None = None, identity_state: GraphState | None = None) -> None:
         """snapshot_interval_ms: checkpoints carry a snapshot of the open windows, one per partition at most this
         often (see take_output), so the committed offset follows the flushed data; None: checkpoints without state
         at every output, their offset held back to the oldest open window (the behaviour before snapshots).
@@ -214,7 +214,7 @@ class TouchpointProcessor:
         self.journey_config = journeys
         self.journeys: dict[int, PartitionJourneys] = {}
         self.schema_for = schema_for
-        self.enricher = Enricher(identity, enabled=identity_enabled)
+        self.enricher = Enricher(identity, enabled=identity_enabled, state=identity_state)
         self.indicators = config.indicators()
         self.partitions: dict[int, PartitionWindows] = {}
         self._activity: dict[int, tuple[int, int]] = {}  # partition -> (wall ms, watermark) at last record

@@ -41,13 +41,17 @@ class IdentityLog(Protocol):
     """The shared log of identity operations: every worker publishes what it derived and applies the others'."""
 
     def initial_operations(self) -> list[Operation]:
-        """Everything in the log when this worker starts: its graph is built from it."""
+        """What the graph must still apply when this worker starts (a log with a local store of its own may have
+        applied everything already and return nothing)."""
 
     def take_incoming(self) -> list[Operation]:
         """Other workers' operations received since the last call."""
 
     def publish(self, operations: Sequence[Operation]) -> None:
         """Enqueue this worker's operations; they reach the log by the next flush()."""
+
+    def drop(self, erased: Sequence[Operation]) -> None:
+        """Enqueue the removal of operations an erasure took out of the graph (tombstones in a keyed log)."""
 
     async def flush(self) -> None: ...
 

@@ -157,6 +157,8 @@ class Runner:
     async def _send_to_kafka(self, output: Output) -> None:
         if self.identity_log is not None and output.identity.operations:
             self.identity_log.publish(output.identity.operations)
+        if self.identity_log is not None and output.identity.erased:
+            self.identity_log.drop(output.identity.erased)
         for dead in output.dead_letters:
             await self.dead_letters.send(dead)
 
@@ -255,14 +257,15 @@ class Runner:
             lambda: self.store.recent_panes(checkpoint.partition, checkpoint.closed_before_ms, count))
 
     def _sync_identity(self) -> None:
-        """Build the graph from the whole log before the first touchpoint; afterwards apply other workers'
-        operations as the log hands them over."""
+        """Bring the graph up to date with the log before the first touchpoint (the log may have done it into the
+        graph's store already); afterwards apply other workers' operations as the log hands them over."""
         log_ = self.identity_log
         if not self._identity_ready:
             if log_ is not None:
                 started = self.clock.monotonic()
                 self.processor.apply_identity(log_.initial_operations(), replay=True)
-                log_.take_incoming()  # the initial read handed these over too
+                # What arrived meanwhile: applying an operation twice changes nothing, missing one would.
+                self.processor.apply_identity(log_.take_incoming())
                 log.info("Identity graph ready: %d identifiers in %.1f s",
                          len(self.processor.enricher.graph or ()), self.clock.monotonic() - started)
             self._identity_ready = True

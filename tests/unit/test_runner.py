@@ -92,6 +92,7 @@ class FakeIdentityLog:
         self.initial = initial or []
         self.incoming: list[Operation] = []
         self.published: list[Operation] = []
+        self.dropped: list[Operation] = []
 
     def initial_operations(self) -> list[Operation]:
         return list(self.initial)
@@ -103,6 +104,10 @@ class FakeIdentityLog:
     def publish(self, operations: Sequence[Operation]) -> None:
         self.published.extend(operations)
         self.journal.add("identity.publish", len(operations))
+
+    def drop(self, erased: Sequence[Operation]) -> None:
+        self.dropped.extend(erased)
+        self.journal.add("identity.drop", len(erased))
 
     async def flush(self) -> None:
         self.journal.add("identity.flush")

@@ -1,0 +1,97 @@
+"""The identity graph on its on-disk state and the identity log's keys, without servers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hypothesis import given, settings
+
+from pipeline.adapters.identity_log import decode_record, log_records
+from pipeline.adapters.identity_store import open_graph_state
+from pipeline.core.enrich import Enricher
+from pipeline.core.identity import Fact, FactKind, Forget, IdentityGraph, Link, Operation, identifier_hash, make_link
+from tests.factories import identity_config
+from tests.unit.test_identity import T0, _facts, _links, _state, _tight
+
+
+@settings(max_examples=40, deadline=None)
+@given(_links, _facts)
+def test_the_graph_on_disk_with_a_tiny_cache_holds_the_same_persons_as_in_memory(
+        tmp_path_factory: object, links: list[Link], facts: list[Fact]) -> None:
+    directory = tmp_path_factory.mktemp("store")  # type: ignore[attr-defined]
+    state = open_graph_state(directory, 1_000)
+    state._mappings.clear()
+    for name in ("first_seen", "person", "members", "facts", "links", "cluster", "cluster_links"):
+        state.mapping(name)._limit = 3  # type: ignore[attr-defined]  # evictions on almost every access
+    on_disk, in_memory = IdentityGraph(_tight, state), IdentityGraph(_tight)
+    ops: list[Operation] = [*links, *facts]
+    on_disk.apply(ops)
+    in_memory.apply(ops)
+    assert _state(on_disk) == _state(in_memory)
+    assert len(on_disk) == len(in_memory)
+    on_disk.take_changes()
+    state.close()
+    reopened = IdentityGraph(_tight, open_graph_state(directory, 1_000))
+    assert _state(reopened) == _state(in_memory)
+    assert len(reopened) == len(in_memory)
+
+
+def test_a_second_process_slot_is_taken_when_the_first_is_held(tmp_path: Path) -> None:
+    first = open_graph_state(tmp_path, 1_000)
+    second = open_graph_state(tmp_path, 1_000)
+    assert first.path != second.path
+    first.close()
+    second.close()
+    assert open_graph_state(tmp_path, 1_000).path == first.path
+
+
+def _compacted(records: list[tuple[bytes, bytes | None]]) -> dict[bytes, bytes]:
+    """What a compacted log keeps: the last value of each key, tombstoned keys gone."""
+    latest: dict[bytes, bytes | None] = {}
+    for key, value in records:
+        latest[key] = value
+    return {key: value for key, value in latest.items() if value is not None}
+
+
+def test_a_compacted_log_keeps_one_record_per_key_and_nothing_of_an_erased_person() -> None:
+    graph = IdentityGraph(identity_config())
+    ops: list[Operation] = [
+        Fact("user_id:erase-me", FactKind.SEEN, T0), Fact("anonymous_id:dev-x", FactKind.SEEN, T0),
+        make_link("user_id:erase-me", "anonymous_id:dev-x", T0, "identify", "e1"),
+        Fact("user_id:erase-me", FactKind.PURCHASE, T0 + 5), Fact("user_id:erase-me", FactKind.USE, T0 + 1),
+        Fact("user_id:someone", FactKind.SEEN, T0 + 9),
+    ]
+    replayed = ops + ops  # the same operations written twice (a replay) cost one record each once compacted
+    graph.apply(replayed)
+    records = log_records(replayed)
+    assert len(_compacted(records)) == len(ops)
+    graph.take_changes()
+    graph.apply([Forget("user_id:erase-me", T0 + 100)])
+    records += log_records([Forget("user_id:erase-me", T0 + 100)])  # the erasure as the CLI writes it
+    records += log_records([], graph.take_changes().erased)  # what a worker writes once it applied it
+    kept = _compacted(records)
+    text = b"".join(kept) + b"".join(kept.values())
+    assert b"erase-me" not in text and b"dev-x" not in text
+    survivors = [decode_record(value) for value in kept.values()]
+    assert Fact("user_id:someone", FactKind.SEEN, T0 + 9) in survivors
+    rebuilt = IdentityGraph(identity_config())
+    rebuilt.apply(survivors)  # a new worker built from the compacted log
+    assert "user_id:erase-me" not in rebuilt.first_seen
+    assert rebuilt.is_forgotten("user_id:erase-me", T0 + 50)
+    marker = kept[log_records([Forget("user_id:erase-me", 0)])[0][0]]  # the erasure's key: SHA-256 only
+    assert json.loads(marker) == ["H", identifier_hash("user_id:erase-me"), T0 + 100]
+
+
+def test_a_later_first_seen_from_the_log_makes_the_earlier_one_republished() -> None:
+    enricher = Enricher(identity_config())
+    assert enricher.graph is not None
+    link = make_link("user_id:u", "anonymous_id:a", T0, "", "")
+    enricher.graph.apply([Fact("user_id:u", FactKind.SEEN, T0), link])
+    enricher.take_output()
+    later = make_link("user_id:u", "anonymous_id:a", T0 + 9, "", "")
+    enricher.apply([Fact("user_id:u", FactKind.SEEN, T0 + 50), later])
+    republished = enricher.take_output().operations
+    assert Fact("user_id:u", FactKind.SEEN, T0) in republished
+    assert link in republished
+    assert enricher.graph.first_seen["user_id:u"] == T0
