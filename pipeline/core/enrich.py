@@ -21,6 +21,7 @@ from pipeline.core.identity import (
     PURCHASE_EVENTS,
     USE_EVENTS,
     AuditRecord,
+    BatchedState,
     Fact,
     FactKind,
     Forget,
@@ -81,6 +82,7 @@ class Enricher:
                  state: GraphState | None = None) -> None:
         self.config = config
         self.graph = IdentityGraph(self.config, state) if enabled else None
+        self._prefetch = state.prefetch if enabled and isinstance(state, BatchedState) else None
         self.output = IdentityOutput()
         self.clock_ms = 0  # the latest event time seen: role changes up to it are due
         self._due: list[tuple[int, str]] = []  # (at, person key) of role changes still in the future
@@ -95,11 +97,14 @@ class Enricher:
         operations = self.output.operations
         observe, add_link, add_fact, person_key = graph.observe, graph.add_link, graph.add_fact, graph.person_key
         clock = self.clock_ms
-        for event in events:
+        events = list(events)
+        batch_ids = [identifiers_of(event["identifiers"], blocked) for event in events]
+        if self._prefetch is not None:
+            self._prefetch([i for ids in batch_ids for i in ids])
+        for event, ids in zip(events, batch_ids, strict=True):
             at = event["event_time"]
             if at > clock:
                 clock = at
-            ids = identifiers_of(event["identifiers"], blocked)
             if graph.has_forgotten and any(graph.is_forgotten(i, at) for i in ids):
                 # An erased person's old event (a replay): it is kept for the counts, without who it was.
                 raw = event["identifiers"] = dict(event["identifiers"])

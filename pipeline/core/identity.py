@@ -312,6 +312,16 @@ class AbsenceHintMapping(AbsenceHint, Protocol):
     def get(self, key: str, default: Any = None) -> Any: ...
 
 
+@runtime_checkable
+class BatchedState(Protocol):
+    """Optional on a GraphState: it holds changes back and writes them at once when flushed (once a batch, in
+    `take_changes`), and reads a batch's identifiers at once before the batch is enriched."""
+
+    def flush(self) -> None: ...
+
+    def prefetch(self, identifiers: Iterable[str]) -> None: ...
+
+
 SUMMARY_CACHE = 100_000  # merged facts of recently resolved persons; cleared when full
 
 
@@ -344,6 +354,7 @@ class IdentityGraph:
         self._absent_hints = [m.note_absent for m in (self._person, self._facts, self._members, self._cluster)
                               if isinstance(m, AbsenceHintMapping)]
         self.changes = _Changes()
+        self._flush_state = state.flush if isinstance(state, BatchedState) else None
 
     # queries -----------------------------------------------------------------------------------------------
 
@@ -677,6 +688,8 @@ class IdentityGraph:
             self._meta["identifiers"] = self._count
         if len(self._summaries) > SUMMARY_CACHE:
             self._summaries.clear()
+        if self._flush_state is not None:
+            self._flush_state()
         return changes
 
 

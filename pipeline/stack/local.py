@@ -331,6 +331,8 @@ num.io.threads=4
 num.recovery.threads.per.data.dir=1
 log.segment.bytes=134217728
 log.retention.check.interval.ms=60000
+# The cleaner looks for logs to compact every second, not every 15 s: the identity log's compaction test waits on it.
+log.cleaner.backoff.ms=1000
 """
     log4j = """# Written by `touchpoint stack up`: warnings, plus the broker's start and stop lines.
 status = warn

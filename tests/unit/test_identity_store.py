@@ -20,10 +20,7 @@ from tests.unit.test_identity import T0, _facts, _links, _state, _tight
 def test_the_graph_on_disk_with_a_tiny_cache_holds_the_same_persons_as_in_memory(
         tmp_path_factory: object, links: list[Link], facts: list[Fact]) -> None:
     directory = tmp_path_factory.mktemp("store")  # type: ignore[attr-defined]
-    state = open_graph_state(directory, 1_000)
-    state._mappings.clear()
-    for name in ("first_seen", "person", "members", "facts", "links", "cluster", "cluster_links"):
-        state.mapping(name)._limit = 3  # type: ignore[attr-defined]  # evictions on almost every access
+    state = open_graph_state(directory, 3)  # evictions on almost every access
     on_disk, in_memory = IdentityGraph(_tight, state), IdentityGraph(_tight)
     ops: list[Operation] = [*links, *facts]
     on_disk.apply(ops)
