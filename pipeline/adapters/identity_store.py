@@ -26,7 +26,16 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from rocksdict import BlockBasedOptions, Cache, DBCompressionType, Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import (
+    BlockBasedOptions,
+    Cache,
+    Checkpoint,
+    DBCompressionType,
+    Options,
+    Rdict,
+    WriteBatch,
+    WriteOptions,
+)
 
 from pipeline.core.identity import Link, PersonFacts
 
@@ -331,3 +340,17 @@ def open_graph_state(directory: Path, cache_entries: int) -> RocksGraphState:
         log.info("Identity graph store: %s", state.path)
         return state
     raise RuntimeError(f"every identity store slot under {directory} is held by another process: {last_error}")
+
+
+def seed_graph_state(source: Path, directory: Path) -> Path:
+    """Give a worker that has no local store a copy of another one (a RocksDB checkpoint: the data files hard-linked
+    when on the same file system), log offset included, in the first slot under `directory`: it then reads only the
+    log's tail since that store's offset instead of the whole log."""
+    slot = directory / "slot-0"
+    directory.mkdir(parents=True, exist_ok=True)
+    state = RocksGraphState(source, 1)
+    try:
+        Checkpoint(state.db).create_checkpoint(str(slot))
+    finally:
+        state.close()
+    return slot

@@ -218,7 +218,8 @@ def _wait_rows(client: Any, expected: int, timeout_s: float, *,
 
 
 def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: float = 600, identity: bool = True,
-              preload_identities: int = 0, drain: bool = False, profile: Path | None = None) -> BenchResult:
+              preload_identities: int = 0, drain: bool = False, profile: Path | None = None,
+              identity_seed: Path | None = None) -> BenchResult:
     """drain: the worker is paused (SIGSTOP) while every event is published, then resumed, and the clock runs
     from resuming to the last row: the worker's own rate, without the publisher on the same cores.
     profile: the worker writes a cProfile of its whole run (CPU time, every thread) there, and its top functions
@@ -260,6 +261,11 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
         bench.kafka.session_timeout_s = 60  # a paused member must not be evicted (Faust caps it at 90 s)
     if profile is not None:
         bench.profile_path = str(profile.resolve())
+    if identity_seed is not None:  # the worker starts with an existing local store: a copy of this one
+        from pipeline.adapters.identity_store import seed_graph_state
+
+        bench.identity.store = "rocksdb://"
+        seed_graph_state(identity_seed, bench.stack.state_dir / "identity" / bench.kafka.consumer_group)
     env = {**os.environ, **to_env(bench)}
     log_path = settings.stack.state_dir / f"bench-worker-{run}.log"
     settings.stack.state_dir.mkdir(parents=True, exist_ok=True)
@@ -428,8 +434,12 @@ def run_identity_scale(identifiers: int, store: str, directory: str, *, events: 
         enricher.enrich(mixed[i:i + 5_000])
         enricher.take_output()
     mixed_per_event = (time.perf_counter() - began) / len(mixed) * 1e6
+    rss = _rss_bytes() / 2**20
+    close = getattr(state, "close", None)
+    if close is not None:
+        close()  # kept consistent for a reopen (--identity-seed)
     disk = sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file()) if store != "memory" else 0
-    return IdentityScaleResult(len(enricher.graph or ()), store, build_rate, _rss_bytes() / 2**20, reopen_s,
+    return IdentityScaleResult(len(enricher.graph or ()), store, build_rate, rss, reopen_s,
                                per_event, disk / 2**20, mixed_per_event)
 
 

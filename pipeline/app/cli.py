@@ -462,6 +462,10 @@ def bench(
     collector_workers: int = typer.Option(1, help="--collector: collector server processes."),
     identity_scale: int = typer.Option(0, help="Instead: build an identity graph of this many identifiers in "
                                                "memory and on disk (rocksdb) in-process, and time enrichment."),
+    identity_seed: Path | None = typer.Option(None, help="With --identity-scale: build the on-disk graph here and "
+                                                         "keep it (reopened and timed if it exists; no memory run). "
+                                                         "Otherwise: the worker starts with a copy of this store "
+                                                         "as its local store."),
 ) -> None:
     """Measure end-to-end, raw consume and decode-only rates of the same events in one run."""
     import json
@@ -476,6 +480,10 @@ def bench(
 
         from pipeline.app.bench import run_identity_scale
 
+        if identity_seed is not None:
+            print(json.dumps(run_identity_scale(identity_scale, "rocksdb", str(identity_seed),
+                                                events=min(events, 100_000)).as_dict()))
+            return
         with tempfile.TemporaryDirectory(prefix="identity-scale-") as directory:
             for store in ("memory", "rocksdb"):
                 print(json.dumps(run_identity_scale(identity_scale, store, directory, events=min(events, 100_000))
@@ -508,7 +516,7 @@ def bench(
                 run_bench(settings, events, identity=True, preload_identities=preload_identities, drain=drain)]
     else:
         runs = [run_bench(settings, events, identity=identity, preload_identities=preload_identities, drain=drain,
-                          profile=profile)]
+                          profile=profile, identity_seed=identity_seed)]
     if as_json:
         print(json.dumps([r.as_dict() for r in runs] if compare else runs[0].as_dict()))
         return

@@ -8,10 +8,10 @@ from pathlib import Path
 from hypothesis import given, settings
 
 from pipeline.adapters.identity_log import decode_record, log_records
-from pipeline.adapters.identity_store import open_graph_state
+from pipeline.adapters.identity_store import open_graph_state, seed_graph_state
 from pipeline.core.enrich import Enricher
 from pipeline.core.identity import Fact, FactKind, Forget, IdentityGraph, Link, Operation, identifier_hash, make_link
-from tests.factories import identity_config
+from tests.factories import identity_config, touchpoint
 from tests.unit.test_identity import T0, _facts, _links, _state, _tight
 
 
@@ -32,6 +32,51 @@ def test_the_graph_on_disk_with_a_tiny_cache_holds_the_same_persons_as_in_memory
     reopened = IdentityGraph(_tight, open_graph_state(directory, 1_000))
     assert _state(reopened) == _state(in_memory)
     assert len(reopened) == len(in_memory)
+
+
+def _visits(count: int) -> list[dict[str, object]]:
+    """Sign-ins, app use, purchases and contacts over a few devices and users, so persons merge and hold facts."""
+    events = []
+    for n in range(count):
+        kind = ("page_view", "identify", "purchase", "ticket_opened", "screen_view")[n % 5]
+        events.append(touchpoint(f"v{n}", T0 + n * 1_000, event_type=kind, anonymous_id=f"dev-{n % 7}",
+                                 user_id=f"u-{n % 5}" if kind != "page_view" else None,
+                                 channel="MOBILE_APP" if kind == "screen_view" else "WEB"))
+    return events
+
+
+def test_enriching_against_the_store_in_batches_gives_what_the_memory_graph_gives(tmp_path: Path) -> None:
+    """Batches read ahead with one multi-get and written back once each, with a cache smaller than a batch: the
+    same enriched events and output as the in-memory graph, and the same graph once the store is reopened."""
+    state = open_graph_state(tmp_path, 4)
+    on_disk, in_memory = Enricher(identity_config(), state=state), Enricher(identity_config())
+    for first in range(0, 60, 20):
+        batch = _visits(60)[first:first + 20]
+        on_disk.enrich(batch_on_disk := [dict(e) for e in batch])
+        in_memory.enrich(batch_in_memory := [dict(e) for e in batch])
+        assert batch_on_disk == batch_in_memory
+        assert on_disk.take_output() == in_memory.take_output()
+    assert on_disk.graph is not None and in_memory.graph is not None
+    expected = _state(in_memory.graph)
+    assert len(expected[0]) < 12  # persons merged
+    state.close()
+    assert _state(IdentityGraph(identity_config(), open_graph_state(tmp_path, 4))) == expected
+
+
+def test_a_seeded_store_holds_the_graph_and_the_log_offset_of_its_source(tmp_path: Path) -> None:
+    source = open_graph_state(tmp_path / "source", 100)
+    graph = IdentityGraph(identity_config(), source)
+    graph.apply([make_link("user_id:s", "anonymous_id:d", T0, "identify", "e"),
+                 Fact("user_id:s", FactKind.PURCHASE, T0 + 1)])
+    source.mapping("meta")["log_offset"] = 42
+    graph.take_changes()
+    expected = _state(graph)
+    source.close()
+    slot = seed_graph_state(tmp_path / "source" / "slot-0", tmp_path / "worker")
+    seeded = open_graph_state(tmp_path / "worker", 100)
+    assert seeded.path == slot
+    assert _state(IdentityGraph(identity_config(), seeded)) == expected
+    assert seeded.mapping("meta")["log_offset"] == 42
 
 
 def test_a_second_process_slot_is_taken_when_the_first_is_held(tmp_path: Path) -> None:
