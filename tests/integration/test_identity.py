@@ -110,9 +110,11 @@ def test_journey_visitor_signs_up_buys_buys_again_and_lapses(isolated, publisher
     assert merges == 2
 
 
-def test_forget_erases_a_person_everywhere_and_is_idempotent(isolated, publisher, start_worker, ch):
+@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
+def test_forget_erases_a_person_everywhere_and_is_idempotent(isolated, publisher, start_worker, ch, store):
     isolated.journeys.gap_s = isolated.journeys.case_gap_s = 1  # journeys close once the partitions idle
-    worker = start_worker()
+    isolated.identity.store = store
+    worker = start_worker(isolated)
     now = int(time.time() * 1000) - 60_000
     publisher.publish_many([
         touchpoint("f1", now, anonymous_id="dev-forget"),
@@ -153,6 +155,7 @@ def test_forget_erases_a_person_everywhere_and_is_idempotent(isolated, publisher
     dump = b" ".join(kept) + b" ".join(kept.values())
     assert not any(secret.encode() in dump for secret in secrets)
     assert b"dev-keep" in dump
+    shutil.rmtree(isolated.stack.state_dir / "identity" / isolated.kafka.consumer_group, ignore_errors=True)
 
 
 def _read_log(settings, topic: str) -> list[tuple[bytes, bytes | None]]:
