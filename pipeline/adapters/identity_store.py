@@ -108,8 +108,8 @@ class _Table:
         self.dirty: set[str] = set()
 
     def read(self, key: str) -> Any:
-        value = self.cache.get(key, _ABSENT)
-        if value is _ABSENT and key not in self.cache:
+        value = self.cache.get(key)  # None: not cached (a cached absence is _ABSENT)
+        if value is None:
             stored = self._db.get(self.prefix + key.encode())
             value = _ABSENT if stored is None else self._decode(stored)
             self._remember(key, value)
@@ -162,9 +162,12 @@ class _Mapping(MutableMapping[str, Any]):
 
     def __init__(self, table: _Table) -> None:
         self._table = table
+        self._cache = table.cache
 
     def get(self, key: str, default: Any = None) -> Any:
-        value = self._table.read(key)
+        value = self._cache.get(key)
+        if value is None:
+            value = self._table.read(key)
         return default if value is _ABSENT else value
 
     def __getitem__(self, key: str) -> Any:
@@ -205,14 +208,16 @@ class _Field(MutableMapping[str, Any]):
 
     def __init__(self, table: _Table, index: int) -> None:
         self._table = table
+        self._cache = table.cache
         self._index = index
 
     def _row(self, key: str) -> Any:
-        row = self._table.read(key)
+        row = self._cache.get(key) or self._table.read(key)
         return _NO_RECORD if row is _ABSENT else row
 
     def get(self, key: str, default: Any = None) -> Any:
-        value = self._row(key)[self._index]
+        row = self._cache.get(key) or self._table.read(key)  # the cache inline: the hot path of every event
+        value = None if row is _ABSENT else row[self._index]
         return default if value is None else value
 
     def __getitem__(self, key: str) -> Any:
@@ -225,10 +230,14 @@ class _Field(MutableMapping[str, Any]):
         return self._row(key)[self._index] is not None  # type: ignore[arg-type]
 
     def __setitem__(self, key: str, value: Any) -> None:
-        row = self._table.read(key)
-        row = list(_NO_RECORD) if row is _ABSENT else row
-        row[self._index] = value
-        self._table.write(key, row)
+        row = self._cache.get(key) or self._table.read(key)
+        if row is _ABSENT:
+            row = list(_NO_RECORD)
+            row[self._index] = value
+            self._table.write(key, row)
+        else:  # the cached row itself: marked for the next flush
+            row[self._index] = value
+            self._table.dirty.add(key)
 
     def __delitem__(self, key: str) -> None:
         if self.pop(key, None) is None:
