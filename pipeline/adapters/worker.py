@@ -154,9 +154,9 @@ class BatchConsumer(aiokafka_driver.Consumer):
                 fetched, _active = await self._wait_next_records(timeout=0.2)
                 records = fetched or {}
                 if self._recovering():
-                    # Faust is recovering the identity table: when done it seeks every partition to its committed
-                    # offset (a partition without one keeps its position, hence the seek back below); nothing may
-                    # run before the graph and the offsets are known. The changelog's records take Faust's path.
+                    # Faust's recovery service runs on each assignment (with no table to recover): when done it
+                    # seeks every partition to its committed offset (a partition without one keeps its position,
+                    # hence the seek back below); nothing may run before the offsets are known.
                     for tp, batch in records.items():
                         if tp.topic == topic and batch:
                             await self._seek(tp, batch[0].offset)  # private: fetch them again afterwards
@@ -203,7 +203,7 @@ class BatchTransport(aiokafka_driver.Transport):
 
 class PromptTableManager(TableManager):
     """Faust's table manager without its start-up pause: Faust sleeps a second before registering tables, for
-    agents that declare them late; this app declares its one table (identity) before it starts."""
+    agents that declare them late; this app declares none (the identity graph is kept by identity_log)."""
 
     async def on_start(self) -> None:
         if not self.should_stop:
