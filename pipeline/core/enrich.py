@@ -29,6 +29,7 @@ from pipeline.core.identity import (
     Operation,
     Role,
     RoleTransition,
+    Unmerge,
     make_link,
     person_id_of,
     role_timeline,
@@ -153,7 +154,7 @@ class Enricher:
             return
         for op in operations:
             graph.apply((op,))
-            if not isinstance(op, Forget) and op.at_ms > self.clock_ms:  # an erasure's time is wall time
+            if not isinstance(op, Forget | Unmerge) and op.at_ms > self.clock_ms:  # operators' times are wall time
                 self.clock_ms = op.at_ms
             if replay and len(graph.changes.audit) > 10_000:
                 graph.take_changes()

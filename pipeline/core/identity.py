@@ -57,6 +57,7 @@ class IdentityConfig:
     habitual_ms: int
     lapse_ms: int  # no purchase for this long: a former customer
     cancelled_ms: int  # a cancelled subscription this long ago: a former customer
+    restate_horizon_ms: int = 0  # rows this far before a merge are restated to the merged person; 0: none
 
 
 def kind_of(identifier: str) -> str:
@@ -119,7 +120,23 @@ class Forget:
     at_ms: int
 
 
-Operation = Link | Fact | Forget
+@dataclass(frozen=True, slots=True)
+class Unmerge:
+    """An operator undoes the merge audited as `audit_id` (the merge of a and b): the two persons split as they
+    were just before it."""
+
+    a: str  # a < b, as in the merge's link
+    b: str
+    at_ms: int  # wall time of the operator's request: links between the two sides up to it are severed
+    audit_id: str
+
+
+Operation = Link | Fact | Forget | Unmerge
+
+
+def audit_id_of(action: str, identifier_a: str, identifier_b: str, at_ms: int, event_id: str) -> str:
+    """A short stable id of an audit row, for operators (ClickHouse computes the same from the row's columns)."""
+    return hashlib.sha256(f"{action}|{identifier_a}|{identifier_b}|{at_ms}|{event_id}".encode()).hexdigest()[:12]
 
 
 def encode_operation(op: Operation) -> list[Any]:
@@ -127,6 +144,8 @@ def encode_operation(op: Operation) -> list[Any]:
         return ["L", op.a, op.b, op.at_ms, op.source, op.event_id]
     if isinstance(op, Fact):
         return ["F", op.identifier, op.kind.value, op.at_ms, op.event_id]
+    if isinstance(op, Unmerge):
+        return ["U", op.a, op.b, op.at_ms, op.audit_id]
     return ["X", op.identifier, op.at_ms]
 
 
@@ -138,6 +157,8 @@ def decode_operation(item: list[Any]) -> Operation:
         return Fact(item[1], FactKind(item[2]), item[3], item[4])
     if tag == "X":
         return Forget(item[1], item[2])
+    if tag == "U":
+        return Unmerge(item[1], item[2], item[3], item[4])
     raise ValueError(f"unknown identity operation {tag!r}")
 
 
@@ -146,7 +167,7 @@ def decode_operation(item: list[Any]) -> Operation:
 @dataclass(frozen=True, slots=True)
 class AuditRecord:
     at_ms: int
-    action: str  # merge | refuse_conflict | refuse_max_values | refuse_limit | forget
+    action: str  # merge | refuse_conflict | refuse_max_values | refuse_limit | refuse_unmerged | unmerge | forget
     identifier_a: str
     identifier_b: str
     from_person_id: str
@@ -263,6 +284,10 @@ class _Changes:
     audit: list[AuditRecord] = field(default_factory=list)
     moved: set[str] = field(default_factory=set)  # identifiers whose person changed
     touched: set[str] = field(default_factory=set)  # person keys whose facts or members changed
+    # Identifiers whose earlier rows now name the wrong person -> the time of the change: merged with rows from
+    # before the merge (late identify, when restating is on), split by an unmerge (the merge's time).
+    merged_late: dict[str, int] = field(default_factory=dict)
+    unmerged: dict[str, int] = field(default_factory=dict)
 
 
 class IdentityGraph:
@@ -283,6 +308,8 @@ class IdentityGraph:
         self._cluster_links: dict[str, list[Link]] = {}  # cluster root -> links in canonical order
         self._summaries: dict[str, PersonFacts] = {}  # person key -> merged facts (cache)
         self.forgotten: dict[str, int] = {}  # sha256 of an erased identifier -> erased at
+        # Pairs an operator's unmerge cut -> its time: a link between them up to then (a replay) never joins again.
+        self.severed: dict[tuple[str, str], int] = {}
         self.changes = _Changes()
 
     # queries -----------------------------------------------------------------------------------------------
@@ -364,6 +391,8 @@ class IdentityGraph:
                 self.add_link(op)
             elif isinstance(op, Fact):
                 self.add_fact(op)
+            elif isinstance(op, Unmerge):
+                self.unmerge(op)
             else:
                 self.forget(op.identifier, op.at_ms)
 
@@ -416,6 +445,8 @@ class IdentityGraph:
         known = self._links.get(link.pair)
         if known is not None and known <= link:
             return False
+        if self.severed and self._severed(link):
+            return False
         for identifier in link.pair:
             self.observe(identifier, link.at_ms)
         root_a, root_b = self._cluster_root(link.a), self._cluster_root(link.b)
@@ -462,6 +493,54 @@ class IdentityGraph:
                                               "", f"{len(erased)} identifiers erased", ""))
         return erased
 
+    def unmerge(self, op: Unmerge) -> list[Link]:
+        """Split the persons the audited merge of a and b joined, as they were just before it: every link between
+        the two sides up to the operator's request is cut (and recorded, so a replay of it does not join them
+        again); later merges through other identifiers stay (each has its own audit id). Returns the links cut."""
+        pair = (op.a, op.b)
+        merge = self._links.get(pair)
+        self.severed[pair] = max(op.at_ms, self.severed.get(pair, 0))
+        if merge is None or merge.at_ms > op.at_ms:
+            self.changes.audit.append(AuditRecord(op.at_ms, "unmerge", op.a, op.b, "", "",
+                                                  "no such link: nothing to split", op.audit_id))
+            return []
+        root = self._cluster_root(op.a)
+        links = self._cluster_links[root]
+        before = IdentityGraph(self.config)  # the persons just before the merge
+        for link in links:
+            if link < merge:
+                before.add_link(link)
+        side_a = set(before.members(before.person_key(op.a)) or [op.a])
+        side_b = set(before.members(before.person_key(op.b)) or [op.b])
+        cut = [link for link in links if link.at_ms <= op.at_ms
+               and ((link.a in side_a and link.b in side_b) or (link.a in side_b and link.b in side_a))]
+        merged_key = self.person_key(op.a)
+        for link in cut:
+            self.severed[link.pair] = max(op.at_ms, self.severed.get(link.pair, 0))
+            del self._links[link.pair]
+        cut_pairs = {link.pair for link in cut}
+        kept = [link for link in links if link.pair not in cut_pairs]
+        self._cluster_links[root] = kept
+        identifiers = {i for link in links for i in link.pair}
+        self._replay(kept, identifiers)
+        for identifier in identifiers:
+            self.changes.unmerged[identifier] = min(merge.at_ms, self.changes.unmerged.get(identifier, merge.at_ms))
+        self.changes.audit.append(AuditRecord(
+            op.at_ms, "unmerge", op.a, op.b, person_id_of(merged_key), person_id_of(self.person_key(op.b)),
+            f"{len(cut)} links cut; {op.a} is {person_id_of(self.person_key(op.a))} again", op.audit_id))
+        return cut
+
+    def _severed(self, link: Link) -> bool:
+        """A link an unmerge cut, arriving again (a replayed event): refused and audited."""
+        cut_at = self.severed.get(link.pair)
+        if cut_at is None or link.at_ms > cut_at:
+            return False
+        self.changes.audit.append(AuditRecord(link.at_ms, "refuse_unmerged", link.a, link.b,
+                                              person_id_of(self.person_key(link.b)),
+                                              person_id_of(self.person_key(link.a)),
+                                              "an operator unmerged this pair", link.event_id))
+        return True
+
     # internals -------------------------------------------------------------------------------------------------
 
     def _cluster_root(self, identifier: str) -> str:
@@ -476,9 +555,11 @@ class IdentityGraph:
             root, parent = parent, grand
         return root
 
-    def _replay(self, links: list[Link]) -> None:
-        """Rebuild the persons of one cluster from its links in canonical order."""
-        identifiers = {i for link in links for i in link.pair}
+    def _replay(self, links: list[Link], identifiers: set[str] | None = None) -> None:
+        """Rebuild the persons of one cluster (these identifiers; default: the links') from its links in canonical
+        order."""
+        if identifiers is None:
+            identifiers = {i for link in links for i in link.pair}
         before = {i: self.person_key(i) for i in identifiers}
         for identifier in identifiers:
             old = self._person.pop(identifier, None)
@@ -526,6 +607,12 @@ class IdentityGraph:
         if record_moves:
             self.changes.moved.update(other_members if other_members else [other])
             self.changes.touched.update((into, other))
+            if self.config.restate_horizon_ms:
+                first_seen, at = self.first_seen, link.at_ms
+                late = self.changes.merged_late
+                for member in other_members:
+                    if first_seen.get(member, at) < at:  # it has rows from before the merge
+                        late[member] = min(at, late.get(member, at))
         self.changes.audit.append(AuditRecord(link.at_ms, "merge", link.a, link.b, person_id_of(other),
                                               person_id_of(into), link.source, link.event_id))
 

@@ -143,16 +143,26 @@ class Runner:
 
     async def flush(self, *, wait: bool = False) -> None:
         """Hand what the core produced to storage. The write runs in the background while the next fetch is
-        processed; writes stay one at a time, so offsets are committed in order and only after their rows."""
+        processed; writes stay one at a time, so offsets are committed in order and only after their rows.
+        When an unmerge or a late identify put stored rows under the wrong person or role, everything before
+        is stored first, then those rows are read back, restated and written in this flush."""
         async with self._storage_lock:
-            output = self.processor.take_output(self.clock.now_ms(), force_checkpoints=self._stopping)
-            self._first_buffered_at = None
-            if _has_work(output):
-                await self._drain()
-                await self._send_to_kafka(output)
-                self._inflight = asyncio.ensure_future(self._store_and_commit(output))
-            if wait:
-                await self._drain()
+            restatement = self.processor.take_restatement()
+            if restatement is not None:
+                await self._hand_over(wait=True)
+                rows = await self._retrying(lambda: self.store.rows_to_restate(restatement))
+                self.processor.restate(rows)
+            await self._hand_over(wait=wait)
+
+    async def _hand_over(self, *, wait: bool) -> None:
+        output = self.processor.take_output(self.clock.now_ms(), force_checkpoints=self._stopping)
+        self._first_buffered_at = None
+        if _has_work(output):
+            await self._drain()
+            await self._send_to_kafka(output)
+            self._inflight = asyncio.ensure_future(self._store_and_commit(output))
+        if wait:
+            await self._drain()
 
     async def _send_to_kafka(self, output: Output) -> None:
         if self.identity_log is not None and output.identity.operations:
@@ -314,4 +324,5 @@ class Runner:
 
 
 def _has_work(output: Output) -> bool:
-    return bool(output.records or output.window_cells or output.checkpoints or output.identity)
+    return bool(output.records or output.window_cells or output.checkpoints or output.identity or output.restated
+                or output.cell_changes)
