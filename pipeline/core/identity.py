@@ -135,8 +135,10 @@ Operation = Link | Fact | Forget | Unmerge
 
 
 def audit_id_of(action: str, identifier_a: str, identifier_b: str, at_ms: int, event_id: str) -> str:
-    """A short stable id of an audit row, for operators (ClickHouse computes the same from the row's columns)."""
-    return hashlib.sha256(f"{action}|{identifier_a}|{identifier_b}|{at_ms}|{event_id}".encode()).hexdigest()[:12]
+    """A stable id of an audit row, for operators: its time in hex (so the row is found by time), then a hash of
+    the rest. Computed from the row's columns, so rows written before ids existed have one too."""
+    digest = hashlib.sha256(f"{action}|{identifier_a}|{identifier_b}|{at_ms}|{event_id}".encode()).hexdigest()
+    return f"{at_ms:x}-{digest[:8]}"
 
 
 def encode_operation(op: Operation) -> list[Any]:

@@ -158,7 +158,8 @@ def row_event(row: TouchpointRow) -> dict[str, Any]:
             contact[flag] = None if contact[flag] is None else bool(contact[flag])
     return {
         "event_id": row.event_id, "event_time": row.event_time_ms, "tenant": row.tenant, "channel": row.channel,
-        "event_type": row.event_type, "role": row.role, "flow": row.flow, "device_class": row.device_class,
+        "event_type": row.event_type, "person_id": row.person_id, "role": row.role, "flow": row.flow,
+        "device_class": row.device_class,
         "session_id": row.session_id, "journey_id": row.journey_id, "outcome": row.outcome,
         "error_code": row.error_code, "duration_ms": row.duration_ms,
         "survey": None if row.survey_kind is None else _record(
@@ -453,16 +454,19 @@ class TouchpointProcessor:
         changes.unmerged, changes.merged_late = {}, {}
         return Restatement(since, frozenset(self.partitions)) if self.partitions else None
 
-    def restate(self, rows: Iterable[TouchpointRow]) -> None:
-        """Resolve stored rows again (the person as of now, the role as of each event's time) and restate those
-        that changed: the rewritten rows, and their counts moved to the role they have now (open windows in
-        place, stored cells as signed changes). Rows of partitions this worker does not read are left to theirs."""
+    def restate(self, restatement: Restatement, rows: Iterable[TouchpointRow]) -> None:
+        """Resolve the restatement's stored rows again (the person as of now, the role as of each event's time)
+        and restate those that changed: the rewritten rows, and their counts moved to the role they have now
+        (open windows in place, stored cells as signed changes). Rows of partitions this worker does not read
+        are left to theirs."""
         graph = self.enricher.graph
         out = self.output
+        since = restatement.since
         before: dict[int, list[dict[str, Any]]] = {}
         after: dict[int, list[dict[str, Any]]] = {}
         for row in rows:
-            if graph is None or row.source_partition not in self.partitions or not row.resolved_from:
+            if graph is None or row.source_partition not in self.partitions or not any(
+                    row.event_time_ms >= since.get(i, row.event_time_ms + 1) for i in row.resolved_from):
                 continue
             who = graph.resolve(list(row.resolved_from), row.event_time_ms)
             new = row._replace(person_id=who.person_id, role=who.role.value, is_customer=int(who.is_customer),

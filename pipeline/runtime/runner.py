@@ -151,7 +151,7 @@ class Runner:
             if restatement is not None:
                 await self._hand_over(wait=True)
                 rows = await self._retrying(lambda: self.store.rows_to_restate(restatement))
-                self.processor.restate(rows)
+                self.processor.restate(restatement, rows)
             await self._hand_over(wait=wait)
 
     async def _hand_over(self, *, wait: bool) -> None:

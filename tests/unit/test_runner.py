@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from pipeline.core.aggregate import NEVER, Checkpoint, WindowCell
-from pipeline.core.identity import Operation
-from pipeline.core.processor import DeadLetter, Output, TouchpointProcessor
+from pipeline.core.identity import Operation, Unmerge, audit_id_of, person_id_of
+from pipeline.core.processor import DeadLetter, Output, Restatement, TouchpointProcessor
 from pipeline.runtime.deadletters import HEADROOM_BYTES, dead_letter_message
 from pipeline.runtime.runner import DeliveryPolicy, Runner, StoreUnavailable
 from tests.factories import BASE_MS, encode, identity_config, schema_for, task, window_config
@@ -54,11 +54,16 @@ class FakeStore:
             self.failures_left -= 1
             self.journal.add("store.fail")
             raise ConnectionError("ClickHouse is down")
-        for row in output.touchpoints:
+        for row in [*output.touchpoints, *output.restated]:
             self.rows[row.event_id] = row
         self.cells.extend(output.window_cells)
         self.checkpoints.update(output.checkpoints)
-        self.journal.add("store.write", sorted(row.event_id for row in output.touchpoints))
+        self.journal.add("store.write", sorted(row.event_id for row in [*output.touchpoints, *output.restated]))
+
+    def rows_to_restate(self, restatement: Restatement) -> list[Any]:
+        self.journal.add("store.rows_to_restate", sorted(restatement.since))
+        return [row for row in self.rows.values() if row.source_partition in restatement.partitions
+                and any(i in restatement.since for i in row.resolved_from)]
 
     def load_checkpoint(self, partition: int) -> Checkpoint | None:
         return self.checkpoints.get(partition)
@@ -595,3 +600,31 @@ def test_a_forward_gap_sends_the_consumer_back_unless_retention_removed_the_reco
 
     run(scenario())
     assert {f"e{i}" for i in range(20)} == h.store.rows.keys()
+
+
+def test_an_unmerge_from_the_log_restates_stored_rows_after_everything_before_it_is_stored():
+    h = Harness(identity=FakeIdentityLog(Journal()))
+    events = [task("SUCCESS", event_id="signin", event_time=BASE_MS, user_id="u", anonymous_id="dev"),
+              task("FAILURE", event_id="later", event_time=BASE_MS + 1_000, user_id=None, anonymous_id="dev")]
+
+    async def scenario() -> None:
+        await h.runner.on_records({0: h.records(0, 0, events)})
+        await h.runner.flush(wait=True)
+        merge = next(a for f in h.observer.flushes for a in f.identity.audit if a.action == "merge")
+        assert h.store.rows["later"].person_id == person_id_of("user_id:u")
+        assert h.identity is not None
+        h.identity.incoming = [Unmerge(merge.identifier_a, merge.identifier_b, BASE_MS + 10 * MINUTE,
+                                       audit_id_of("merge", merge.identifier_a, merge.identifier_b, merge.at_ms,
+                                                   merge.event_id))]
+        await h.runner.on_records({0: h.records(0, 2, [task("SUCCESS", event_id="next", event_time=BASE_MS + 2_000,
+                                                             user_id=None, anonymous_id="dev")])})
+        await h.runner.flush(wait=True)
+
+    run(scenario())
+    writes = [(name, detail) for name, detail in h.journal.entries if name.startswith("store.")]
+    # The record read with the unmerge applied is stored first, then the rows are read back and restated.
+    assert writes[-3:] == [("store.write", ["next"]), ("store.rows_to_restate", ["anonymous_id:dev", "user_id:u"]),
+                           ("store.write", ["later"])]
+    assert {e: r.person_id for e, r in h.store.rows.items()} == {
+        "signin": person_id_of("user_id:u"), "later": person_id_of("anonymous_id:dev"),
+        "next": person_id_of("anonymous_id:dev")}
