@@ -266,13 +266,14 @@ def identity_audit(
 
     if not (identifier or person):
         raise UnmergeRefused("give --identifier kind:value or --person p-...")
-    table = Table("audit id", "at (UTC)", "action", "identifier a", "identifier b", "from person", "into person",
-                  "reason", "event")
-    for row in audit_rows(get_settings(), identifier, person, limit):
-        table.add_row(row.audit_id, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row.at_ms / 1000)), row.action,
-                      row.identifier_a, row.identifier_b, row.from_person_id, row.into_person_id, row.reason,
-                      row.event_id)
-    console.print(table)
+    rows = audit_rows(get_settings(), identifier, person, limit)
+    # Plain lines, never truncated: the id is copied from here into `touchpoint identity unmerge`.
+    print("audit id             at (UTC)             action           identifiers -> persons (reason; event)")
+    for row in rows:
+        print(f"{row.audit_id:<20} {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(row.at_ms / 1000))}  "
+              f"{row.action:<16} {row.identifier_a} + {row.identifier_b} -> {row.from_person_id} into "
+              f"{row.into_person_id} ({row.reason}; event {row.event_id or '-'})")
+    print(f"{len(rows)} rows")
 
 
 @identity_app.command("unmerge")
