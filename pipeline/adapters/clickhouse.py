@@ -361,7 +361,26 @@ class ClickHouseSink:
                 self._restated_cells = (id(output.cell_changes), add_cells(
                     self._stored_cells(output.cell_changes), output.cell_changes))
             self.write_cells(self._restated_cells[1], now_ms)
+            self._roll_up_again(self._restated_cells[1], now_ms)
         delete_moved_touchpoints(self, self.settings, output.moved_events)
+
+    def _roll_up_again(self, cells: Sequence[WindowCell], now_ms: int) -> None:
+        """Hours (and whole days) already rolled up that restated cells fall in are rolled again, replacing their
+        rows; later hours are rolled as usual."""
+        hours: dict[int, set[int]] = {}
+        for cell in cells:
+            if cell.window_kind in ROLLUP_KINDS:
+                hours.setdefault(cell.partition, set()).add(cell.window_start_ms - cell.window_start_ms % HOUR_MS)
+        for partition, starts in hours.items():
+            rolled = self._rolled_until.get(partition)
+            if rolled is None:
+                rolled = self._rolled_before(partition)
+            for hour in sorted(h for h in starts if rolled is not None and h < rolled):
+                day = hour - hour % DAY_MS
+                whole_day = rolled is not None and day + DAY_MS <= rolled
+                for statement in rollup_statements(partition, hour, hour + HOUR_MS, day,
+                                                   day + DAY_MS if whole_day else day, now_ms):
+                    self._execute(statement)
 
     def _stored_cells(self, changes: Sequence[WindowCell]) -> list[WindowCell]:
         """The stored cells (FINAL) the changes apply to."""

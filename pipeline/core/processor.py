@@ -454,17 +454,20 @@ class TouchpointProcessor:
         changes.unmerged, changes.merged_late = {}, {}
         return Restatement(since, frozenset(self.partitions)) if self.partitions else None
 
-    def restate(self, restatement: Restatement, rows: Iterable[TouchpointRow]) -> None:
-        """Resolve the restatement's stored rows again (the person as of now, the role as of each event's time)
-        and restate those that changed: the rewritten rows, and their counts moved to the role they have now
-        (open windows in place, stored cells as signed changes). Rows of partitions this worker does not read
-        are left to theirs."""
+    def restate(self, restatement: Restatement, stored: Iterable[TouchpointRow]) -> None:
+        """Resolve the restatement's rows again (the person as of now, the role as of each event's time), stored
+        ones and those buffered for the next write, and restate those that changed: rows rewritten (buffered
+        ones in place), and their counts moved to the role they have now (open windows in place, emitted cells
+        as signed changes). Rows of partitions this worker does not read are left to theirs."""
         graph = self.enricher.graph
         out = self.output
         since = restatement.since
         before: dict[int, list[dict[str, Any]]] = {}
         after: dict[int, list[dict[str, Any]]] = {}
-        for row in rows:
+        buffered = out.touchpoints
+        candidates: list[tuple[int | None, TouchpointRow]] = [(None, row) for row in stored]
+        candidates.extend(enumerate(buffered))
+        for index, row in candidates:
             if graph is None or row.source_partition not in self.partitions or not any(
                     row.event_time_ms >= since.get(i, row.event_time_ms + 1) for i in row.resolved_from):
                 continue
@@ -475,9 +478,12 @@ class TouchpointProcessor:
                                previous_contact_ms=who.previous_contact_ms)
             if new == row:
                 continue
-            out.restated.append(new)
-            if new.person_id != row.person_id:
-                out.moved_events.append((row.person_id, row.event_id))
+            if index is not None:
+                buffered[index] = new
+            else:
+                out.restated.append(new)
+                if new.person_id != row.person_id:
+                    out.moved_events.append((row.person_id, row.event_id))
             if row.counted and (new.role, new.previous_contact_ms) != (row.role, row.previous_contact_ms):
                 before.setdefault(row.source_partition, []).append(row_event(row))
                 after.setdefault(row.source_partition, []).append(row_event(new))

@@ -144,25 +144,23 @@ class Runner:
     async def flush(self, *, wait: bool = False) -> None:
         """Hand what the core produced to storage. The write runs in the background while the next fetch is
         processed; writes stay one at a time, so offsets are committed in order and only after their rows.
-        When an unmerge or a late identify put stored rows under the wrong person or role, everything before
-        is stored first, then those rows are read back, restated and written in this flush."""
+        When an unmerge or a late identify put rows under the wrong person or role, the write in flight is
+        stored first, then those rows are read back and restated with the buffered ones: this flush writes them,
+        with its checkpoints (snapshots of the restated open windows), before its offsets are committed."""
         async with self._storage_lock:
             restatement = self.processor.take_restatement()
             if restatement is not None:
-                await self._hand_over(wait=True)
+                await self._drain()
                 rows = await self._retrying(lambda: self.store.rows_to_restate(restatement))
                 self.processor.restate(restatement, rows)
-            await self._hand_over(wait=wait)
-
-    async def _hand_over(self, *, wait: bool) -> None:
-        output = self.processor.take_output(self.clock.now_ms(), force_checkpoints=self._stopping)
-        self._first_buffered_at = None
-        if _has_work(output):
-            await self._drain()
-            await self._send_to_kafka(output)
-            self._inflight = asyncio.ensure_future(self._store_and_commit(output))
-        if wait:
-            await self._drain()
+            output = self.processor.take_output(self.clock.now_ms(), force_checkpoints=self._stopping)
+            self._first_buffered_at = None
+            if _has_work(output):
+                await self._drain()
+                await self._send_to_kafka(output)
+                self._inflight = asyncio.ensure_future(self._store_and_commit(output))
+            if wait:
+                await self._drain()
 
     async def _send_to_kafka(self, output: Output) -> None:
         if self.identity_log is not None and output.identity.operations:

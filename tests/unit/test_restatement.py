@@ -246,3 +246,21 @@ def test_links_are_untouched_by_an_unmerge_of_another_pair():
     graph.apply([Unmerge("anonymous_id:a", "user_id:u", T0 + 1, "id")])
     assert graph.person_key("anonymous_id:x") == "user_id:y"
     assert isinstance(decode_operation(encode_operation(make_link("a:1", "b:2", 1, "link", ""))), Link)
+
+
+def test_rows_and_cells_not_yet_written_are_restated_in_the_same_write():
+    processor, stored = _processor(), Stored()
+    now = T0 + 30 * MINUTE
+    _feed(processor, _history(), 0, now)
+    _close_all(processor, now)  # every window closed: the cells wait in the output with the rows
+    merge = next(a for a in processor.enricher.graph.changes.audit if a.event_id == "signin")  # type: ignore[union-attr]
+    unmerge = _unmerge_of(merge, now)
+    processor.apply_identity([unmerge])
+    restatement = processor.take_restatement()
+    assert restatement is not None
+    processor.restate(restatement, [])
+    out = processor.take_output(force_checkpoints=True)
+    stored.write(out)
+    assert not out.restated and {r.event_id: r.person_id for r in out.touchpoints}["after-1"] == person_id_of(
+        "anonymous_id:a")
+    assert stored.figures() == _reference(_history(), [unmerge]).figures()

@@ -602,29 +602,54 @@ def test_a_forward_gap_sends_the_consumer_back_unless_retention_removed_the_reco
     assert {f"e{i}" for i in range(20)} == h.store.rows.keys()
 
 
-def test_an_unmerge_from_the_log_restates_stored_rows_after_everything_before_it_is_stored():
+def _unmerge_of_first_merge(h: Harness) -> Unmerge:
+    merge = next(a for f in h.observer.flushes for a in f.identity.audit if a.action == "merge")
+    return Unmerge(merge.identifier_a, merge.identifier_b, BASE_MS + 10 * MINUTE,
+                   audit_id_of("merge", merge.identifier_a, merge.identifier_b, merge.at_ms, merge.event_id))
+
+
+_SIGNIN_THEN_DEVICE = [task("SUCCESS", event_id="signin", event_time=BASE_MS, user_id="u", anonymous_id="dev"),
+                       task("FAILURE", event_id="later", event_time=BASE_MS + 1_000, user_id=None, anonymous_id="dev")]
+
+
+def test_an_unmerge_from_the_log_restates_stored_rows_in_the_flush_that_commits_after_it():
     h = Harness(identity=FakeIdentityLog(Journal()))
-    events = [task("SUCCESS", event_id="signin", event_time=BASE_MS, user_id="u", anonymous_id="dev"),
-              task("FAILURE", event_id="later", event_time=BASE_MS + 1_000, user_id=None, anonymous_id="dev")]
 
     async def scenario() -> None:
-        await h.runner.on_records({0: h.records(0, 0, events)})
+        await h.runner.on_records({0: h.records(0, 0, _SIGNIN_THEN_DEVICE)})
         await h.runner.flush(wait=True)
-        merge = next(a for f in h.observer.flushes for a in f.identity.audit if a.action == "merge")
         assert h.store.rows["later"].person_id == person_id_of("user_id:u")
         assert h.identity is not None
-        h.identity.incoming = [Unmerge(merge.identifier_a, merge.identifier_b, BASE_MS + 10 * MINUTE,
-                                       audit_id_of("merge", merge.identifier_a, merge.identifier_b, merge.at_ms,
-                                                   merge.event_id))]
+        h.identity.incoming = [_unmerge_of_first_merge(h)]
         await h.runner.on_records({0: h.records(0, 2, [task("SUCCESS", event_id="next", event_time=BASE_MS + 2_000,
                                                              user_id=None, anonymous_id="dev")])})
+        close_windows(h, {0: 3})
         await h.runner.flush(wait=True)
 
     run(scenario())
-    writes = [(name, detail) for name, detail in h.journal.entries if name.startswith("store.")]
-    # The record read with the unmerge applied is stored first, then the rows are read back and restated.
-    assert writes[-3:] == [("store.write", ["next"]), ("store.rows_to_restate", ["anonymous_id:dev", "user_id:u"]),
-                           ("store.write", ["later"])]
+    after = h.journal.names()[h.journal.names().index("store.rows_to_restate"):]
+    # Read back, then the restated row written with the records read since, and only then the commit.
+    stores = [entry for entry in h.journal.entries[-len(after):] if entry[0].startswith("store.")]
+    assert stores == [("store.rows_to_restate", ["anonymous_id:dev", "user_id:u"]), ("store.write", ["later", "next"])]
+    assert after.index("store.write") < after.index("commit")
     assert {e: r.person_id for e, r in h.store.rows.items()} == {
         "signin": person_id_of("user_id:u"), "later": person_id_of("anonymous_id:dev"),
         "next": person_id_of("anonymous_id:dev")}
+
+
+def test_rows_still_buffered_when_an_unmerge_arrives_are_restated_before_their_first_write():
+    h = Harness(identity=FakeIdentityLog(Journal()))
+
+    async def scenario() -> None:
+        await h.runner.on_records({0: h.records(0, 0, _SIGNIN_THEN_DEVICE)})
+        merge = h.runner.processor.enricher.graph.changes.audit[-1]  # type: ignore[union-attr]
+        assert h.identity is not None
+        h.identity.incoming = [Unmerge(merge.identifier_a, merge.identifier_b, BASE_MS + 10 * MINUTE, "id")]
+        await h.runner.sync_assignment()
+        await h.runner.flush(wait=True)
+
+    run(scenario())
+    assert h.journal.entries[0][0] == "store.rows_to_restate"
+    assert [(r.event_id, r.person_id) for r in h.observer.flushes[0].touchpoints] == [
+        ("signin", person_id_of("user_id:u")), ("later", person_id_of("anonymous_id:dev"))]
+    assert not h.observer.flushes[0].restated  # written once, already right
