@@ -9,11 +9,10 @@ each restates the rows of its own partitions (see docs/identity.md for what is r
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from pipeline.adapters.clickhouse import connect
 from pipeline.adapters.identity_log import encode_chunks, write_chunks
-from pipeline.core.identity import Unmerge, audit_id_of, person_id_of
+from pipeline.core.identity import AuditRecord, Unmerge, person_id_of
 from pipeline.settings import Settings
 
 _AUDIT_COLUMNS = "at_ms, action, identifier_a, identifier_b, from_person_id, into_person_id, reason, event_id"
@@ -23,23 +22,7 @@ class UnmergeRefused(ValueError):
     """The audit id names no row, or a row that is not a merge: nothing is published."""
 
 
-@dataclass(frozen=True, slots=True)
-class AuditRow:
-    at_ms: int
-    action: str
-    identifier_a: str
-    identifier_b: str
-    from_person_id: str
-    into_person_id: str
-    reason: str
-    event_id: str
-
-    @property
-    def audit_id(self) -> str:
-        return audit_id_of(self.action, self.identifier_a, self.identifier_b, self.at_ms, self.event_id)
-
-
-def audit_rows(settings: Settings, identifier: str = "", person: str = "", limit: int = 100) -> list[AuditRow]:
+def audit_rows(settings: Settings, identifier: str = "", person: str = "", limit: int = 100) -> list[AuditRecord]:
     """The audit rows naming the identifier (or its own person id) or the person, oldest first."""
     persons = tuple(p for p in (person, person_id_of(identifier) if identifier else "") if p)
     client = connect(settings.clickhouse)
@@ -50,10 +33,10 @@ def audit_rows(settings: Settings, identifier: str = "", person: str = "", limit
             {"i": identifier or "\x00", "p": persons or ("\x00",), "limit": int(limit)})
     finally:
         client.disconnect()
-    return [AuditRow(*row) for row in rows]
+    return [AuditRecord(*row) for row in rows]
 
 
-def merge_of(settings: Settings, audit_id: str) -> AuditRow:
+def merge_of(settings: Settings, audit_id: str) -> AuditRecord:
     """The merge row with this id, or UnmergeRefused naming why not."""
     at_hex, _, _ = audit_id.strip().partition("-")
     try:
@@ -63,7 +46,7 @@ def merge_of(settings: Settings, audit_id: str) -> AuditRow:
                              "`touchpoint identity audit --identifier kind:value` lists them") from None
     client = connect(settings.clickhouse)
     try:
-        rows = [AuditRow(*row) for row in client.execute(
+        rows = [AuditRecord(*row) for row in client.execute(
             f"SELECT DISTINCT {_AUDIT_COLUMNS} FROM identity_audit WHERE at_ms = %(at)s", {"at": at_ms})]
     finally:
         client.disconnect()
@@ -77,7 +60,7 @@ def merge_of(settings: Settings, audit_id: str) -> AuditRow:
     return found[0]
 
 
-def unmerge(settings: Settings, audit_id: str) -> tuple[AuditRow, Unmerge]:
+def unmerge(settings: Settings, audit_id: str) -> tuple[AuditRecord, Unmerge]:
     """Publish the undoing of the merge with this id; every worker applies it."""
     merge = merge_of(settings, audit_id)
     operation = Unmerge(merge.identifier_a, merge.identifier_b, int(time.time() * 1000), audit_id.strip())

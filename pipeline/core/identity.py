@@ -177,6 +177,10 @@ class AuditRecord:
     reason: str
     event_id: str
 
+    @property
+    def audit_id(self) -> str:
+        return audit_id_of(self.action, self.identifier_a, self.identifier_b, self.at_ms, self.event_id)
+
 
 @dataclass(frozen=True, slots=True)
 class RoleTransition:

@@ -3,7 +3,6 @@ indicator cells are restated to what the same events give when the graph knew it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from pipeline.core.aggregate import SESSION, WindowCell, add_cells
@@ -19,18 +18,10 @@ from pipeline.core.identity import (
 )
 from pipeline.core.processor import Output, TouchpointProcessor, TouchpointRow
 from tests.factories import BASE_MS, encode, identity_config, schema_for, task, touchpoint, window_config
+from tests.unit.test_runner import Record
 
 MINUTE = 60_000
 T0 = BASE_MS + 10 * MINUTE
-
-
-@dataclass
-class Record:
-    partition: int
-    offset: int
-    value: bytes | None
-    key: bytes | None = b"k"
-    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 def _unmerge_of(audit: Any, at_ms: int) -> Unmerge:
