@@ -300,3 +300,41 @@ def test_an_unmerge_by_audit_id_restates_rows_and_role_split_cells(isolated, pub
     wait_until(lambda: ch.execute("SELECT person_id FROM touchpoints FINAL WHERE event_id = 'later'")
                == [(person_id_of(anon),)], 60, "the later touchpoint", worker)
     assert ch.execute("SELECT action FROM identity_audit FINAL WHERE action = 'unmerge'") == [("unmerge",)]
+
+
+def test_late_identify_restates_rows_within_the_horizon_and_records_older_ones(isolated, publisher, start_worker,
+                                                                                ch):
+    isolated.identity.restate_horizon_s = 600
+    worker = start_worker(isolated)
+    now = int(time.time() * 1000) - 60_000
+    buy = touchpoint("buy", now - 1_300_000, channel="BILLING", event_type="purchase", anonymous_id=None,
+                     customer_id="c-late")
+    old = task("FAILURE", event_id="old", event_time=now - 1_200_000, anonymous_id="dev-old")  # outside the horizon
+    recent = [task(outcome, event_id=f"recent-{i}", event_time=now + i * 3_000, anonymous_id=device)
+              for i, (outcome, device) in enumerate([("SUCCESS", "dev-new"), ("FAILURE", "dev-new"),
+                                                     ("SUCCESS", "dev-old")])]
+    publisher.publish_many([buy, old, *recent])
+    publisher.flush()
+    prospects = "SELECT sum(count) FROM indicator_cells FINAL WHERE window_kind = '1m' AND " \
+                "indicator = 'task_success_rate' AND role = 'prospect'"
+    wait_until(lambda: ch.execute(prospects)[0][0] == len(recent) + 1, 60, "the devices' tasks as a prospect's",
+               worker)
+    publisher.publish_many([
+        touchpoint(f"signin-{device}", now + 20_000, event_type="identify", anonymous_id=device, customer_id="c-late")
+        for device in ("dev-new", "dev-old")])
+    publisher.flush()
+
+    customer = person_id_of("customer_id:c-late")
+    wait_until(lambda: {p for (p,) in ch.execute("SELECT DISTINCT person_id FROM touchpoints FINAL WHERE "
+                                                 "event_id LIKE 'recent-%'")} == {customer}, 60,
+               "the recent rows restated to the customer", worker)
+    rows = dict(ch.execute("SELECT event_id, (person_id, toString(role)) FROM touchpoints FINAL "
+                           "WHERE event_id IN ('old', 'recent-0', 'recent-1', 'recent-2')"))
+    assert rows == {"old": (person_id_of("anonymous_id:dev-old"), "prospect"),
+                    **{e["event_id"]: (customer, "customer") for e in recent}}
+    cells = "SELECT role, sum(count), sum(total) FROM indicator_cells FINAL WHERE window_kind = '1m' AND " \
+            "indicator = 'task_success_rate' GROUP BY role HAVING sum(count) > 0"
+    expected = {"customer": (len(recent), sum(e["outcome"] == "SUCCESS" for e in recent)), "prospect": (1, 0)}
+    wait_until(lambda: {r: (c, t) for r, c, t in ch.execute(cells)} == expected, 30, "the restated cells", worker)
+    wait_until(lambda: ch.execute("SELECT identifier_a FROM identity_audit FINAL WHERE action = 'not_restated'")
+               == [("anonymous_id:dev-old",)], 30, "the older row recorded as not restated", worker)
