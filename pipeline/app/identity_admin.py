@@ -64,5 +64,7 @@ def unmerge(settings: Settings, audit_id: str) -> tuple[AuditRecord, Unmerge]:
     """Publish the undoing of the merge with this id; every worker applies it."""
     merge = merge_of(settings, audit_id)
     operation = Unmerge(merge.identifier_a, merge.identifier_b, int(time.time() * 1000), audit_id.strip())
+    # Under the "unmerge" prefix: a worker rebuilding its graph from an on-disk table reads chunks in key order,
+    # and this one sorts after the workers' (hex ids), so after the links it undoes (see docs/identity.md).
     write_chunks(settings, encode_chunks([operation]), "unmerge")
     return merge, operation
