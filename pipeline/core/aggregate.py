@@ -532,9 +532,8 @@ class PartitionWindows:
                 start, key = cell.window_start_ms, cell.key
                 if cell.window_kind == PANE and start in self.open:
                     self._restate_open(self.open[start], key, slot_of[cell.indicator], sign, cell)
-                    continue
                 if cell.window_end_ms > closed_before:
-                    continue  # a hopping window not emitted yet: it merges the panes changed here
+                    continue  # not emitted yet: the open pane changed, or a hopping window that merges those
                 if cell.window_kind == PANE and start in self.recent:
                     _add_into(self.recent[start], key, sign, cell)
                 acc = emitted.setdefault((cell.window_kind, start, cell.window_end_ms, key), [0.0, 0.0, {}])
