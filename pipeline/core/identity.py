@@ -293,6 +293,7 @@ class _Changes:
     # Identifiers whose earlier rows now name the wrong person -> the time of the change: merged with rows from
     # before the merge (late identify, when restating is on), split by an unmerge (the merge's time).
     merged_late: dict[str, int] = field(default_factory=dict)
+    merged_into: dict[str, int] = field(default_factory=dict)  # the side that kept its person: roles may change
     unmerged: dict[str, int] = field(default_factory=dict)
 
 
@@ -613,12 +614,13 @@ class IdentityGraph:
         if record_moves:
             self.changes.moved.update(other_members if other_members else [other])
             self.changes.touched.update((into, other))
-            if self.config.restate_horizon_ms:
-                first_seen, at = self.first_seen, link.at_ms
-                late = self.changes.merged_late
-                for member in other_members:
-                    if first_seen.get(member, at) < at:  # it has rows from before the merge
-                        late[member] = min(at, late.get(member, at))
+            if self.config.restate_horizon_ms:  # rows from before the merge (first seen before it) may change:
+                first_seen, at = self.first_seen, link.at_ms  # the moved side's person, either side's role
+                for members, late in ((other_members, self.changes.merged_late),
+                                      (into_members, self.changes.merged_into)):
+                    for member in members:
+                        if first_seen.get(member, at) < at:
+                            late[member] = min(at, late.get(member, at))
         self.changes.audit.append(AuditRecord(link.at_ms, "merge", link.a, link.b, person_id_of(other),
                                               person_id_of(into), link.source, link.event_id))
 

@@ -439,10 +439,12 @@ class TouchpointProcessor:
         if graph is None:
             return None
         changes = graph.changes
-        if not (changes.unmerged or changes.merged_late):
+        if not (changes.unmerged or changes.merged_late or changes.merged_into):
             return None
         horizon = self.enricher.config.restate_horizon_ms
         since = {identifier: at - horizon for identifier, at in changes.unmerged.items()}
+        for identifier, at in changes.merged_into.items():
+            since[identifier] = min(since.get(identifier, at - horizon), at - horizon)
         for identifier, at in changes.merged_late.items():
             start = at - horizon
             if graph.first_seen.get(identifier, at) < start:
@@ -451,7 +453,7 @@ class TouchpointProcessor:
                     person_id_of(graph.person_key(identifier)),
                     "rows older than identity.restate_horizon_s before this merge keep their person and role", ""))
             since[identifier] = min(since.get(identifier, start), start)
-        changes.unmerged, changes.merged_late = {}, {}
+        changes.unmerged, changes.merged_late, changes.merged_into = {}, {}, {}
         return Restatement(since, frozenset(self.partitions)) if self.partitions else None
 
     def restate(self, restatement: Restatement, stored: Iterable[TouchpointRow]) -> None:
