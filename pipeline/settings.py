@@ -177,6 +177,12 @@ class IdentitySettings(BaseModel):
     habitual_days: float = Field(90, description="The period those purchases must fall within.")
     lapse_days: float = Field(180, description="No purchase for this long: a former customer.")
     cancelled_days: float = Field(30, description="A cancelled subscription this long ago: a former customer.")
+    restate_horizon_s: float = Field(
+        0, ge=0, le=90 * 86_400,
+        description="Late identify: when a merge joins an identifier with earlier touchpoints to a person, its rows "
+                    "this far before the merge are restated (person, role and the role-split indicator cells); "
+                    "older ones are recorded in identity_audit (not_restated) and kept. 0: off (merges restate "
+                    "nothing). An unmerge restates rows since the merge, and this far before it. At most 90 days.")
 
     @field_validator("unique_kinds", "daily_limits", "max_values")
     @classmethod
@@ -204,6 +210,7 @@ class IdentitySettings(BaseModel):
             habitual_purchases=self.habitual_purchases,
             habitual_ms=int(self.habitual_days * DAY_MS), lapse_ms=int(self.lapse_days * DAY_MS),
             cancelled_ms=int(self.cancelled_days * DAY_MS),
+            restate_horizon_ms=int(self.restate_horizon_s * 1000),
         )
 
 

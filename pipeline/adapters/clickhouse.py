@@ -17,11 +17,12 @@ from typing import Any
 from clickhouse_driver import Client
 
 from pipeline.adapters.clickhouse_ddl import MigrationTarget, cluster_settings, create_database, render_statements
-from pipeline.core.aggregate import Checkpoint, WindowCell
+from pipeline.adapters.person_queries import delete_moved_touchpoints, touchpoints_to_restate
+from pipeline.core.aggregate import Checkpoint, WindowCell, add_cells
 from pipeline.core.evaluate import WindowTotal
 from pipeline.core.indicators import BY_ID
 from pipeline.core.journeys import JOURNEY_COLUMNS, PROFILE_COLUMNS
-from pipeline.core.processor import TOUCHPOINT_COLUMNS, Output
+from pipeline.core.processor import TOUCHPOINT_COLUMNS, Output, Restatement, TouchpointRow
 from pipeline.settings import SCHEMAS_DIR, ClickHouseSettings
 
 MIGRATIONS_DIR = SCHEMAS_DIR / "clickhouse"
@@ -275,6 +276,7 @@ class ClickHouseSink:
     def __init__(self, settings: ClickHouseSettings, consumer_group: str, topic: str,
                  observe: InsertObserver | None = None, *, rollup_settle_ms: int = 0) -> None:
         self.client = connect(settings)
+        self.settings = settings
         # The worker writes in the background while it loads checkpoints and panes of newly assigned partitions;
         # one connection serves one query at a time.
         self._lock = threading.Lock()
@@ -288,6 +290,12 @@ class ClickHouseSink:
         self._hour_seen: dict[int, int] = {}  # partition -> hour of its closed horizon at the last roll_up
         self._families: dict[str, str] = {}
         self._quantiles: dict[str, float] = {}
+        # The restated cells of the output being written, computed once: a retried write must not add the
+        # changes to cells its first attempt already changed.
+        self._restated_cells: tuple[int, list[WindowCell]] | None = None
+
+    def execute(self, query: str, params: Any = None) -> Any:
+        return self._execute(query, params)
 
     def _execute(self, query: str, params: object = None, **kwargs: object) -> Any:
         with self._lock:
@@ -311,6 +319,8 @@ class ClickHouseSink:
             self._insert("touchpoints", TOUCHPOINT_COLUMNS, columns)
         if output.window_cells:
             self.write_cells(output.window_cells, now_ms, whole_windows=True)
+        if output.restated or output.cell_changes:
+            self.write_restatement(output, now_ms)
         self._write_identity(output, now_ms)
         self.write_journeys(output, now_ms)
         if output.checkpoints:
@@ -322,6 +332,69 @@ class ClickHouseSink:
                 if self._hour_seen.get(cp.partition) != hour:
                     self.roll_up(cp.partition, cp.closed_before_ms, now_ms)
                     self._hour_seen[cp.partition] = hour
+
+    def rows_to_restate(self, restatement: Restatement) -> list[TouchpointRow]:
+        """The stored rows (one per event, FINAL) of the restatement's partitions resolved from one of its
+        identifiers from that identifier's time on: their keys come from person_touchpoints (ordered by person),
+        then the rows by key from touchpoints (ordered by tenant, channel and time)."""
+        keys = touchpoints_to_restate(self, restatement.since)
+        if not keys:
+            return []
+        times = [at for _, _, at, _ in keys]
+        rows = self._execute(
+            f"SELECT {', '.join(TOUCHPOINT_COLUMNS)} FROM touchpoints FINAL WHERE tenant IN %(t)s "
+            "AND channel IN %(c)s AND event_time >= toDateTime(%(from)s) AND event_time <= toDateTime(%(to)s) "
+            "AND event_id IN %(e)s AND source_partition IN %(p)s",
+            {"t": tuple({k[0] for k in keys}), "c": tuple({k[1] for k in keys}), "from": min(times) // 1000,
+             "to": max(times) // 1000, "e": tuple({k[3] for k in keys}), "p": tuple(restatement.partitions)})
+        found = [TouchpointRow(*row) for row in rows]
+        return [row for row in found if (row.tenant, row.channel, row.event_time_ms, row.event_id) in keys]
+
+    def write_restatement(self, output: Output, now_ms: int) -> None:
+        """Restated rows (same key, written later, so ReplacingMergeTree keeps them; a moved event's row under its
+        former person leaves person_touchpoints) and stored cells with the restatement's changes added."""
+        if output.restated:
+            self._insert("touchpoints", TOUCHPOINT_COLUMNS,
+                         [list(column) for column in zip(*output.restated, strict=True)])
+        if output.cell_changes:
+            if self._restated_cells is None or self._restated_cells[0] != id(output.cell_changes):
+                self._restated_cells = (id(output.cell_changes), add_cells(
+                    self._stored_cells(output.cell_changes), output.cell_changes))
+            self.write_cells(self._restated_cells[1], now_ms)
+            self._roll_up_again(self._restated_cells[1], now_ms)
+        delete_moved_touchpoints(self, self.settings, output.moved_events)
+
+    def _roll_up_again(self, cells: Sequence[WindowCell], now_ms: int) -> None:
+        """Hours (and whole days) already rolled up that restated cells fall in are rolled again, replacing their
+        rows; later hours are rolled as usual."""
+        hours: dict[int, set[int]] = {}
+        for cell in cells:
+            if cell.window_kind in ROLLUP_KINDS:
+                hours.setdefault(cell.partition, set()).add(cell.window_start_ms - cell.window_start_ms % HOUR_MS)
+        for partition, starts in hours.items():
+            rolled = self._rolled_until.get(partition)
+            if rolled is None:
+                rolled = self._rolled_before(partition)
+            for hour in sorted(h for h in starts if rolled is not None and h < rolled):
+                day = hour - hour % DAY_MS
+                whole_day = rolled is not None and day + DAY_MS <= rolled
+                for statement in rollup_statements(partition, hour, hour + HOUR_MS, day,
+                                                   day + DAY_MS if whole_day else day, now_ms):
+                    self._execute(statement)
+
+    def _stored_cells(self, changes: Sequence[WindowCell]) -> list[WindowCell]:
+        """The stored cells (FINAL) the changes apply to."""
+        wanted = {(c.window_kind, c.window_start_ms, c.window_end_ms, c.key, c.partition) for c in changes}
+        rows = self._execute(
+            "SELECT window_kind, toUInt32(window_start), toUInt32(window_end), tenant, channel, role, flow, "
+            "device_class, indicator, source_partition, count, total, sketch_keys, sketch_counts "
+            "FROM indicator_cells FINAL WHERE (window_kind, toUInt32(window_start), source_partition) IN %(g)s",
+            {"g": tuple({(c.window_kind, c.window_start_ms // 1000, c.partition) for c in changes})})
+        cells = [WindowCell(kind, start * 1000, end * 1000, tenant, channel, role, flow, device, indicator,
+                            partition, count, total, tuple(zip(keys, counts, strict=True)))
+                 for kind, start, end, tenant, channel, role, flow, device, indicator, partition, count, total, keys,
+                 counts in rows]
+        return [c for c in cells if (c.window_kind, c.window_start_ms, c.window_end_ms, c.key, c.partition) in wanted]
 
     def write_checkpoints(self, cps: Sequence[Checkpoint], now_ms: int) -> None:
         self._insert("pipeline_checkpoints", _CHECKPOINT_COLUMNS, [

@@ -37,6 +37,7 @@ from pipeline.core.identity import (
     IdentityGraph,
     Link,
     Operation,
+    Unmerge,
     decode_operation,
     encode_operation,
     identifier_hash,
@@ -64,6 +65,8 @@ def logical_key(op: Operation) -> str:
         return f"{op.kind.value}\x00{op.identifier}\x00{op.at_ms}"
     if isinstance(op, Forget):
         return f"X\x00{identifier_hash(op.identifier)}"
+    if isinstance(op, Unmerge):  # one key per pair: the latest unmerge of it is what a new worker must know
+        return f"U\x00{op.a}\x00{op.b}"
     return f"X\x00{op.identifier_hash}"
 
 

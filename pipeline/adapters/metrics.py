@@ -42,7 +42,9 @@ WATERMARK_LAG = Gauge("touchpoint_watermark_lag_seconds", "Wall clock minus the 
 IDENTIFIERS = Gauge("touchpoint_identity_identifiers", "Identifiers in this worker's copy of the identity graph.")
 IDENTITY_DECISIONS = Counter("touchpoint_identity_decisions",
                              "Identity graph decisions: merge, refuse_conflict, refuse_max_values, refuse_limit, "
-                             "forget.", ["action"])
+                             "refuse_unmerged, unmerge, not_restated, forget.", ["action"])
+RESTATED = Counter("touchpoint_identity_restated_rows",
+                   "Stored touchpoints rewritten after an unmerge or a late identify (person, role, their counts).")
 ROLE_TRANSITIONS = Counter("touchpoint_role_transitions", "Role changes written, by new role.", ["to_role"])
 STORE_RETRIES = Counter("touchpoint_store_retries",
                         "Store writes retried after a failure (the backoff doubles up to batch.retry_max_s).")
@@ -76,6 +78,8 @@ class PrometheusObserver:
             CROSS_PARTITION_DUPLICATES.labels(channel).inc(n)
         for action, n in collections.Counter(record.action for record in output.identity.audit).items():
             IDENTITY_DECISIONS.labels(action).inc(n)
+        if output.restated:
+            RESTATED.inc(len(output.restated))
         for role, n in collections.Counter(transition.to_role for transition in output.identity.transitions).items():
             ROLE_TRANSITIONS.labels(role).inc(n)
         LAST_FLUSH.set(at_s)

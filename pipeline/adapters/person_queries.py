@@ -7,7 +7,7 @@ now through person_aliases."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -67,6 +67,29 @@ def current_persons(client: Executes, seeds: Collection[str]) -> set[str]:
         "WHERE alias_person_id IN (SELECT alias_person_id FROM person_aliases WHERE person_id IN %(h)s) "
         "GROUP BY alias_person_id HAVING argMax(person_id, updated_at_ms) IN %(h)s", {"h": tuple(heads)})}
     return set(seeds) | heads | members
+
+
+def touchpoints_to_restate(client: Executes, since: Mapping[str, int]) -> set[tuple[str, str, int, str]]:
+    """(tenant, channel, event time, event id) of the touchpoints resolved from one of the identifiers with an
+    event time from that identifier's time on: after an unmerge or a late identify, the rows to restate."""
+    persons = {person for person, _ in persons_of_identifiers(client, since)}
+    if not persons:
+        return set()
+    rows = client.execute(
+        "SELECT tenant, channel, event_time_ms, event_id, resolved_from FROM person_touchpoints "
+        "WHERE person_id IN %(p)s AND event_time_ms >= %(from)s AND hasAny(resolved_from, %(i)s)",
+        {"p": tuple(persons), "from": max(0, min(since.values())), "i": list(since)})
+    return {(tenant, channel, at, event_id) for tenant, channel, at, event_id, resolved in rows
+            if any(at >= since[i] for i in resolved if i in since)}
+
+
+def delete_moved_touchpoints(client: Executes, settings: ClickHouseSettings,
+                             moved: Collection[tuple[str, str]]) -> None:
+    """Drop (former person id, event id) rows of person_touchpoints: the events belong to another person now,
+    whose rows the restated touchpoints wrote."""
+    if moved:
+        client.execute(f"ALTER TABLE {mutated_table(settings, 'person_touchpoints')} DELETE "
+                       "WHERE (person_id, event_id) IN %(moved)s", {"moved": tuple(moved)})
 
 
 def journey_touchpoints(client: Executes, persons: Collection[str], limit: int) -> list[dict[str, Any]]:

@@ -28,6 +28,9 @@ app.add_typer(cases_app, name="cases")
 deadletters_app = typer.Typer(help="Dead letters: list them, replay them once the cause is fixed.",
                               no_args_is_help=True)
 app.add_typer(deadletters_app, name="deadletters")
+identity_app = typer.Typer(help="Identity decisions: list merges with their audit ids, undo a merge.",
+                           no_args_is_help=True)
+app.add_typer(identity_app, name="identity")
 console = Console()
 T = TypeVar("T")
 
@@ -250,6 +253,39 @@ def forget(
     report = erase(get_settings(), identifier)
     console.print(f"Erased {len(report.identifiers)} identifiers and {len(report.person_ids)} person ids "
                   f"({report.rows_before} touchpoints deleted). Indicator windows hold no person data and stay.")
+
+
+@identity_app.command("audit")
+def identity_audit(
+    identifier: str = typer.Option("", help="kind:value, e.g. anonymous_id:dev-42."),
+    person: str = typer.Option("", help="A person id, e.g. p-0123456789abcdef."),
+    limit: int = 100,
+) -> None:
+    """The identity decisions (merges, refusals, unmerges) naming an identifier or a person, with their audit ids."""
+    from pipeline.app.identity_admin import UnmergeRefused, audit_rows
+
+    if not (identifier or person):
+        raise UnmergeRefused("give --identifier kind:value or --person p-...")
+    rows = audit_rows(get_settings(), identifier, person, limit)
+    # Plain lines, never truncated: the id is copied from here into `touchpoint identity unmerge`.
+    print("audit id             at (UTC)             action           identifiers -> persons (reason; event)")
+    for row in rows:
+        print(f"{row.audit_id:<20} {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(row.at_ms / 1000))}  "
+              f"{row.action:<16} {row.identifier_a} + {row.identifier_b} -> {row.from_person_id} into "
+              f"{row.into_person_id} ({row.reason}; event {row.event_id or '-'})")
+    print(f"{len(rows)} rows")
+
+
+@identity_app.command("unmerge")
+def identity_unmerge(audit_id: str = typer.Argument(..., help="The merge's audit id (`touchpoint identity audit`).")
+                     ) -> None:
+    """Undo a merge: every worker splits the two persons again and restates their stored rows and cells."""
+    from pipeline.app.identity_admin import unmerge
+
+    merge, _ = unmerge(get_settings(), audit_id)
+    print(f"unmerge of {merge.identifier_a} and {merge.identifier_b} (merged into {merge.into_person_id} at "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(merge.at_ms / 1000))} UTC) published to the identity "
+          "log; workers split the persons and restate their rows and cells at their next flush")
 
 
 BAD_LINES_SHOWN = 20
@@ -573,6 +609,7 @@ def operator_message(exc: BaseException) -> str | None:
 
     from pipeline.adapters.clickhouse import ClusterNotConfigured, DatabaseInUse
     from pipeline.app.erasure import ErasureRefused
+    from pipeline.app.identity_admin import UnmergeRefused
     from pipeline.contract.registry import RegistryError
     from pipeline.stack.local import StackError
 
@@ -590,7 +627,7 @@ def operator_message(exc: BaseException) -> str | None:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             return (f"invalid setting {name} ({env} or touchpoint.toml): {first['msg']}; "
                     f"got {first.get('input')!r}{more}")
-        if isinstance(error, (ErasureRefused, StackError, DatabaseInUse, ClusterNotConfigured)):
+        if isinstance(error, (ErasureRefused, UnmergeRefused, StackError, DatabaseInUse, ClusterNotConfigured)):
             return str(error)
         if isinstance(error, KafkaConnectionError) or (
                 isinstance(error, KafkaTimeoutError) and "bootstrap" in str(error)):

@@ -191,7 +191,7 @@ class PartitionWindows:
         self.hopping_ms = hopping_ms
         self.session_gap_ms = session_gap_ms
         self.session_max_ms = session_max_ms
-        indicators = tuple(indicators)
+        indicators = self.indicators = tuple(indicators)
         self.event_indicators = [i for i in indicators if not i.per_session]
         self.session_indicators = [i for i in indicators if i.per_session]
         for ind in self.event_indicators:
@@ -506,6 +506,59 @@ class PartitionWindows:
             self.closed.append(WindowCell(SESSION, bucket, bucket + window_ms, tenant, ALL_CHANNELS, role, "", "",
                                           indicator_id, self.partition, count, total))
 
+    def contributions(self, events: list[dict[str, Any]]) -> list[WindowCell]:
+        """The pane and hopping cells these events alone make, as this partition counts them (sessions left
+        out): a scratch copy of the windows folds them in event-time order and closes everything."""
+        scratch = PartitionWindows(self.partition, self.window_ms, self.lateness_ms, self.indicators,
+                                   hopping_ms=self.hopping_ms, session_gap_ms=self.session_gap_ms,
+                                   session_max_ms=self.session_max_ms)
+        ordered = sorted(events, key=lambda event: event["event_time"])
+        if not ordered:
+            return []
+        scratch.add(ordered, list(range(len(ordered))))
+        scratch.advance_idle(ordered[-1]["event_time"] + self.hopping_ms + self.window_ms + self.lateness_ms)
+        return [cell for cell in scratch.drain_closed() if cell.window_kind != SESSION]
+
+    def restate(self, before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[WindowCell]:
+        """Move counted events from the dimensions they were counted under (`before`: the role they were stored
+        with) to those they have now (`after`, the same events). Open panes and the closed panes hopping windows
+        still need change in place; returns the change to cells already emitted (stored), as signed cells to add
+        to them (add_cells). Session cells are not restated."""
+        slot_of = {indicator.id: slot for slot, indicator in enumerate(self.event_indicators)}
+        closed_before = self.closed_before_ms
+        emitted: dict[tuple[str, int, int, CellKey], list[Any]] = {}
+        for sign, events in ((-1, before), (1, after)):
+            for cell in self.contributions(events):
+                start, key = cell.window_start_ms, cell.key
+                if cell.window_kind == PANE and start in self.open:
+                    self._restate_open(self.open[start], key, slot_of[cell.indicator], sign, cell)
+                if cell.window_end_ms > closed_before:
+                    continue  # not emitted yet: the open pane changed, or a hopping window that merges those
+                if cell.window_kind == PANE and start in self.recent:
+                    _add_into(self.recent[start], key, sign, cell)
+                acc = emitted.setdefault((cell.window_kind, start, cell.window_end_ms, key), [0.0, 0.0, {}])
+                _accumulate(acc, sign, cell.count, cell.total, cell.sketch)
+        return [WindowCell(kind, start, end, key[0], key[1], key[2], key[3], key[4], key[5], self.partition, count,
+                           total, tuple(sorted((k, n) for k, n in buckets.items() if n)))
+                for (kind, start, end, key), (count, total, buckets) in emitted.items()]
+
+    def _restate_open(self, pane: _Pane, key: CellKey, slot: int, sign: int, cell: WindowCell) -> None:
+        dims: DimKey = (key[0], key[1], key[2], key[3], key[4])
+        cells = pane.cells.get(dims)
+        if cells is None:
+            cells = pane.cells[dims] = ([0.0] * self.slots, [0.0] * self.slots, [None] * self.slots)
+        counts, totals, sketches = cells
+        counts[slot] += sign * cell.count
+        totals[slot] += sign * cell.total
+        if cell.sketch:
+            buckets = sketches[slot]
+            if buckets is None:
+                buckets = sketches[slot] = {}
+            for bucket, n in cell.sketch:
+                buckets[bucket] = buckets.get(bucket, 0) + sign * n
+                if not buckets[bucket]:
+                    del buckets[bucket]
+
     def drain_closed(self) -> list[WindowCell]:
         closed, self.closed = self.closed, []
         return closed
@@ -711,6 +764,43 @@ class PartitionWindows:
                 commit, replay = first_offset, (replay_watermark, replay_watermark - replay_horizon)
         return Checkpoint(self.partition, commit, next_offset, checkpoint.watermark_ms, checkpoint.closed_before_ms,
                           replay[0], replay[1])
+
+
+def _accumulate(acc: list[Any], sign: int, count: float, total: float, sketch: Sketch) -> None:
+    acc[0] += sign * count
+    acc[1] += sign * total
+    buckets = acc[2]
+    for bucket, n in sketch:
+        buckets[bucket] = buckets.get(bucket, 0) + sign * n
+
+
+def _add_into(state: dict[CellKey, CellState], key: CellKey, sign: int, cell: WindowCell) -> None:
+    """Add a signed cell to a closed pane's kept state; a cell left without observations goes."""
+    count, total, sketch = state.get(key, (0.0, 0.0, ()))
+    acc: list[Any] = [count, total, dict(sketch)]
+    _accumulate(acc, sign, cell.count, cell.total, cell.sketch)
+    if acc[0] <= 0:
+        state.pop(key, None)
+    else:
+        state[key] = (acc[0], acc[1], tuple(sorted((k, n) for k, n in acc[2].items() if n)))
+
+
+def add_cells(stored: Iterable[WindowCell], changes: Iterable[WindowCell]) -> list[WindowCell]:
+    """Stored cells with signed changes added (restate's result): one cell per key, a cell left without
+    observations written as empty so that it counts nothing."""
+    acc: dict[tuple[str, int, int, CellKey, int], list[Any]] = {}
+    for sign_cells in (stored, changes):
+        for cell in sign_cells:
+            entry = acc.setdefault((cell.window_kind, cell.window_start_ms, cell.window_end_ms, cell.key,
+                                    cell.partition), [0.0, 0.0, {}])
+            _accumulate(entry, 1, cell.count, cell.total, cell.sketch)
+    result = []
+    for (kind, start, end, key, partition), (count, total, buckets) in acc.items():
+        empty = count <= 0
+        result.append(WindowCell(kind, start, end, key[0], key[1], key[2], key[3], key[4], key[5], partition,
+                                 0.0 if empty else count, 0.0 if empty else total,
+                                 () if empty else tuple(sorted((k, n) for k, n in buckets.items() if n > 0))))
+    return result
 
 
 def _meaning(indicator: Indicator) -> int:

@@ -32,6 +32,7 @@ from pipeline.core.identity import (
     Operation,
     Role,
     RoleTransition,
+    Unmerge,
     make_link,
     person_id_of,
     role_timeline,
@@ -167,7 +168,7 @@ class Enricher:
                 republish.append(winner)
                 continue
             graph.apply((op,))
-            if not isinstance(op, Forget | Forgotten) and op.at_ms > self.clock_ms:  # erasures: wall time
+            if not isinstance(op, Forget | Forgotten | Unmerge) and op.at_ms > self.clock_ms:  # operators: wall time
                 self.clock_ms = op.at_ms
             if replay and len(graph.changes.audit) > 10_000:
                 graph.take_changes()

@@ -57,6 +57,7 @@ class IdentityConfig:
     habitual_ms: int
     lapse_ms: int  # no purchase for this long: a former customer
     cancelled_ms: int  # a cancelled subscription this long ago: a former customer
+    restate_horizon_ms: int = 0  # rows this far before a merge are restated to the merged person; 0: none
 
 
 def kind_of(identifier: str) -> str:
@@ -127,7 +128,25 @@ class Forgotten:
     at_ms: int
 
 
-Operation = Link | Fact | Forget | Forgotten
+@dataclass(frozen=True, slots=True)
+class Unmerge:
+    """An operator undoes the merge audited as `audit_id` (the merge of a and b): the two persons split as they
+    were just before it."""
+
+    a: str  # a < b, as in the merge's link
+    b: str
+    at_ms: int  # wall time of the operator's request: links between the two sides up to it are severed
+    audit_id: str
+
+
+Operation = Link | Fact | Forget | Forgotten | Unmerge
+
+
+def audit_id_of(action: str, identifier_a: str, identifier_b: str, at_ms: int, event_id: str) -> str:
+    """A stable id of an audit row, for operators: its time in hex (so the row is found by time), then a hash of
+    the rest. Computed from the row's columns, so rows written before ids existed have one too."""
+    digest = hashlib.sha256(f"{action}|{identifier_a}|{identifier_b}|{at_ms}|{event_id}".encode()).hexdigest()
+    return f"{at_ms:x}-{digest[:8]}"
 
 
 def encode_operation(op: Operation) -> list[Any]:
@@ -137,6 +156,8 @@ def encode_operation(op: Operation) -> list[Any]:
         return ["F", op.identifier, op.kind.value, op.at_ms, op.event_id]
     if isinstance(op, Forgotten):
         return ["H", op.identifier_hash, op.at_ms]
+    if isinstance(op, Unmerge):
+        return ["U", op.a, op.b, op.at_ms, op.audit_id]
     return ["X", op.identifier, op.at_ms]
 
 
@@ -150,6 +171,8 @@ def decode_operation(item: list[Any]) -> Operation:
         return Forget(item[1], item[2])
     if tag == "H":
         return Forgotten(item[1], item[2])
+    if tag == "U":
+        return Unmerge(item[1], item[2], item[3], item[4])
     raise ValueError(f"unknown identity operation {tag!r}")
 
 
@@ -158,13 +181,17 @@ def decode_operation(item: list[Any]) -> Operation:
 @dataclass(frozen=True, slots=True)
 class AuditRecord:
     at_ms: int
-    action: str  # merge | refuse_conflict | refuse_max_values | refuse_limit | forget
+    action: str  # merge | refuse_conflict | refuse_max_values | refuse_limit | refuse_unmerged | unmerge | forget
     identifier_a: str
     identifier_b: str
     from_person_id: str
     into_person_id: str
     reason: str
     event_id: str
+
+    @property
+    def audit_id(self) -> str:
+        return audit_id_of(self.action, self.identifier_a, self.identifier_b, self.at_ms, self.event_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +303,11 @@ class _Changes:
     moved: set[str] = field(default_factory=set)  # identifiers whose person changed
     touched: set[str] = field(default_factory=set)  # person keys whose facts or members changed
     erased: list[Operation] = field(default_factory=list)  # operations an erasure removed (the log drops them)
+    # Identifiers whose earlier rows now name the wrong person -> the time of the change: merged with rows from
+    # before the merge (late identify, when restating is on), split by an unmerge (the merge's time).
+    merged_late: dict[str, int] = field(default_factory=dict)
+    merged_into: dict[str, int] = field(default_factory=dict)  # the side that kept its person: roles may change
+    unmerged: dict[str, int] = field(default_factory=dict)
 
 
 class GraphState(Protocol):
@@ -353,6 +385,10 @@ class IdentityGraph:
         # Maps that hold only identifiers already in first_seen: a new identifier is absent from each.
         self._absent_hints = [m.note_absent for m in (self._person, self._facts, self._members, self._cluster)
                               if isinstance(m, AbsenceHintMapping)]
+        # pair_key of pairs an operator's unmerge cut -> its time: a link between them up to then (a replay) never
+        # joins them again.
+        self.severed: MutableMapping[str, int] = state.mapping("severed")
+        self.has_severed = next(iter(self.severed), None) is not None
         self.changes = _Changes()
         self._flush_state = state.flush if isinstance(state, BatchedState) else None
 
@@ -454,6 +490,8 @@ class IdentityGraph:
                 if self.forgotten.get(op.identifier_hash, -1) < op.at_ms:
                     self.forgotten[op.identifier_hash] = op.at_ms
                     self.has_forgotten = True
+            elif isinstance(op, Unmerge):
+                self.unmerge(op)
             else:
                 self.forget(op.identifier, op.at_ms)
 
@@ -512,6 +550,8 @@ class IdentityGraph:
         known = self._links.get(pair)
         if known is not None and known <= link:
             return False
+        if self.has_severed and self._severed(link):
+            return False
         for identifier in link.pair:
             self.observe(identifier, link.at_ms)
         root_a, root_b = self._cluster_root(link.a), self._cluster_root(link.b)
@@ -566,9 +606,63 @@ class IdentityGraph:
             for link in cluster_links:
                 if link.a not in gone and link.b not in gone:
                     self.add_link(link)
+        if self.has_severed:
+            for pair in [pair for pair in self.severed if not gone.isdisjoint(pair.split("\x00"))]:
+                a, b = pair.split("\x00")
+                cut_at = self.severed.pop(pair)
+                removed += (Unmerge(a, b, cut_at, ""), Link(cut_at, a, b, "", ""))  # the cut link is in the log too
         self.changes.audit.append(AuditRecord(at_ms, "forget", identifier_hash(identifier), "", person_id_of(key),
                                               "", f"{len(erased)} identifiers erased", ""))
         return erased
+
+    def unmerge(self, op: Unmerge) -> list[Link]:
+        """Split the persons the audited merge of a and b joined, as they were just before it: every link between
+        the two sides up to the operator's request is cut (and recorded, so a replay of it does not join them
+        again); later merges through other identifiers stay (each has its own audit id). Returns the links cut."""
+        pair = pair_key(op.a, op.b)
+        merge = self._links.get(pair)
+        self.severed[pair] = max(op.at_ms, self.severed.get(pair, 0))
+        self.has_severed = True
+        if merge is None or merge.at_ms > op.at_ms:
+            self.changes.audit.append(AuditRecord(op.at_ms, "unmerge", op.a, op.b, "", "",
+                                                  "no such link: nothing to split", op.audit_id))
+            return []
+        root = self._cluster_root(op.a)
+        links = self._cluster_links[root]
+        before = IdentityGraph(self.config)  # the persons just before the merge
+        for link in links:
+            if link < merge:
+                before.add_link(link)
+        side_a = set(before.members(before.person_key(op.a)) or [op.a])
+        side_b = set(before.members(before.person_key(op.b)) or [op.b])
+        cut = [link for link in links if link.at_ms <= op.at_ms
+               and ((link.a in side_a and link.b in side_b) or (link.a in side_b and link.b in side_a))]
+        merged_key = self.person_key(op.a)
+        for link in cut:
+            cut_pair = pair_key(link.a, link.b)
+            self.severed[cut_pair] = max(op.at_ms, self.severed.get(cut_pair, 0))
+            del self._links[cut_pair]
+        kept = [link for link in links if link not in cut]
+        self._cluster_links[root] = kept
+        identifiers = {i for link in links for i in link.pair}
+        self._replay(kept, identifiers)
+        for identifier in identifiers:
+            self.changes.unmerged[identifier] = min(merge.at_ms, self.changes.unmerged.get(identifier, merge.at_ms))
+        self.changes.audit.append(AuditRecord(
+            op.at_ms, "unmerge", op.a, op.b, person_id_of(merged_key), person_id_of(self.person_key(op.b)),
+            f"{len(cut)} links cut; {op.a} is {person_id_of(self.person_key(op.a))} again", op.audit_id))
+        return cut
+
+    def _severed(self, link: Link) -> bool:
+        """A link an unmerge cut, arriving again (a replayed event): refused and audited."""
+        cut_at = self.severed.get(pair_key(link.a, link.b))
+        if cut_at is None or link.at_ms > cut_at:
+            return False
+        self.changes.audit.append(AuditRecord(link.at_ms, "refuse_unmerged", link.a, link.b,
+                                              person_id_of(self.person_key(link.b)),
+                                              person_id_of(self.person_key(link.a)),
+                                              "an operator unmerged this pair", link.event_id))
+        return True
 
     # internals -------------------------------------------------------------------------------------------------
 
@@ -584,9 +678,11 @@ class IdentityGraph:
             root, parent = parent, grand
         return root
 
-    def _replay(self, links: list[Link]) -> None:
-        """Rebuild the persons of one cluster from its links in canonical order."""
-        identifiers = {i for link in links for i in link.pair}
+    def _replay(self, links: list[Link], identifiers: set[str] | None = None) -> None:
+        """Rebuild the persons of one cluster (these identifiers; default: the links') from its links in canonical
+        order."""
+        if identifiers is None:
+            identifiers = {i for link in links for i in link.pair}
         before = {i: self.person_key(i) for i in identifiers}
         for identifier in identifiers:
             old = self._person.pop(identifier, None)
@@ -635,6 +731,13 @@ class IdentityGraph:
         if record_moves:
             self.changes.moved.update(other_members if other_members else [other])
             self.changes.touched.update((into, other))
+            if self.config.restate_horizon_ms:  # rows from before the merge (first seen before it) may change:
+                first_seen, at = self.first_seen, link.at_ms  # the moved side's person, either side's role
+                for members, late in ((other_members, self.changes.merged_late),
+                                      (into_members, self.changes.merged_into)):
+                    for member in members:
+                        if first_seen.get(member, at) < at:
+                            late[member] = min(at, late.get(member, at))
         self.changes.audit.append(AuditRecord(link.at_ms, "merge", link.a, link.b, person_id_of(other),
                                               person_id_of(into), link.source, link.event_id))
 

@@ -23,7 +23,7 @@ from pipeline.core.aggregate import (
 )
 from pipeline.core.decode import Rejection, SchemaLookup, decode_batch
 from pipeline.core.enrich import Enricher, IdentityOutput
-from pipeline.core.identity import Forget, GraphState, IdentityConfig, Operation, person_id_of
+from pipeline.core.identity import AuditRecord, Forget, GraphState, IdentityConfig, Operation, person_id_of
 from pipeline.core.indicators import Indicator, catalogue
 from pipeline.core.journeys import JourneyConfig, JourneyRow, PartitionJourneys, ProfileRow
 from pipeline.core.validate import violation
@@ -65,6 +65,7 @@ class TouchpointRow(NamedTuple):
     first_seen_ms: int
     customer_since_ms: int | None
     purchase_count: int
+    previous_contact_ms: int | None
     resolved_from: list[str]
     anonymous_id: str | None
     user_id: str | None
@@ -121,7 +122,8 @@ def touchpoint_row(event: dict[str, Any], schema_id: int, partition: int, offset
     return TouchpointRow(
         event["event_id"], event["event_time"], event["tenant"], event["channel"], event["event_type"],
         event["person_id"], event["role"], int(event["is_customer"]), int(event["is_user"]),
-        event["first_seen_ms"], event["customer_since_ms"], event["purchase_count"], event["resolved_from"],
+        event["first_seen_ms"], event["customer_since_ms"], event["purchase_count"], event["previous_contact_ms"],
+        event["resolved_from"],
         ids["anonymous_id"], ids["user_id"], ids["customer_id"], ids.get("email_sha256"), ids.get("phone_sha256"),
         ids.get("helpdesk_requester_id"), event.get("session_id"),
         event.get("journey_id"), event.get("flow"), event.get("device_class"),
@@ -142,6 +144,43 @@ def touchpoint_row(event: dict[str, Any], schema_id: int, partition: int, offset
 _EMPTY: dict[str, Any] = {}
 
 
+def _record(row: TouchpointRow, fields: tuple[str, ...], prefix: str = "") -> dict[str, Any] | None:
+    values = {name: getattr(row, prefix + name) for name in fields}
+    return values if any(v is not None for v in values.values()) else None
+
+
+def row_event(row: TouchpointRow) -> dict[str, Any]:
+    """The event a stored row was made from, as far as indicators read it (touchpoint_row's inverse): what
+    restating a row's counts needs."""
+    contact = _record(row, ("queue_ms", "handle_ms", "first_response_ms", "resolved", "escalated", "agent_id"))
+    if contact is not None:
+        for flag in ("resolved", "escalated"):
+            contact[flag] = None if contact[flag] is None else bool(contact[flag])
+    return {
+        "event_id": row.event_id, "event_time": row.event_time_ms, "tenant": row.tenant, "channel": row.channel,
+        "event_type": row.event_type, "person_id": row.person_id, "role": row.role, "flow": row.flow,
+        "device_class": row.device_class,
+        "session_id": row.session_id, "journey_id": row.journey_id, "outcome": row.outcome,
+        "error_code": row.error_code, "duration_ms": row.duration_ms,
+        "survey": None if row.survey_kind is None else _record(
+            row, ("kind", "score", "scale_min", "scale_max", "about_channel"), "survey_"),
+        "contact": contact, "web_vitals": _record(row, ("lcp_ms", "inp_ms", "cls")),
+        "amount": None if row.amount_minor is None else {"minor_units": row.amount_minor, "currency": row.currency},
+        "sentiment": row.sentiment, "app_version": row.app_version, "rage_clicks": row.rage_clicks,
+        "attributes": dict(zip(row.attribute_keys, row.attribute_values, strict=True)),
+        "previous_contact_ms": row.previous_contact_ms,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Restatement:
+    """Stored rows that may name the wrong person or role now: those resolved from these identifiers, with event
+    times from each one's time on, of the partitions this worker reads (each row is restated by its owner)."""
+
+    since: dict[str, int]  # identifier -> earliest event time
+    partitions: frozenset[int]
+
+
 @dataclass(slots=True)
 class Output:
     """Everything produced since the last flush."""
@@ -159,6 +198,11 @@ class Output:
     cross_partition_duplicates: Counter[str] = field(default_factory=Counter)
     journeys: list[JourneyRow] = field(default_factory=list)  # closed journeys
     profiles: dict[tuple[str, str], ProfileRow] = field(default_factory=dict)  # (tenant, person) -> latest
+    # Restated after an unmerge or a late identify: rows rewritten (same key, the person and role of now) and
+    # signed changes to indicator cells already stored, which the store adds to them (add_cells).
+    restated: list[TouchpointRow] = field(default_factory=list)
+    cell_changes: list[WindowCell] = field(default_factory=list)
+    moved_events: list[tuple[str, str]] = field(default_factory=list)  # (former person id, event id)
     records: int = 0
 
     def __len__(self) -> int:
@@ -386,6 +430,68 @@ class TouchpointProcessor:
         if forgotten:
             for journeys in self.journeys.values():
                 journeys.forget(forgotten)
+
+    def take_restatement(self) -> Restatement | None:
+        """The rows an unmerge or a late identify applied since the last call put under the wrong person or role:
+        from the merge's time on (unmerge) or from identity.restate_horizon before it (both). A late identify's
+        rows older than the horizon are not restated; that is recorded in the audit (`not_restated`)."""
+        graph = self.enricher.graph
+        if graph is None:
+            return None
+        changes = graph.changes
+        if not (changes.unmerged or changes.merged_late or changes.merged_into):
+            return None
+        horizon = self.enricher.config.restate_horizon_ms
+        since = {identifier: at - horizon for identifier, at in changes.unmerged.items()}
+        for identifier, at in changes.merged_into.items():
+            since[identifier] = min(since.get(identifier, at - horizon), at - horizon)
+        for identifier, at in changes.merged_late.items():
+            start = at - horizon
+            if graph.first_seen.get(identifier, at) < start:
+                changes.audit.append(AuditRecord(
+                    at, "not_restated", identifier, "", person_id_of(identifier),
+                    person_id_of(graph.person_key(identifier)),
+                    "rows older than identity.restate_horizon_s before this merge keep their person and role", ""))
+            since[identifier] = min(since.get(identifier, start), start)
+        changes.unmerged, changes.merged_late, changes.merged_into = {}, {}, {}
+        return Restatement(since, frozenset(self.partitions)) if self.partitions else None
+
+    def restate(self, restatement: Restatement, stored: Iterable[TouchpointRow]) -> None:
+        """Resolve the restatement's rows again (the person as of now, the role as of each event's time), stored
+        ones and those buffered for the next write, and restate those that changed: rows rewritten (buffered
+        ones in place), and their counts moved to the role they have now (open windows in place, emitted cells
+        as signed changes). Rows of partitions this worker does not read are left to theirs."""
+        graph = self.enricher.graph
+        out = self.output
+        since = restatement.since
+        before: dict[int, list[dict[str, Any]]] = {}
+        after: dict[int, list[dict[str, Any]]] = {}
+        buffered = out.touchpoints
+        candidates: list[tuple[int | None, TouchpointRow]] = [(None, row) for row in stored]
+        candidates.extend(enumerate(buffered))
+        for index, row in candidates:
+            if graph is None or row.source_partition not in self.partitions or not any(
+                    row.event_time_ms >= since.get(i, row.event_time_ms + 1) for i in row.resolved_from):
+                continue
+            who = graph.resolve(list(row.resolved_from), row.event_time_ms)
+            new = row._replace(person_id=who.person_id, role=who.role.value, is_customer=int(who.is_customer),
+                               is_user=int(who.is_user), first_seen_ms=who.first_seen_ms,
+                               customer_since_ms=who.customer_since_ms, purchase_count=who.purchase_count,
+                               previous_contact_ms=who.previous_contact_ms)
+            if new == row:
+                continue
+            if index is not None:
+                buffered[index] = new
+            else:
+                out.restated.append(new)
+                if new.person_id != row.person_id:
+                    out.moved_events.append((row.person_id, row.event_id))
+            if row.counted and (new.role, new.previous_contact_ms) != (row.role, row.previous_contact_ms):
+                before.setdefault(row.source_partition, []).append(row_event(row))
+                after.setdefault(row.source_partition, []).append(row_event(new))
+        for partition, events in before.items():
+            out.cell_changes.extend(self.partitions[partition].restate(events, after[partition]))
+            self._changed.add(partition)  # the next snapshot carries the restated open windows
 
     def snapshot_due(self, now_ms: int) -> bool:
         """A partition moved since its last snapshot and the interval has passed: a flush now checkpoints it, so

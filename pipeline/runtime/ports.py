@@ -9,7 +9,7 @@ from typing import Protocol
 
 from pipeline.core.aggregate import Checkpoint, WindowCell
 from pipeline.core.identity import Operation
-from pipeline.core.processor import DeadLetter, Output
+from pipeline.core.processor import DeadLetter, Output, Restatement, TouchpointRow
 
 
 class Store(Protocol):
@@ -21,6 +21,10 @@ class Store(Protocol):
         are not there."""
 
     def load_checkpoint(self, partition: int) -> Checkpoint | None: ...
+
+    def rows_to_restate(self, restatement: Restatement) -> list[TouchpointRow]:
+        """The stored rows (one per event) of the restatement's partitions resolved from one of its identifiers,
+        with event times from that identifier's time on, found through the tables ordered by person."""
 
     def recent_panes(self, partition: int, before_ms: int, count: int) -> list[WindowCell]: ...
 

@@ -143,8 +143,16 @@ class Runner:
 
     async def flush(self, *, wait: bool = False) -> None:
         """Hand what the core produced to storage. The write runs in the background while the next fetch is
-        processed; writes stay one at a time, so offsets are committed in order and only after their rows."""
+        processed; writes stay one at a time, so offsets are committed in order and only after their rows.
+        When an unmerge or a late identify put rows under the wrong person or role, the write in flight is
+        stored first, then those rows are read back and restated with the buffered ones: this flush writes them,
+        with its checkpoints (snapshots of the restated open windows), before its offsets are committed."""
         async with self._storage_lock:
+            restatement = self.processor.take_restatement()
+            if restatement is not None:
+                await self._drain()
+                rows = await self._retrying(lambda: self.store.rows_to_restate(restatement))
+                self.processor.restate(restatement, rows)
             output = self.processor.take_output(self.clock.now_ms(), force_checkpoints=self._stopping)
             self._first_buffered_at = None
             if _has_work(output):
@@ -317,4 +325,5 @@ class Runner:
 
 
 def _has_work(output: Output) -> bool:
-    return bool(output.records or output.window_cells or output.checkpoints or output.identity)
+    return bool(output.records or output.window_cells or output.checkpoints or output.identity or output.restated
+                or output.cell_changes)

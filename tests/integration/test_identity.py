@@ -17,9 +17,9 @@ from pipeline.adapters.clickhouse_queries import ConsoleQueries
 from pipeline.adapters.identity_log import changelog_topic
 from pipeline.adapters.kafka import TouchpointEncoder, TouchpointPublisher
 from pipeline.contract.registry import open_registry
-from pipeline.core.identity import person_id_of
+from pipeline.core.identity import audit_id_of, person_id_of
 from pipeline.settings import to_env
-from tests.factories import identity_config, touchpoint
+from tests.factories import identity_config, task, touchpoint
 from tests.integration.conftest import wait_until
 
 DAY_MS = 86_400_000
@@ -313,3 +313,109 @@ def test_one_event_fuses_two_persons_with_different_email_hashes_only_if_the_cap
     else:
         assert [row[0] for row in audit] == ["merge"]
         assert persons == {person_id_of("user_id:u-m"): 3}
+
+
+def test_an_unmerge_by_audit_id_restates_rows_and_role_split_cells(isolated, publisher, start_worker, ch):
+    worker = start_worker()
+    anon, customer = "anonymous_id:dev-un", "customer_id:c-un"
+    now = int(time.time() * 1000) - 120_000
+    tasks = [task(outcome, event_id=f"after-{i}", event_time=now + 2_000 + i * 3_000, anonymous_id="dev-un")
+             for i, outcome in enumerate(["SUCCESS", "FAILURE", "SUCCESS", "SUCCESS"])]
+    events = [
+        task("FAILURE", event_id="before", event_time=now, anonymous_id="dev-un"),
+        touchpoint("buy", now + 500, channel="BILLING", event_type="purchase", anonymous_id=None, customer_id="c-un"),
+        touchpoint("signin", now + 1_000, event_type="identify", anonymous_id="dev-un", customer_id="c-un"),
+        *tasks,
+    ]
+    publisher.publish_many(events)
+    publisher.flush()
+    customer_tasks = "SELECT sum(count) FROM indicator_cells FINAL WHERE window_kind = '1m' AND " \
+                     "indicator = 'task_success_rate' AND role = %(role)s"
+    wait_until(lambda: ch.execute(customer_tasks, {"role": "customer"})[0][0] == len(tasks), 60,
+               "the device's tasks counted under the customer's role", worker)
+    assert {p for (p,) in ch.execute("SELECT DISTINCT person_id FROM touchpoints FINAL WHERE event_id LIKE "
+                                     "'after-%'")} == {person_id_of(customer)}
+    merge = ch.execute("SELECT action, identifier_a, identifier_b, at_ms, event_id FROM identity_audit FINAL "
+                       "WHERE action = 'merge' AND event_id = 'signin'")[0]
+    audit_id = audit_id_of(*merge)
+    env = {**os.environ, **to_env(isolated)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pipeline.app.cli", *args], capture_output=True, text=True,
+                              env=env, timeout=120)
+
+    listed = cli("identity", "audit", "--identifier", anon)
+    assert listed.returncode == 0 and audit_id in listed.stdout, listed.stdout + listed.stderr
+    refused = cli("identity", "unmerge", f"{merge[3]:x}-00000000")
+    assert refused.returncode == 2 and "no identity_audit row has id" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    done = cli("identity", "unmerge", audit_id)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.strip().splitlines()) == 1 and "published" in done.stdout
+
+    wait_until(lambda: {p for (p,) in ch.execute("SELECT DISTINCT person_id FROM touchpoints FINAL WHERE "
+                                                 "event_id LIKE 'after-%'")} == {person_id_of(anon)}, 60,
+               "the device's rows restated", worker)
+    rows = dict(ch.execute("SELECT event_id, (person_id, toString(role)) FROM touchpoints FINAL"))
+    assert rows == {**{e["event_id"]: (person_id_of(anon), "prospect") for e in [events[0], *tasks]},
+                    "buy": (person_id_of(customer), "customer"), "signin": (person_id_of(customer), "customer")}
+    # Every task is the device's, a prospect's: the cells split by role say so, to the count and the successes.
+    expected = {"prospect": (len(tasks) + 1, sum(e["outcome"] == "SUCCESS" for e in [events[0], *tasks]))}
+    cells = "SELECT role, sum(count), sum(total) FROM indicator_cells FINAL WHERE window_kind = %(kind)s AND " \
+            "indicator = 'task_success_rate' GROUP BY role HAVING sum(count) > 0"
+    wait_until(lambda: {r: (c, t) for r, c, t in ch.execute(cells, {"kind": "1m"})} == expected, 30,
+               "the restated cells", worker)
+    assert {r for r, _, _ in ch.execute(cells, {"kind": "15m"})} == {"prospect"}
+    wait_until(lambda: {p for (p,) in ch.execute("SELECT DISTINCT person_id FROM person_touchpoints FINAL WHERE "
+                                                 "event_id LIKE 'after-%'")} == {person_id_of(anon)}, 60,
+               "the moved events gone from the customer's journey", worker)
+
+    # Later touchpoints resolve to the split persons; the sign-in replayed does not merge them again.
+    publisher.publish_many([
+        task("SUCCESS", event_id="later", event_time=now + 30_000, anonymous_id="dev-un"),
+        touchpoint("signin", now + 1_000, event_type="identify", anonymous_id="dev-un", customer_id="c-un"),
+    ])
+    publisher.flush()
+    wait_until(lambda: ch.execute("SELECT count() FROM identity_audit WHERE action = 'refuse_unmerged'")[0][0], 60,
+               "the replayed sign-in refused", worker)
+    wait_until(lambda: ch.execute("SELECT person_id FROM touchpoints FINAL WHERE event_id = 'later'")
+               == [(person_id_of(anon),)], 60, "the later touchpoint", worker)
+    assert ch.execute("SELECT action FROM identity_audit FINAL WHERE action = 'unmerge'") == [("unmerge",)]
+
+
+def test_late_identify_restates_rows_within_the_horizon_and_records_older_ones(isolated, publisher, start_worker,
+                                                                                ch):
+    isolated.identity.restate_horizon_s = 600
+    worker = start_worker(isolated)
+    now = int(time.time() * 1000) - 60_000
+    buy = touchpoint("buy", now - 1_300_000, channel="BILLING", event_type="purchase", anonymous_id=None,
+                     customer_id="c-late")
+    old = task("FAILURE", event_id="old", event_time=now - 1_200_000, anonymous_id="dev-old")  # outside the horizon
+    recent = [task(outcome, event_id=f"recent-{i}", event_time=now + i * 3_000, anonymous_id=device)
+              for i, (outcome, device) in enumerate([("SUCCESS", "dev-new"), ("FAILURE", "dev-new"),
+                                                     ("SUCCESS", "dev-old")])]
+    publisher.publish_many([buy, old, *recent])
+    publisher.flush()
+    prospects = "SELECT sum(count) FROM indicator_cells FINAL WHERE window_kind = '1m' AND " \
+                "indicator = 'task_success_rate' AND role = 'prospect'"
+    wait_until(lambda: ch.execute(prospects)[0][0] == len(recent) + 1, 60, "the devices' tasks as a prospect's",
+               worker)
+    publisher.publish_many([
+        touchpoint(f"signin-{device}", now + 20_000, event_type="identify", anonymous_id=device, customer_id="c-late")
+        for device in ("dev-new", "dev-old")])
+    publisher.flush()
+
+    customer = person_id_of("customer_id:c-late")
+    wait_until(lambda: {p for (p,) in ch.execute("SELECT DISTINCT person_id FROM touchpoints FINAL WHERE "
+                                                 "event_id LIKE 'recent-%'")} == {customer}, 60,
+               "the recent rows restated to the customer", worker)
+    rows = dict(ch.execute("SELECT event_id, (person_id, toString(role)) FROM touchpoints FINAL "
+                           "WHERE event_id IN ('old', 'recent-0', 'recent-1', 'recent-2')"))
+    assert rows == {"old": (person_id_of("anonymous_id:dev-old"), "prospect"),
+                    **{e["event_id"]: (customer, "customer") for e in recent}}
+    cells = "SELECT role, sum(count), sum(total) FROM indicator_cells FINAL WHERE window_kind = '1m' AND " \
+            "indicator = 'task_success_rate' GROUP BY role HAVING sum(count) > 0"
+    expected = {"customer": (len(recent), sum(e["outcome"] == "SUCCESS" for e in recent)), "prospect": (1, 0)}
+    wait_until(lambda: {r: (c, t) for r, c, t in ch.execute(cells)} == expected, 30, "the restated cells", worker)
+    wait_until(lambda: ch.execute("SELECT identifier_a FROM identity_audit FINAL WHERE action = 'not_restated'")
+               == [("anonymous_id:dev-old",)], 30, "the older row recorded as not restated", worker)

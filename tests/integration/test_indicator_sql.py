@@ -24,6 +24,7 @@ from pipeline.adapters.clickhouse import (
     split_statements,
 )
 from pipeline.core import aggregate
+from pipeline.core.processor import Output
 from pipeline.settings import PROJECT_ROOT, Settings
 from tests.factories import window_lengths
 from tests.sketch_spec import ALPHA, spec_key, spec_quantile
@@ -472,3 +473,27 @@ def test_a_restart_from_the_stored_checkpoint_and_panes_stores_what_an_uninterru
     for key, (count, total, sketch) in expected.items():
         assert stored[key][0] == count and stored[key][2] == sketch, key
         assert math.isclose(stored[key][1], total, rel_tol=1e-9, abs_tol=1e-9), key
+
+
+def test_restated_cells_are_added_once_and_the_hours_and_days_rolled_up_are_rolled_again(sink):
+    day = BASE_MS
+    panes = [make_cell(day + minute * 60_000, "error_rate", 0, 10.0, 2.0, role="customer")
+             for minute in range(0, 26 * 60, 30)]
+    sink.write_cells(panes, now_ms=1)
+    assert sink.roll_up(0, day + 25 * HOUR_MS + 30 * 60_000, now_ms=2) == (day, day + 25 * HOUR_MS)
+    moved = [c for c in panes if day + 3 * HOUR_MS <= c.window_start_ms < day + 4 * HOUR_MS]
+    changes = [make_cell(c.window_start_ms, "error_rate", 0, sign * 4.0, sign * 1.0, role=role)
+               for c in moved for sign, role in ((-1, "customer"), (1, "prospect"))]
+    output = Output(cell_changes=changes)
+    sink.write_restatement(output, now_ms=3)
+    sink.write_restatement(output, now_ms=4)  # a retried write: the same figures, not the changes twice
+    ch = sink.client
+    cells = dict(ch.execute("SELECT role, (sum(count), sum(total)) FROM indicator_cells FINAL GROUP BY role"))
+    assert cells == {"customer": (10.0 * len(panes) - 4.0 * len(moved), 2.0 * len(panes) - len(moved)),
+                     "prospect": (4.0 * len(moved), 1.0 * len(moved))}
+    for table, until in (("indicator_rollup_hourly", day + 25 * HOUR_MS), ("indicator_rollup_daily", day + DAY_MS)):
+        rolled = dict(ch.execute(f"SELECT role, (sum(count), sum(total)) FROM {table} FINAL GROUP BY role"))
+        expected = dict(ch.execute(
+            "SELECT role, (sum(count), sum(total)) FROM indicator_cells FINAL WHERE window_start < toDateTime(%(u)s) "
+            "GROUP BY role", {"u": until // 1000}))
+        assert rolled == expected, table

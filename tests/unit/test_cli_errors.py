@@ -50,6 +50,15 @@ def test_an_unknown_identifier_kind_in_the_identity_policy_is_named():
                     "unknown identifier kinds ['emial_sha256']")
 
 
+def test_a_negative_restate_horizon_is_named():
+    result = touchpoint_cli("stack", "status", TOUCHPOINT_IDENTITY__RESTATE_HORIZON_S="-5")
+    assert_one_line(result, "invalid setting identity.restate_horizon_s", "TOUCHPOINT_IDENTITY__RESTATE_HORIZON_S")
+
+
+def test_an_unmerge_of_something_that_is_not_an_audit_id_is_one_line():
+    assert_one_line(touchpoint_cli("identity", "unmerge", "not-an-id"), "is not an audit id", "identity audit")
+
+
 def test_the_allowed_values_of_a_setting_are_listed():
     result = touchpoint_cli("stack", "status", TOUCHPOINT_STACK__BROKER="redpanda")
     assert_one_line(result, "'auto', 'kafka' or 'tansu'")

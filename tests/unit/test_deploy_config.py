@@ -352,3 +352,17 @@ def test_grafana_reads_clickhouse_as_a_read_only_user_of_its_own(services):
     assert clickhouse["jsonData"]["username"] == "$CLICKHOUSE_GRAFANA_USER"
     assert clickhouse["secureJsonData"]["password"] == "$CLICKHOUSE_GRAFANA_PASSWORD"
     assert "CLICKHOUSE_PASSWORD" not in grafana_env  # Grafana never holds the read-write password
+
+
+def test_workers_with_an_on_disk_identity_store_keep_their_state_dir_on_a_volume(compose: dict[str, Any],
+                                                                              services: dict[str, Any]) -> None:
+    from pipeline.settings import Settings
+
+    worker = services["worker"]
+    env = {**compose["x-touchpoint-env"], **{k: v for k, v in worker["environment"].items() if k != "<<"}}
+    settings = Settings.model_validate({"identity": {"store": env["TOUCHPOINT_IDENTITY__STORE"]}})
+    assert settings.identity.store.startswith("rocksdb")
+    state_dir = env["TOUCHPOINT_STACK__STATE_DIR"]
+    named = {volume.split(":")[0]: volume.split(":")[1] for volume in worker["volumes"]}
+    assert state_dir in named.values()  # a container's own layer would lose the graph at every recreate
+    assert set(named) <= set(compose["volumes"])

@@ -10,7 +10,17 @@ from hypothesis import given, settings
 from pipeline.adapters.identity_log import decode_record, log_records
 from pipeline.adapters.identity_store import open_graph_state, seed_graph_state
 from pipeline.core.enrich import Enricher
-from pipeline.core.identity import Fact, FactKind, Forget, IdentityGraph, Link, Operation, identifier_hash, make_link
+from pipeline.core.identity import (
+    Fact,
+    FactKind,
+    Forget,
+    IdentityGraph,
+    Link,
+    Operation,
+    Unmerge,
+    identifier_hash,
+    make_link,
+)
 from tests.factories import identity_config, touchpoint
 from tests.unit.test_identity import T0, _facts, _links, _state, _tight
 
@@ -137,3 +147,35 @@ def test_a_later_first_seen_from_the_log_makes_the_earlier_one_republished() -> 
     assert Fact("user_id:u", FactKind.SEEN, T0) in republished
     assert link in republished
     assert enricher.graph.first_seen["user_id:u"] == T0
+
+
+def test_an_unmerge_on_the_store_splits_as_in_memory_and_its_cut_survives_reopening(tmp_path: Path) -> None:
+    sign_in = make_link("user_id:um", "anonymous_id:um-d", T0, "identify", "e1")
+    ops: list[Operation] = [sign_in, make_link("user_id:um", "anonymous_id:um-e", T0 + 1, "identify", "e2"),
+                            Unmerge(sign_in.a, sign_in.b, T0 + 10, "id")]
+    state = open_graph_state(tmp_path, 1_000)
+    on_disk, in_memory = IdentityGraph(identity_config(), state), IdentityGraph(identity_config())
+    on_disk.apply(ops)
+    in_memory.apply(ops)
+    on_disk.take_changes()
+    assert _state(on_disk) == _state(in_memory)
+    assert on_disk.person_key("anonymous_id:um-d") == "anonymous_id:um-d"
+    state.close()
+    reopened = IdentityGraph(identity_config(), open_graph_state(tmp_path, 1_000))
+    reopened.apply([sign_in])  # the sign-in's event replayed after a restart: still cut
+    assert reopened.person_key("anonymous_id:um-d") == "anonymous_id:um-d"
+    assert [a.action for a in reopened.take_changes().audit] == ["refuse_unmerged"]
+
+
+def test_erasing_an_unmerged_person_tombstones_the_unmerge_in_the_log() -> None:
+    graph = IdentityGraph(identity_config())
+    sign_in = make_link("user_id:gone", "anonymous_id:gone-d", T0, "identify", "e1")
+    written: list[Operation] = [Fact("anonymous_id:gone-d", FactKind.SEEN, T0), sign_in,
+                                Unmerge(sign_in.a, sign_in.b, T0 + 10, "id")]
+    graph.apply(written)
+    graph.take_changes()
+    graph.forget("user_id:gone", T0 + 20)
+    kept = _compacted(log_records(written, graph.take_changes().erased))
+    assert not any(b"user_id:gone" in value for value in kept.values())
+    assert b"anonymous_id:gone-d" in b" ".join(kept.values())  # the device is another person since the unmerge
+    assert graph.severed == {}

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from pipeline.core.aggregate import NEVER, Checkpoint, WindowCell
-from pipeline.core.identity import Operation
-from pipeline.core.processor import DeadLetter, Output, TouchpointProcessor
+from pipeline.core.identity import Operation, Unmerge, audit_id_of, person_id_of
+from pipeline.core.processor import DeadLetter, Output, Restatement, TouchpointProcessor
 from pipeline.runtime.deadletters import HEADROOM_BYTES, dead_letter_message
 from pipeline.runtime.runner import DeliveryPolicy, Runner, StoreUnavailable
 from tests.factories import BASE_MS, encode, identity_config, schema_for, task, window_config
@@ -54,11 +54,16 @@ class FakeStore:
             self.failures_left -= 1
             self.journal.add("store.fail")
             raise ConnectionError("ClickHouse is down")
-        for row in output.touchpoints:
+        for row in [*output.touchpoints, *output.restated]:
             self.rows[row.event_id] = row
         self.cells.extend(output.window_cells)
         self.checkpoints.update(output.checkpoints)
-        self.journal.add("store.write", sorted(row.event_id for row in output.touchpoints))
+        self.journal.add("store.write", sorted(row.event_id for row in [*output.touchpoints, *output.restated]))
+
+    def rows_to_restate(self, restatement: Restatement) -> list[Any]:
+        self.journal.add("store.rows_to_restate", sorted(restatement.since))
+        return [row for row in self.rows.values() if row.source_partition in restatement.partitions
+                and any(i in restatement.since for i in row.resolved_from)]
 
     def load_checkpoint(self, partition: int) -> Checkpoint | None:
         return self.checkpoints.get(partition)
@@ -600,3 +605,56 @@ def test_a_forward_gap_sends_the_consumer_back_unless_retention_removed_the_reco
 
     run(scenario())
     assert {f"e{i}" for i in range(20)} == h.store.rows.keys()
+
+
+def _unmerge_of_first_merge(h: Harness) -> Unmerge:
+    merge = next(a for f in h.observer.flushes for a in f.identity.audit if a.action == "merge")
+    return Unmerge(merge.identifier_a, merge.identifier_b, BASE_MS + 10 * MINUTE,
+                   audit_id_of("merge", merge.identifier_a, merge.identifier_b, merge.at_ms, merge.event_id))
+
+
+_SIGNIN_THEN_DEVICE = [task("SUCCESS", event_id="signin", event_time=BASE_MS, user_id="u", anonymous_id="dev"),
+                       task("FAILURE", event_id="later", event_time=BASE_MS + 1_000, user_id=None, anonymous_id="dev")]
+
+
+def test_an_unmerge_from_the_log_restates_stored_rows_in_the_flush_that_commits_after_it():
+    h = Harness(identity=FakeIdentityLog(Journal()))
+
+    async def scenario() -> None:
+        await h.runner.on_records({0: h.records(0, 0, _SIGNIN_THEN_DEVICE)})
+        await h.runner.flush(wait=True)
+        assert h.store.rows["later"].person_id == person_id_of("user_id:u")
+        assert h.identity is not None
+        h.identity.incoming = [_unmerge_of_first_merge(h)]
+        await h.runner.on_records({0: h.records(0, 2, [task("SUCCESS", event_id="next", event_time=BASE_MS + 2_000,
+                                                             user_id=None, anonymous_id="dev")])})
+        close_windows(h, {0: 3})
+        await h.runner.flush(wait=True)
+
+    run(scenario())
+    after = h.journal.names()[h.journal.names().index("store.rows_to_restate"):]
+    # Read back, then the restated row written with the records read since, and only then the commit.
+    stores = [entry for entry in h.journal.entries[-len(after):] if entry[0].startswith("store.")]
+    assert stores == [("store.rows_to_restate", ["anonymous_id:dev", "user_id:u"]), ("store.write", ["later", "next"])]
+    assert after.index("store.write") < after.index("commit")
+    assert {e: r.person_id for e, r in h.store.rows.items()} == {
+        "signin": person_id_of("user_id:u"), "later": person_id_of("anonymous_id:dev"),
+        "next": person_id_of("anonymous_id:dev")}
+
+
+def test_rows_still_buffered_when_an_unmerge_arrives_are_restated_before_their_first_write():
+    h = Harness(identity=FakeIdentityLog(Journal()))
+
+    async def scenario() -> None:
+        await h.runner.on_records({0: h.records(0, 0, _SIGNIN_THEN_DEVICE)})
+        merge = h.runner.processor.enricher.graph.changes.audit[-1]  # type: ignore[union-attr]
+        assert h.identity is not None
+        h.identity.incoming = [Unmerge(merge.identifier_a, merge.identifier_b, BASE_MS + 10 * MINUTE, "id")]
+        await h.runner.sync_assignment()
+        await h.runner.flush(wait=True)
+
+    run(scenario())
+    assert h.journal.entries[0][0] == "store.rows_to_restate"
+    assert [(r.event_id, r.person_id) for r in h.observer.flushes[0].touchpoints] == [
+        ("signin", person_id_of("user_id:u")), ("later", person_id_of("anonymous_id:dev"))]
+    assert not h.observer.flushes[0].restated  # written once, already right

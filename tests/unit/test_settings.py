@@ -37,6 +37,8 @@ def test_to_env_round_trips_through_the_environment(monkeypatch):
     ("unique_kinds", ["customer"], "unknown identifier kinds ['customer']"),
     ("max_values", {"email_sha256": 0}, "cap must be 1 or more"),
     ("max_values", {"user_id": 2}, "['user_id'] are unique_kinds already"),
+    ("restate_horizon_s", -1, "greater than or equal to 0"),
+    ("restate_horizon_s", 91 * 86_400, "less than or equal to 7776000"),
 ])
 def test_the_identity_policy_names_only_known_kinds_and_sensible_caps(field, value, message):
     with pytest.raises(pydantic.ValidationError, match=re.escape(message)) as refused:
@@ -47,3 +49,8 @@ def test_the_identity_policy_names_only_known_kinds_and_sensible_caps(field, val
 def test_the_identity_caps_reach_the_core_as_set():
     assert IdentitySettings().core().max_values == {"email_sha256": 1, "phone_sha256": 1, "helpdesk_requester_id": 1}
     assert IdentitySettings(max_values={"email_sha256": 3}).core().max_values == {"email_sha256": 3}
+
+
+def test_the_restate_horizon_reaches_the_core_in_milliseconds():
+    assert IdentitySettings().core().restate_horizon_ms == 0  # off: merges restate nothing
+    assert IdentitySettings(restate_horizon_s=3_600).core().restate_horizon_ms == 3_600_000
