@@ -315,8 +315,10 @@ def test_one_event_fuses_two_persons_with_different_email_hashes_only_if_the_cap
         assert persons == {person_id_of("user_id:u-m"): 3}
 
 
-def test_an_unmerge_by_audit_id_restates_rows_and_role_split_cells(isolated, publisher, start_worker, ch):
-    worker = start_worker()
+@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
+def test_an_unmerge_by_audit_id_restates_rows_and_role_split_cells(isolated, publisher, start_worker, ch, store):
+    isolated.identity.store = store
+    worker = start_worker(isolated)
     anon, customer = "anonymous_id:dev-un", "customer_id:c-un"
     now = int(time.time() * 1000) - 120_000
     tasks = [task(outcome, event_id=f"after-{i}", event_time=now + 2_000 + i * 3_000, anonymous_id="dev-un")
@@ -381,6 +383,8 @@ def test_an_unmerge_by_audit_id_restates_rows_and_role_split_cells(isolated, pub
     wait_until(lambda: ch.execute("SELECT person_id FROM touchpoints FINAL WHERE event_id = 'later'")
                == [(person_id_of(anon),)], 60, "the later touchpoint", worker)
     assert ch.execute("SELECT action FROM identity_audit FINAL WHERE action = 'unmerge'") == [("unmerge",)]
+    assert worker.stop() == 0
+    shutil.rmtree(isolated.stack.state_dir / "identity" / isolated.kafka.consumer_group, ignore_errors=True)
 
 
 def test_late_identify_restates_rows_within_the_horizon_and_records_older_ones(isolated, publisher, start_worker,
