@@ -68,7 +68,13 @@ class KafkaOffsets:
         return None if last_read is None else last_read + 1
 
     def highwater(self, partition: int) -> int | None:
-        highwater: int | None = self.consumer.highwater(TP(self.topic, partition))
+        tp = TP(self.topic, partition)
+        if tp not in self.consumer.assignment():
+            return None  # revoked meanwhile (a rebalance): aiokafka asserts on it; its next owner reports the lag
+        try:
+            highwater: int | None = self.consumer.highwater(tp)
+        except AssertionError:  # revoked between the check and the call (the consumer's own thread)
+            return None
         return highwater
 
     async def seek(self, partition: int, offset: int) -> None:
