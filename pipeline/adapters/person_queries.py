@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pipeline.adapters.clickhouse_ddl import mutated_table, mutations_table
-from pipeline.core.identity import person_id_of
+from pipeline.core.identity import AuditRecord, person_id_of
 from pipeline.settings import ClickHouseSettings
 
 JOURNEY_COLUMNS = ("event_id", "event_time_ms", "channel", "event_type", "role", "person_id", "flow", "outcome",
@@ -171,3 +171,21 @@ def record_erasure(client: Executes, at_ms: int, identifier_sha256: str, reason:
     client.execute("INSERT INTO identity_audit (at_ms, action, identifier_a, identifier_b, from_person_id, "
                    "into_person_id, reason, event_id, recorded_at_ms) VALUES",
                    [(at_ms, "erasure", identifier_sha256, "", "", "", reason, "", at_ms)])
+
+
+_AUDIT_COLUMNS = "at_ms, action, identifier_a, identifier_b, from_person_id, into_person_id, reason, event_id"
+
+
+def audit_naming(client: Executes, identifier: str, persons: Collection[str], limit: int) -> list[AuditRecord]:
+    """The identity decisions naming the identifier or one of the persons, oldest first."""
+    rows = client.execute(
+        f"SELECT DISTINCT {_AUDIT_COLUMNS} FROM identity_audit WHERE identifier_a = %(i)s OR identifier_b = %(i)s "
+        "OR from_person_id IN %(p)s OR into_person_id IN %(p)s ORDER BY at_ms, action LIMIT %(limit)s",
+        {"i": identifier or "\x00", "p": tuple(persons) or ("\x00",), "limit": int(limit)})
+    return [AuditRecord(*row) for row in rows]
+
+
+def audit_at(client: Executes, at_ms: int) -> list[AuditRecord]:
+    """The identity decisions recorded at this moment (an audit id carries its row's time)."""
+    return [AuditRecord(*row) for row in client.execute(
+        f"SELECT DISTINCT {_AUDIT_COLUMNS} FROM identity_audit WHERE at_ms = %(at)s", {"at": at_ms})]

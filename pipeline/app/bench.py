@@ -161,15 +161,7 @@ async def _raw_consume_rate(bootstrap: str, topic: str, partitions: int, expecte
 
 
 def _preload_operations(count: int) -> list[Any]:
-    from pipeline.core.identity import Fact, FactKind, make_link
-
-    base_ms = int(time.time() * 1000) - 30 * 86_400_000
-    ops: list[Any] = []
-    for i in range(count // 2):
-        device, user, at = f"anonymous_id:pre-d{i}", f"user_id:pre-u{i}", base_ms + i
-        ops += (Fact(device, FactKind.SEEN, at), Fact(user, FactKind.SEEN, at),
-                make_link(user, device, at, "identify", ""))
-    return ops
+    return _preload_range(0, count // 2)
 
 
 def _rss_bytes() -> int:
@@ -273,10 +265,8 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
     publisher = TouchpointPublisher(bench.kafka.bootstrap_servers, bench.kafka.topic, encoder)
     publisher.publish(warmup)  # waiting before the worker starts: its first row ends the start-up time
     publisher.flush()
-    with log_path.open("w") as log:
-        launched = time.perf_counter()
-        worker = subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "worker"], stdout=log,
-                                  stderr=subprocess.STDOUT, env=env)
+    launched = time.perf_counter()
+    worker = _spawn_worker(log_path, "w", env)
     rss_over_time: list[tuple[float, float]] = []
     try:
         # The clock starts once the worker has written a row; a first start reads the whole identity log.
@@ -307,10 +297,8 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
         if identity and bench.identity.store.startswith("rocksdb"):
             worker.send_signal(signal.SIGTERM)
             worker.wait(timeout=60)
-            with log_path.open("a") as log:
-                launched = time.perf_counter()
-                worker = subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "worker"], stdout=log,
-                                          stderr=subprocess.STDOUT, env=env)
+            launched = time.perf_counter()
+            worker = _spawn_worker(log_path, "a", env)
             late = dict(warmup, event_id="restart-probe", event_time=warmup["event_time"] + 1)
             publisher.publish(late)
             publisher.flush()
@@ -341,6 +329,12 @@ def run_bench(settings: Settings, events: int, *, seed: int = 7, timeout_s: floa
                        worker_cpu_s=worker_cpu_s, worker_runqueue_wait_s=waited_s,
                        worker_rss_mib_over_time=rss_over_time, identity_store=bench.identity.store,
                        restart_s=restart_s, profile_path=str(profile or ""), **asdict(cost))
+
+
+def _spawn_worker(log_path: Path, mode: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with log_path.open(mode) as log:
+        return subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "worker"], stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
 
 
 def _write_top_functions(profile: Path, top: int = 40) -> None:
@@ -444,6 +438,7 @@ def run_identity_scale(identifiers: int, store: str, directory: str, *, events: 
 
 
 def _preload_range(start: int, stop: int) -> list[Any]:
+    """Persons start..stop-1 of the preload: a device and a user id each, seen and linked a month ago."""
     from pipeline.core.identity import Fact, FactKind, make_link
 
     base_ms = int(time.time() * 1000) - 30 * 86_400_000

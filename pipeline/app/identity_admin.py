@@ -12,10 +12,9 @@ import time
 
 from pipeline.adapters.clickhouse import connect
 from pipeline.adapters.identity_log import write_operations
+from pipeline.adapters.person_queries import audit_at, audit_naming
 from pipeline.core.identity import AuditRecord, Unmerge, person_id_of
 from pipeline.settings import Settings
-
-_AUDIT_COLUMNS = "at_ms, action, identifier_a, identifier_b, from_person_id, into_person_id, reason, event_id"
 
 
 class UnmergeRefused(ValueError):
@@ -27,13 +26,9 @@ def audit_rows(settings: Settings, identifier: str = "", person: str = "", limit
     persons = tuple(p for p in (person, person_id_of(identifier) if identifier else "") if p)
     client = connect(settings.clickhouse)
     try:
-        rows = client.execute(
-            f"SELECT DISTINCT {_AUDIT_COLUMNS} FROM identity_audit WHERE identifier_a = %(i)s OR identifier_b = %(i)s "
-            "OR from_person_id IN %(p)s OR into_person_id IN %(p)s ORDER BY at_ms, action LIMIT %(limit)s",
-            {"i": identifier or "\x00", "p": persons or ("\x00",), "limit": int(limit)})
+        return audit_naming(client, identifier, persons, limit)
     finally:
         client.disconnect()
-    return [AuditRecord(*row) for row in rows]
 
 
 def merge_of(settings: Settings, audit_id: str) -> AuditRecord:
@@ -46,8 +41,7 @@ def merge_of(settings: Settings, audit_id: str) -> AuditRecord:
                              "`touchpoint identity audit --identifier kind:value` lists them") from None
     client = connect(settings.clickhouse)
     try:
-        rows = [AuditRecord(*row) for row in client.execute(
-            f"SELECT DISTINCT {_AUDIT_COLUMNS} FROM identity_audit WHERE at_ms = %(at)s", {"at": at_ms})]
+        rows = audit_at(client, at_ms)
     finally:
         client.disconnect()
     found = [row for row in rows if row.audit_id == audit_id.strip()]
@@ -64,7 +58,6 @@ def unmerge(settings: Settings, audit_id: str) -> tuple[AuditRecord, Unmerge]:
     """Publish the undoing of the merge with this id; every worker applies it."""
     merge = merge_of(settings, audit_id)
     operation = Unmerge(merge.identifier_a, merge.identifier_b, int(time.time() * 1000), audit_id.strip())
-    # Under the "unmerge" prefix: a worker rebuilding its graph from an on-disk table reads chunks in key order,
-    # and this one sorts after the workers' (hex ids), so after the links it undoes (see docs/identity.md).
+    # After the links it undoes in the identity log, which workers read in offset order (docs/identity.md).
     write_operations(settings, [operation], "unmerge")
     return merge, operation
